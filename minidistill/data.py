@@ -1,0 +1,175 @@
+"""Text data: load documents, split train / held-out deterministically, tokenize, pack to fixed length.
+
+Sources: ``bundled`` (the Lee news corpus shipped in the gensim wheel, one article per line), a
+local ``.txt`` (one document per line), ``.json`` / ``.jsonl`` or ``.parquet`` file, or a Hub dataset
+name (when online). Tokenization is a batched ``datasets.map`` and is cached on disk by datasets.
+Every stage (importance, search, training, evaluation) uses the same split.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+from .config import ConfigBase, ConfigError
+
+logger = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """The data cannot serve the request (missing column, too little text)."""
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    """A text corpus and how it is split and packed."""
+
+    source: str = BUNDLED
+    """``bundled`` (Lee news corpus), a local .txt/.json/.jsonl/.parquet file, or a Hub dataset name."""
+    text_column: str = "text"
+    """Column holding the text."""
+    hub_config: str | None = None
+    """Hub dataset config name (e.g. ``wikitext-2-raw-v1``)."""
+    hub_split: str = "train"
+    """Hub dataset split read before our own train / held-out split."""
+    seq_len: int = 256
+    """Tokens per packed sequence."""
+    heldout_fraction: float = 0.1
+    """Fraction of documents kept out of training for evaluation (and budget-search scoring)."""
+    seed: int = 0
+    """Seed of the document split."""
+    max_documents: int | None = None
+    """Use only the first N documents (before the split); None for all."""
+    num_proc: int | None = None
+    """Worker processes for tokenization."""
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len}: need at least 2 tokens per sequence")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction={self.heldout_fraction}: must be strictly between 0 and 1")
+        if self.max_documents is not None and self.max_documents < 2:
+            raise ConfigError("data.max_documents must be at least 2 (one train and one held-out document)")
+
+
+def bundled_corpus_path() -> Path:
+    """The Lee background corpus from the gensim wheel (300 news articles, one per line)."""
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled corpus needs the gensim wheel: run `pip install --no-deps gensim`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`")
+    return path
+
+
+def load_documents(cfg: DataConfig) -> Dataset:
+    """All documents of the source as a Dataset with one ``text`` column (empty ones dropped)."""
+    if cfg.source == BUNDLED:
+        ds = load_dataset("text", data_files=str(bundled_corpus_path()), split="train")
+    else:
+        path = Path(cfg.source)
+        if path.exists():
+            builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise DataError(
+                    f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(sorted(_LOCAL_BUILDERS))}"
+                )
+            ds = load_dataset(builder, data_files=str(path.resolve()), split="train")
+        else:
+            ds = load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
+    column = cfg.text_column if cfg.source != BUNDLED else "text"
+    if column not in ds.column_names:
+        raise DataError(
+            f"{cfg.source}: no column {column!r}; columns are {ds.column_names}. Set data.text_column (--text_column)."
+        )
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    ds = ds.select_columns(["text"]).filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+    if cfg.max_documents is not None:
+        ds = ds.select(range(min(cfg.max_documents, len(ds))))
+    if len(ds) < 2:
+        raise DataError(f"{cfg.source}: {len(ds)} non-empty document(s); need at least 2 to split train / held-out")
+    return ds
+
+
+def split_documents(docs: Dataset, cfg: DataConfig) -> DatasetDict:
+    """Deterministic document-level split into ``train`` and ``heldout``."""
+    n_heldout = max(1, round(len(docs) * cfg.heldout_fraction))
+    parts = docs.train_test_split(test_size=n_heldout, seed=cfg.seed, shuffle=True)
+    return DatasetDict(train=parts["train"], heldout=parts["test"])
+
+
+def _tokenize_and_pack(docs: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None) -> Dataset:
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] if eos is not None else x for x in ids]}
+
+    def pack(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = len(flat) // seq_len
+        return {"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
+
+    tokenized = docs.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenize")
+    # One packing batch spans many documents so that little is dropped at batch ends.
+    return tokenized.map(pack, batched=True, batch_size=10_000, num_proc=num_proc, desc=f"pack to {seq_len}")
+
+
+@dataclass
+class TokenBlocks:
+    """Packed token blocks of one split: ``input_ids`` is a LongTensor [num_blocks, seq_len]."""
+
+    input_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def batches(self, batch_size: int, limit_blocks: int | None = None):
+        """Consecutive batches of blocks (the last may be smaller)."""
+        n = len(self) if limit_blocks is None else min(limit_blocks, len(self))
+        for i in range(0, n, batch_size):
+            yield self.input_ids[i : min(i + batch_size, n)]
+
+
+@dataclass
+class TextData:
+    """Train and held-out token blocks of one corpus, tokenized with one tokenizer."""
+
+    train: TokenBlocks
+    heldout: TokenBlocks
+    config: DataConfig
+
+
+def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
+    """Load, split, tokenize and pack; errors early when a split has less than one sequence."""
+    cfg.validate()
+    splits = split_documents(load_documents(cfg), cfg)
+    out = {}
+    for name in ("train", "heldout"):
+        packed = _tokenize_and_pack(splits[name], tokenizer, cfg.seq_len, cfg.num_proc)
+        if len(packed) == 0:
+            raise DataError(
+                f"{cfg.source}: the {name} split holds less than one sequence of {cfg.seq_len} tokens; "
+                "use more data or a smaller data.seq_len"
+            )
+        out[name] = TokenBlocks(torch.tensor(packed["input_ids"], dtype=torch.long))
+    logger.info(
+        "data %s: %d train blocks, %d held-out blocks of %d tokens",
+        cfg.source, len(out["train"]), len(out["heldout"]), cfg.seq_len,
+    )
+    return TextData(train=out["train"], heldout=out["heldout"], config=cfg)

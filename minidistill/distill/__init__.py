@@ -1,0 +1,1 @@
+"""Distillation: losses, feature capture, and teacher/student pairing."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity inside training, lm-eval runners and local tasks."""

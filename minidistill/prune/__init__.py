@@ -1,0 +1,1 @@
+"""Pruning: importance, width and depth pruning, reconstruction, targets and search."""
