@@ -1,0 +1,1 @@
+"""Distillation losses: ``nn.Module``s on plain tensors (logits, hidden states, queries/keys/values)."""
