@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import get_adapter
-from .config import ConfigBase
+from .config import ConfigBase, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ModelConfig(ConfigBase):
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
+            raise ConfigError(f"model.dtype={self.dtype!r}: choose one of {sorted(_DTYPES)}")
 
 
 def cache_root() -> Path:
