@@ -1,0 +1,165 @@
+"""Run report: ``metrics.json`` -> ``report.md`` and ``log.jsonl`` -> ``loss.png``.
+
+``metrics.json`` schema (every number in ``report.md`` is read from it):
+
+- ``run_name``, ``created`` (ISO time), ``device`` (words), ``config_file``.
+- ``models``: ``{"teacher" | "pruned" | "distilled": {"shape": {...}, "params": int,
+  "non_embedding_params": int, "heldout": {"loss", "perplexity", "tokens"}, "agreement": float | None,
+  "generations": [{"prompt", "completion"}]}}``; missing stages are left out.
+- ``candidates``: ranked rows of the budget search (each a dict; shown as they are).
+- ``training``: ``{"steps", "tokens", "seconds", "tokens_per_second", "losses": {name: weight}}``.
+- ``stage_seconds``: ``{stage: seconds}`` in run order.
+- ``commands``: ``{"reproduce": str, "load": str}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MODEL_ORDER = ("teacher", "pruned", "distilled")
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if math.isnan(x) or math.isinf(x):
+            return str(x)
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log (a missing file gives no records)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Plot every ``loss*`` series of step records and held-out perplexity of eval records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind", "train") == "train" and "step" in r]
+    evals = [r for r in records if r.get("kind") == "eval" and "step" in r]
+    keys = sorted({k for r in train for k, v in r.items() if k.startswith("loss") and isinstance(v, (int, float))})
+    if not keys and not evals:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=key)
+    ax1.set_xlabel("optimizer step")
+    ax1.set_ylabel("loss")
+    ax1.set_title("training loss components")
+    if keys:
+        ax1.legend(fontsize=8)
+    ppl_key = next((k for k in ("heldout_perplexity", "perplexity") if any(k in r for r in evals)), None)
+    if ppl_key:
+        pts = [(r["step"], r[ppl_key]) for r in evals if ppl_key in r]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="tab:red")
+        ax2.set_yscale("log")
+    ax2.set_xlabel("optimizer step")
+    ax2.set_ylabel("held-out perplexity")
+    ax2.set_title("student held-out perplexity")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png") -> str:
+    """The markdown report of a run, every number taken from ``metrics``."""
+    models = {k: metrics["models"][k] for k in MODEL_ORDER if k in metrics.get("models", {})}
+    out = [f"# minidistill run `{metrics.get('run_name', '?')}`", ""]
+    if metrics.get("created") or metrics.get("device"):
+        out += [f"{metrics.get('created', '')} on {metrics.get('device', '?')}.", ""]
+
+    out += ["## Models", ""]
+    teacher_params = models.get("teacher", {}).get("params")
+    rows = []
+    for name, m in models.items():
+        s = m.get("shape", {})
+        share = m["params"] / teacher_params if teacher_params and m.get("params") else None
+        rows.append([name, s.get("num_layers"), s.get("hidden_size"), s.get("num_heads"), s.get("num_kv_heads"),
+                     s.get("intermediate_size"), m.get("params"), m.get("non_embedding_params"),
+                     f"{share:.0%}" if share is not None else "-"])
+    out += [_table(["model", "layers", "hidden", "heads", "KV heads", "MLP", "params", "non-embedding", "of teacher"], rows), ""]
+
+    out += ["## Held-out quality", ""]
+    rows = [[name, m.get("heldout", {}).get("perplexity"), m.get("heldout", {}).get("loss"), m.get("agreement"),
+             m.get("heldout", {}).get("tokens")] for name, m in models.items()]
+    out += [_table(["model", "perplexity", "loss (nats/token)", "top-1 agreement with teacher", "tokens"], rows), ""]
+
+    training = metrics.get("training")
+    if training:
+        out += ["## Training", ""]
+        out += [_table(["steps", "tokens", "seconds", "tokens/s"],
+                       [[training.get("steps"), training.get("tokens"), training.get("seconds"),
+                         training.get("tokens_per_second")]]), ""]
+        if training.get("losses"):
+            out += ["Loss components and weights: " + ", ".join(f"`{k}` x{_fmt(v)}" for k, v in training["losses"].items()), ""]
+    if plot_name:
+        out += [f"![loss components and held-out perplexity]({plot_name})", ""]
+
+    stages = metrics.get("stage_seconds")
+    if stages:
+        out += ["## Time per stage", ""]
+        out += [_table(["stage", "seconds"], [[k, float(v)] for k, v in stages.items()] +
+                       [["total", float(sum(stages.values()))]]), ""]
+
+    candidates = metrics.get("candidates")
+    if candidates:
+        out += ["## Budget search (ranked)", ""]
+        header = list(candidates[0].keys())
+        out += [_table(header, [[c.get(h) for h in header] for c in candidates]), ""]
+
+    gens = {name: m.get("generations") for name, m in models.items() if m.get("generations")}
+    if gens:
+        out += ["## Greedy generations", ""]
+        prompts = [g["prompt"] for g in next(iter(gens.values()))]
+        for i, prompt in enumerate(prompts):
+            out += [f"**Prompt:** {prompt!r}", ""]
+            out += [_table(["model", "completion"],
+                           [[name, repr(g[i]["completion"]).replace("|", "\\|")] for name, g in gens.items() if i < len(g)]), ""]
+
+    commands = metrics.get("commands", {})
+    if commands:
+        out += ["## Reproduce and load", ""]
+        for title, key in (("Reproduce this run", "reproduce"), ("Load the distilled model", "load")):
+            if commands.get(key):
+                lang = "python" if key == "load" else "bash"
+                out += [f"{title}:", "", f"```{lang}", commands[key].rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+def write_report(run_dir: str | Path, metrics: dict[str, Any], *, log_file: str = "log.jsonl") -> Path:
+    """Write ``metrics.json``, ``loss.png`` (from the run's JSONL log) and ``report.md`` into ``run_dir``."""
+    run_dir = Path(run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot = plot_losses(read_log(run_dir / log_file), run_dir / "loss.png")
+    report = run_dir / "report.md"
+    report.write_text(render_report(metrics, plot_name=plot.name if plot else None))
+    logger.info("report written to %s", report)
+    return report

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+from conftest import tiny_model
+
+from minidistill.evaluation.generation import greedy_generations
+from minidistill.models import load_tokenizer
+from minidistill.report import render_report, write_report
+
+
+def _metrics():
+    shape = dict(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536)
+    return {
+        "run_name": "demo",
+        "models": {
+            "teacher": {"shape": shape, "params": 134515008, "non_embedding_params": 106203456,
+                        "heldout": {"loss": 3.4852, "perplexity": 32.629, "tokens": 8000}, "agreement": None,
+                        "generations": [{"prompt": "A", "completion": " b|c"}]},
+            "distilled": {"shape": dict(shape, num_layers=20), "params": 90000000, "non_embedding_params": 61000000,
+                          "heldout": {"loss": 4.01, "perplexity": 55.123, "tokens": 8000}, "agreement": 0.4321,
+                          "generations": [{"prompt": "A", "completion": " d"}]},
+        },
+        "candidates": [{"rank": 1, "layers": 20, "score": 4.2}],
+        "training": {"steps": 100, "tokens": 102400, "seconds": 600.5, "tokens_per_second": 170.5,
+                     "losses": {"logits": 1.0, "hidden": 0.5}},
+        "stage_seconds": {"prune": 60.0, "train": 600.5},
+        "commands": {"reproduce": "make demo", "load": "AutoModelForCausalLM.from_pretrained('runs/demo/model')"},
+    }
+
+
+def test_report_numbers_come_from_metrics(tmp_path):
+    metrics = _metrics()
+    log = [{"kind": "train", "step": i, "loss": 3.0 - 0.1 * i, "loss/logits": 2.0} for i in range(5)]
+    log += [{"kind": "eval", "step": 4, "heldout_perplexity": 50.0}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log))
+    report = write_report(tmp_path, metrics).read_text()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert "![loss components" in report
+    for value in ("32.63", "55.12", "0.43", "134,515,008", "102,400", "170.50", "660.50", "make demo"):
+        assert value in report, value
+    assert re.search(r"\| teacher \| 30 \| 576 \| 9 \| 3 \| 1,536 \|", report)
+    assert "b\\|c" in report  # pipes in generations escaped for the table
+
+
+def test_report_without_log_has_no_plot():
+    assert "![" not in render_report(_metrics(), plot_name=None)
+
+
+def test_greedy_generations_match_manual_greedy_decoding():
+    tok = load_tokenizer("bundled")
+    model = tiny_model("llama", vocab_size=len(tok))
+    prompts = ["Hello there", "A much longer prompt about the weather"]
+    gens = greedy_generations(model, tok, prompts, max_new_tokens=5)
+    for g in gens:
+        ids = tok(g["prompt"], return_tensors="pt").input_ids
+        for _ in range(5):
+            nxt = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        expected = tok.decode(ids[0, -5:], skip_special_tokens=True)
+        assert g["completion"] == expected
