@@ -1,0 +1,511 @@
+"""Unit importance: activation-based (Minitron) from one forward pass, and weight-based baselines.
+
+Activation importance (arXiv 2407.14679), measured with hooks during one forward over calibration
+tokens:
+
+- attention head ``h`` of a layer: ``||a_{t,h}||_2``, the norm of the head's slice of the o_proj input
+  (``head_signal="input"``, Minitron), or ``||W_o[:, h] a_{t,h}||_2``, the norm of the head's
+  contribution to the o_proj output (``head_signal="output"``; sees heads silenced by o_proj, and costs
+  ``head_dim^2`` per head and token through the per-head Gram matrix ``W_o[:, h]^T W_o[:, h]``);
+- KV group: the sum of the scores of its query heads;
+- MLP neuron ``i``: ``x_{t,i}``, the down_proj input;
+- hidden channel ``i``: ``y_{t,i}`` at the output of every attention-input norm, MLP-input norm and the
+  final norm (scores summed over the norms).
+
+Per sequence ``b`` the per-token values are aggregated over tokens (``token_agg``): ``mean_abs`` =
+``mean_t |v|``, ``l2`` = ``sqrt(sum_t v^2)``. The per-sequence scores ``s_b`` are then aggregated over all
+calibration sequences (``batch_agg``): ``mean`` = ``mean_b s_b``, ``l2`` = ``sqrt(sum_b s_b^2)``,
+``var`` = ``mean_b s_b^2 - (mean_b s_b)^2``. Hooks keep only these per-unit sums.
+
+Baselines: ``magnitude`` (L2 norm of the weights a unit owns), ``taylor`` (``sum |w * dL/dw|`` over the
+unit's weights, gradient of the LM loss accumulated over the calibration data; LLM-Pruner's first
+order), ``random`` (seeded uniform). A unit owns: head = its q rows and o_proj columns; KV group = its
+k and v rows plus its heads; neuron = its gate and up rows and down_proj column; hidden channel = its
+embedding and lm_head column, the input columns of q/k/v/gate/up, the output rows of o/down, and its
+norm weights; layer = all of the layer's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..adapters import ArchAdapter, get_adapter, lm_head_is_tied
+from ..config import ConfigBase, ConfigError
+from ..models import cache_root, state_dict_sha256
+from .layer_importance import LayerSimilarity, layer_similarity_hooks
+from .types import UnitImportance
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("activation", "magnitude", "taylor", "random")
+TOKEN_AGGS = ("mean_abs", "l2")
+BATCH_AGGS = ("mean", "l2", "var")
+HEAD_SIGNALS = ("input", "output")
+
+
+@dataclass
+class ImportanceConfig(ConfigBase):
+    """How unit importance is measured."""
+
+    method: str = "activation"
+    """``activation`` (Minitron, forward only), ``magnitude``, ``taylor`` (needs a backward) or ``random``."""
+    token_agg: str = "mean_abs"
+    """Aggregation over a sequence's tokens for ``activation``: ``mean_abs`` or ``l2``."""
+    batch_agg: str = "l2"
+    """Aggregation of per-sequence scores over the calibration set: ``mean``, ``l2`` or ``var``."""
+    head_signal: str = "input"
+    """Head activation: ``input`` (o_proj input per head, Minitron) or ``output`` (the head's o_proj contribution)."""
+    batch_size: int = 4
+    """Calibration sequences per forward."""
+    seed: int = 0
+    """Seed of the ``random`` baseline."""
+    chunk_tokens: int = 2048
+    """Positions projected to the vocabulary at once in the ``taylor`` loss."""
+    cache: bool = True
+    """Cache scores on disk under ``cache_root()/importance`` (keyed by model, data and settings)."""
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"importance.method={self.method!r}: choose one of {list(METHODS)}")
+        if self.token_agg not in TOKEN_AGGS:
+            raise ConfigError(f"importance.token_agg={self.token_agg!r}: choose one of {list(TOKEN_AGGS)}")
+        if self.batch_agg not in BATCH_AGGS:
+            raise ConfigError(f"importance.batch_agg={self.batch_agg!r}: choose one of {list(BATCH_AGGS)}")
+        if self.head_signal not in HEAD_SIGNALS:
+            raise ConfigError(f"importance.head_signal={self.head_signal!r}: choose one of {list(HEAD_SIGNALS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"importance.batch_size={self.batch_size}: must be >= 1")
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"importance.chunk_tokens={self.chunk_tokens}: must be >= 1")
+
+    def settings(self) -> dict:
+        """The settings that change the scores (recorded in the prune map and the cache key)."""
+        out = {"method": self.method}
+        if self.method == "activation":
+            out.update(token_agg=self.token_agg, batch_agg=self.batch_agg, head_signal=self.head_signal)
+        if self.method == "random":
+            out["seed"] = self.seed
+        return out
+
+
+# ---------------------------------------------------------------------------- aggregation
+class ScoreAccumulator:
+    """Running ``sum_b s_b``, ``sum_b s_b^2`` and count of per-sequence scores of some units (float64)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.sum = torch.zeros(shape, dtype=torch.float64)
+        self.sumsq = torch.zeros(shape, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, per_sequence: torch.Tensor, row: int | None = None) -> None:
+        """``per_sequence``: [B, *shape] scores of B sequences, or [B, *shape[1:]] for one ``row`` (layer).
+
+        With rows, the sequence count advances on row 0 (every forward reaches every layer).
+        """
+        s = per_sequence.detach().double().cpu()
+        target = slice(None) if row is None else row
+        self.sum[target] += s.sum(0)
+        self.sumsq[target] += s.pow(2).sum(0)
+        if row is None or row == 0:
+            self.count += s.shape[0]
+
+    def result(self, batch_agg: str) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no calibration sequence reached the importance hooks")
+        if batch_agg == "mean":
+            return self.sum / self.count
+        if batch_agg == "l2":
+            return self.sumsq.sqrt()
+        if batch_agg == "var":
+            mean = self.sum / self.count
+            return (self.sumsq / self.count - mean.pow(2)).clamp_min(0.0)
+        raise ValueError(f"unknown batch_agg {batch_agg!r}")
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_aggregate(values: torch.Tensor, token_agg: str) -> torch.Tensor:
+    """[B, T, U] per-token unit values -> [B, U] per-sequence scores."""
+    values = _wide(values)
+    if token_agg == "mean_abs":
+        return values.abs().mean(1)
+    if token_agg == "l2":
+        return values.pow(2).sum(1).sqrt()
+    raise ValueError(f"unknown token_agg {token_agg!r}")
+
+
+def head_token_aggregate(
+    values: torch.Tensor, num_heads: int, token_agg: str, gram: torch.Tensor | None = None
+) -> torch.Tensor:
+    """o_proj input [B, T, H*hd] -> [B, H] per-sequence head scores from per-token head norms.
+
+    With ``gram`` ([H, hd, hd], ``W_o[:, h]^T W_o[:, h]``) the norm is that of the head's o_proj output.
+    """
+    b, t, _ = values.shape
+    per_head = _wide(values).reshape(b, t, num_heads, -1)
+    if gram is None:
+        sq = per_head.pow(2).sum(-1)  # [B, T, H]
+    else:
+        sq = torch.einsum("bthd,hde,bthe->bth", per_head, gram.to(per_head.dtype), per_head).clamp_min(0.0)
+    if token_agg == "l2":
+        return sq.sum(1).sqrt()
+    return token_aggregate(sq.sqrt(), token_agg)
+
+
+def o_proj_head_gram(o_proj: nn.Module, num_heads: int) -> torch.Tensor:
+    """[H, hd, hd] Gram matrices ``W_o[:, h]^T W_o[:, h]`` of each head's o_proj columns."""
+    w = _wide(o_proj.weight.detach())
+    per_head = w.reshape(w.shape[0], num_heads, -1)  # [D, H, hd]
+    return torch.einsum("dhi,dhj->hij", per_head, per_head)
+
+
+# ---------------------------------------------------------------------------- activation importance
+@contextmanager
+def activation_hooks(model: nn.Module, token_agg: str, head_signal: str = "input"):
+    """Hooks on o_proj / down_proj inputs and the hidden norms' outputs; yields the accumulators."""
+    adapter = get_adapter(model)
+    shape = adapter.shape(model.config)
+    layers = adapter.decoder_layers(model)
+    n = len(layers)
+    acc = {
+        "heads": ScoreAccumulator((n, shape["num_heads"])),
+        "neurons": ScoreAccumulator((n, shape["intermediate_size"])),
+        "hidden": ScoreAccumulator((shape["hidden_size"],)),
+    }
+    hidden_pending: list[torch.Tensor] = []
+    handles = []
+
+    def head_hook(i, gram):
+        def hook(_m, args):
+            s = head_token_aggregate(args[0], shape["num_heads"], token_agg, gram)  # [B, H]
+            acc["heads"].add(s, i)
+        return hook
+
+    def neuron_hook(i):
+        def hook(_m, args):
+            acc["neurons"].add(token_aggregate(args[0], token_agg), i)
+        return hook
+
+    def norm_hook(final: bool):
+        def hook(_m, _args, output):
+            hidden_pending.append(token_aggregate(output, token_agg))
+            if final:  # one per-sequence score summed over all norms of this forward
+                acc["hidden"].add(torch.stack(hidden_pending).sum(0))
+                hidden_pending.clear()
+        return hook
+
+    for i, layer in enumerate(layers):
+        o_proj = adapter.layer_part(layer, "o_proj")
+        gram = o_proj_head_gram(o_proj, shape["num_heads"]) if head_signal == "output" else None
+        handles.append(o_proj.register_forward_pre_hook(head_hook(i, gram)))
+        handles.append(adapter.layer_part(layer, "down_proj").register_forward_pre_hook(neuron_hook(i)))
+        handles.append(adapter.layer_part(layer, "attn_in_norm").register_forward_hook(norm_hook(False)))
+        handles.append(adapter.layer_part(layer, "mlp_in_norm").register_forward_hook(norm_hook(False)))
+    handles.append(model.get_submodule(adapter.final_norm).register_forward_hook(norm_hook(True)))
+    try:
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _kv_from_heads(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    return heads.reshape(heads.shape[0], num_kv_heads, -1).sum(-1)
+
+
+@torch.no_grad()
+def activation_importance(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    token_agg: str = "mean_abs",
+    batch_agg: str = "l2",
+    head_signal: str = "input",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[UnitImportance, LayerSimilarity]:
+    """Activation importance and layer similarity statistics from ONE forward over ``batches``.
+
+    ``UnitImportance.layers`` holds the block influence of each layer.
+    """
+    adapter = get_adapter(model)
+    shape = adapter.shape(model.config)
+    backbone = model.get_submodule(adapter.backbone)
+    device = next(model.parameters()).device
+    sim = LayerSimilarity(shape["num_layers"])
+    was_training = model.training
+    model.eval()
+    with activation_hooks(model, token_agg, head_signal) as acc, layer_similarity_hooks(model, sim):
+        for ids in progress(batches) if progress else batches:
+            backbone(input_ids=ids.to(device))
+    model.train(was_training)
+    heads = acc["heads"].result(batch_agg)
+    units = UnitImportance(
+        heads=heads,
+        kv_groups=_kv_from_heads(heads, shape["num_kv_heads"]),
+        neurons=acc["neurons"].result(batch_agg),
+        hidden=acc["hidden"].result(batch_agg),
+        layers=sim.block_influence(),
+        settings={"method": "activation", "token_agg": token_agg, "batch_agg": batch_agg, "head_signal": head_signal},
+    )
+    return units, sim
+
+
+# ---------------------------------------------------------------------------- weight-based baselines
+def _param(module: nn.Module, attr: str, fn: Callable) -> torch.Tensor | None:
+    p = getattr(module, attr, None)
+    return None if p is None else fn(p)
+
+
+def _attention_weights(adapter: ArchAdapter, layer: nn.Module, shape: dict[str, int], fn: Callable, attr: str = "weight"):
+    """``fn`` of the (q, k, v, o) tensors of a layer (``attr`` = ``weight`` or ``bias``; None where absent).
+
+    ``fn`` sees whole parameters; a fused qkv result is split by rows afterwards.
+    """
+    hd = shape["head_dim"]
+    if adapter.qkv_proj is not None:
+        fused = _param(adapter.layer_part(layer, "qkv_proj"), attr, fn)
+        sizes = [shape["num_heads"] * hd, shape["num_kv_heads"] * hd, shape["num_kv_heads"] * hd]
+        q, k, v = fused.split(sizes, dim=0) if fused is not None else (None, None, None)
+    else:
+        q, k, v = (_param(adapter.layer_part(layer, p), attr, fn) for p in ("q_proj", "k_proj", "v_proj"))
+    return q, k, v, _param(adapter.layer_part(layer, "o_proj"), attr, fn)
+
+
+def _mlp_weights(adapter: ArchAdapter, layer: nn.Module, fn: Callable):
+    """``fn`` of the (gate, up, down) weights of a layer; a fused gate_up result is split by rows afterwards."""
+    if adapter.gate_up_proj is not None:
+        gate, up = _param(adapter.layer_part(layer, "gate_up_proj"), "weight", fn).chunk(2, dim=0)
+    else:
+        gate, up = (_param(adapter.layer_part(layer, p), "weight", fn) for p in ("gate_proj", "up_proj"))
+    return gate, up, _param(adapter.layer_part(layer, "down_proj"), "weight", fn)
+
+
+def unit_weight_sums(model: nn.Module, elementwise: Callable[[torch.Tensor], torch.Tensor]) -> UnitImportance:
+    """Sum of ``elementwise(param)`` over the weights each unit owns (see the module docstring); float64."""
+    adapter = get_adapter(model)
+    shape = adapter.shape(model.config)
+    hd, nh, nkv = shape["head_dim"], shape["num_heads"], shape["num_kv_heads"]
+    layers = adapter.decoder_layers(model)
+    n = len(layers)
+    heads = torch.zeros(n, nh, dtype=torch.float64)
+    kv = torch.zeros(n, nkv, dtype=torch.float64)
+    neurons = torch.zeros(n, shape["intermediate_size"], dtype=torch.float64)
+    hidden = torch.zeros(shape["hidden_size"], dtype=torch.float64)
+    layer_sums = torch.zeros(n, dtype=torch.float64)
+
+    def e(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else elementwise(t).detach().double().cpu()
+
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            q, k, v, o = _attention_weights(adapter, layer, shape, e)
+            qb, kb, vb, _ = _attention_weights(adapter, layer, shape, e, "bias")
+            heads[i] = q.reshape(nh, hd, -1).sum((1, 2)) + o.reshape(o.shape[0], nh, hd).sum((0, 2))
+            if qb is not None:
+                heads[i] += qb.reshape(nh, hd).sum(1)
+            kv[i] = k.reshape(nkv, hd, -1).sum((1, 2)) + v.reshape(nkv, hd, -1).sum((1, 2))
+            for b in (kb, vb):
+                if b is not None:
+                    kv[i] += b.reshape(nkv, hd).sum(1)
+            kv[i] += heads[i].reshape(nkv, -1).sum(1)
+            gate, up, down = _mlp_weights(adapter, layer, e)
+            neurons[i] = gate.sum(1) + up.sum(1) + down.sum(0)
+            for t in (q, k, v, gate, up):
+                hidden += t.sum(0)
+            hidden += o.sum(1) + down.sum(1)
+            for name in adapter.layer_hidden_norms:
+                hidden += e(adapter.get(layer, name).weight)
+            layer_sums[i] = sum(e(p).sum() for p in layer.parameters())
+        hidden += e(model.get_submodule(adapter.embed_tokens).weight).sum(0)
+        if not lm_head_is_tied(model):
+            hidden += e(model.get_submodule(adapter.lm_head).weight).sum(0)
+        hidden += e(model.get_submodule(adapter.final_norm).weight)
+    return UnitImportance(heads=heads, kv_groups=kv, neurons=neurons, hidden=hidden, layers=layer_sums)
+
+
+def magnitude_importance(model: nn.Module) -> UnitImportance:
+    """L2 norm of the weights each unit owns."""
+    sums = unit_weight_sums(model, lambda w: w.float().pow(2))
+    out = UnitImportance(
+        heads=sums.heads.sqrt(), kv_groups=sums.kv_groups.sqrt(), neurons=sums.neurons.sqrt(),
+        hidden=sums.hidden.sqrt(), layers=sums.layers.sqrt(), settings={"method": "magnitude"},
+    )
+    return out
+
+
+def lm_loss_backward(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int) -> float:
+    """Backward of the summed next-token NLL of ``input_ids``, the vocabulary projected ``chunk_tokens`` rows at a time."""
+    adapter = get_adapter(model)
+    backbone = model.get_submodule(adapter.backbone)
+    head = model.get_submodule(adapter.lm_head)
+    hidden = backbone(input_ids=input_ids).last_hidden_state[:, :-1]
+    detached = hidden.detach().requires_grad_(True)
+    flat = detached.reshape(-1, detached.shape[-1])
+    labels = input_ids[:, 1:].reshape(-1)
+    total = 0.0
+    for i in range(0, flat.shape[0], chunk_tokens):
+        loss = F.cross_entropy(head(flat[i : i + chunk_tokens]).float(), labels[i : i + chunk_tokens], reduction="sum")
+        loss.backward()
+        total += loss.item()
+    hidden.backward(detached.grad)
+    return total
+
+
+def taylor_importance(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    chunk_tokens: int = 2048,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> UnitImportance:
+    """First-order Taylor importance ``sum |w * dL/dw|`` with the LM-loss gradient summed over ``batches``."""
+    device = next(model.parameters()).device
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    saved_grads = {n: p.grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        for ids in progress(batches) if progress else batches:
+            lm_loss_backward(model, ids.to(device), chunk_tokens)
+        sums = unit_weight_sums(model, lambda w: (w * w.grad).abs() if w.grad is not None else torch.zeros_like(w))
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = saved_grads[n]
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    sums.settings = {"method": "taylor"}
+    return sums
+
+
+def random_importance(model: nn.Module, seed: int = 0) -> UnitImportance:
+    """Seeded uniform scores of the right shapes (a baseline)."""
+    shape = get_adapter(model).shape(model.config)
+    g = torch.Generator().manual_seed(seed)
+    n = shape["num_layers"]
+    heads = torch.rand(n, shape["num_heads"], generator=g, dtype=torch.float64)
+    return UnitImportance(
+        heads=heads,
+        kv_groups=_kv_from_heads(heads, shape["num_kv_heads"]),
+        neurons=torch.rand(n, shape["intermediate_size"], generator=g, dtype=torch.float64),
+        hidden=torch.rand(shape["hidden_size"], generator=g, dtype=torch.float64),
+        layers=torch.rand(n, generator=g, dtype=torch.float64),
+        settings={"method": "random", "seed": seed},
+    )
+
+
+# ---------------------------------------------------------------------------- dispatch and cache
+def compute_importance(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    cfg: ImportanceConfig,
+    *,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[UnitImportance, LayerSimilarity]:
+    """Unit importance by ``cfg.method`` and layer similarity statistics over ``calibration`` ([N, T] ids).
+
+    The layer statistics always come from a forward pass: the activation pass itself, or a separate one
+    for the baselines. Results are read from / written to the on-disk cache when ``cfg.cache``.
+    """
+    cfg.validate()
+    if calibration.ndim != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration ids must be [num_blocks >= 1, seq_len >= 2], got {tuple(calibration.shape)}")
+    key = importance_cache_key(model, calibration, cfg.settings()) if cfg.cache else None
+    if key is not None:
+        cached = load_cached_importance(key)
+        if cached is not None:
+            logger.info("importance read from the cache (%s)", key[:16])
+            return cached
+    batches = importance_batches(calibration, cfg.batch_size)
+    if cfg.method == "activation":
+        units, sim = activation_importance(
+            model, batches, token_agg=cfg.token_agg, batch_agg=cfg.batch_agg, head_signal=cfg.head_signal,
+            progress=progress,
+        )
+    else:
+        from .layer_importance import layer_similarity
+
+        sim = layer_similarity(model, progress(batches) if progress else batches)
+        if cfg.method == "magnitude":
+            units = magnitude_importance(model)
+        elif cfg.method == "taylor":
+            units = taylor_importance(model, batches, chunk_tokens=cfg.chunk_tokens)
+        else:
+            units = random_importance(model, cfg.seed)
+    units.settings = {**cfg.settings(), "calibration_blocks": int(calibration.shape[0]),
+                      "calibration_tokens": int(calibration.numel())}
+    if key is not None:
+        save_cached_importance(key, units, sim)
+    return units, sim
+
+
+def importance_cache_dir() -> Path:
+    return cache_root() / "importance"
+
+
+def importance_cache_key(model: nn.Module, calibration: torch.Tensor, settings: dict) -> str:
+    """sha256 over the model's state-dict hash, the calibration token ids and the settings."""
+    h = hashlib.sha256()
+    h.update(state_dict_sha256(model).encode())
+    ids = calibration.detach().to("cpu", torch.int64).contiguous()
+    h.update(str(tuple(ids.shape)).encode())
+    h.update(ids.numpy().tobytes())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+_TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "hidden", "layers")
+
+
+def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity) -> Path:
+    """Write ``<cache>/importance/<key>/{scores.safetensors, settings.json}`` atomically."""
+    target = importance_cache_dir() / key
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tensors = {k: v.contiguous() for k, v in units.to_dict()["tensors"].items()}
+        tensors.update(sim.to_tensors())
+        save_file(tensors, str(tmp / "scores.safetensors"))
+        (tmp / "settings.json").write_text(json.dumps(units.settings, sort_keys=True, indent=1))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "scores.safetensors").is_file():
+            raise
+    return target
+
+
+def load_cached_importance(key: str) -> tuple[UnitImportance, LayerSimilarity] | None:
+    folder = importance_cache_dir() / key
+    if not (folder / "scores.safetensors").is_file() or not (folder / "settings.json").is_file():
+        return None
+    tensors = load_file(str(folder / "scores.safetensors"))
+    units = UnitImportance(
+        **{k: tensors.get(k) for k in _TENSOR_FIELDS},
+        settings=json.loads((folder / "settings.json").read_text()),
+    )
+    return units, LayerSimilarity.from_tensors(tensors)
+
+
+def importance_batches(calibration: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
+    """Consecutive [batch_size, T] slices of calibration ids."""
+    return [calibration[i : i + batch_size] for i in range(0, calibration.shape[0], batch_size)]
