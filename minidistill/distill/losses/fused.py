@@ -1,0 +1,151 @@
+"""Memory-flat logit distillation: lm_head projection and loss fused, chunk by chunk over tokens.
+
+:class:`FusedLogitKDLoss` takes the final hidden states and lm_head weights of student and teacher
+instead of their logits. The forward pass walks over ``chunk_tokens`` positions at a time: it forms
+the chunk's logits of both models (in float32), computes the chunk's loss with
+:class:`~minidistill.distill.losses.logits.LogitKDLoss` (so values and gradients are those of the
+plain loss) and immediately turns the gradient w.r.t. the chunk's student logits into gradients
+w.r.t. the student hidden chunk and the student head weight/bias (accumulated). Only those gradients
+(N x D_s and V x D_s) are kept for the backward pass, which scales them by the incoming gradient.
+Neither model's full N x V logits ever exist: peak extra memory is a few ``chunk_tokens x V`` buffers.
+
+The teacher side receives no gradient. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minidistill.distill.losses.logits import LogitKDLoss
+
+
+def _as_float(t: Tensor | None) -> Tensor | None:
+    """``t`` in (at least) float32; no copy when it already is."""
+    if t is None:
+        return None
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Chunked lm_head + KD loss; saves only the input gradients (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        student_bias: Tensor | None,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        teacher_bias: Tensor | None,
+        labels: Tensor | None,
+        loss_fn: LogitKDLoss,
+        chunk_tokens: int,
+    ) -> Tensor:
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        num_tokens = student_hidden.shape[0]
+        denominator = loss_fn.denominator(labels, num_tokens)
+
+        w_s, b_s = _as_float(student_weight.detach()), _as_float(None if student_bias is None else student_bias.detach())
+        w_t, b_t = _as_float(teacher_weight.detach()), _as_float(None if teacher_bias is None else teacher_bias.detach())
+        compute_dtype = w_s.dtype
+        grad_h = torch.empty_like(student_hidden, dtype=compute_dtype) if need_h else None
+        grad_w = torch.zeros_like(w_s) if need_w else None
+        grad_b = torch.zeros_like(b_s) if need_b else None
+        total = torch.zeros((), dtype=compute_dtype, device=student_hidden.device)
+
+        for start in range(0, num_tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, num_tokens)
+            h_s = student_hidden[start:stop].detach().to(compute_dtype)
+            h_t = teacher_hidden[start:stop].detach().to(w_t.dtype)
+            chunk_labels = None if labels is None else labels[start:stop]
+            with torch.no_grad():
+                logits_t = F.linear(h_t, w_t, b_t)
+                logits_s = F.linear(h_s, w_s, b_s)
+            if not (need_h or need_w or need_b):
+                with torch.no_grad():
+                    total += loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+                continue
+            logits_s.requires_grad_(True)
+            with torch.enable_grad():
+                chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits_s)
+            total += chunk_loss.detach()
+            del logits_s, logits_t
+            if need_h:
+                torch.mm(grad_logits, w_s, out=grad_h[start:stop])
+            if need_w:
+                grad_w.addmm_(grad_logits.t(), h_s)
+            if need_b:
+                grad_b += grad_logits.sum(0)
+            del grad_logits
+
+        ctx.has_grads = (need_h, need_w, need_b)
+        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for has, dtype in zip(ctx.has_grads, ctx.input_dtypes):
+            grads.append((next(saved) * grad_output).to(dtype) if has else None)
+        return (*grads, None, None, None, None, None, None)
+
+
+class FusedLogitKDLoss(nn.Module):
+    """:class:`LogitKDLoss` on ``hidden @ W^T (+ b)`` of both models, without materialising full logits.
+
+    Takes the same arguments as :class:`LogitKDLoss` plus ``chunk_tokens`` (positions per chunk;
+    peak extra memory grows with ``chunk_tokens x vocab``). Logits are computed in float32 per chunk
+    whatever the input dtype; gradients are returned in the inputs' dtypes.
+    """
+
+    def __init__(self, *args, chunk_tokens: int = 1024, **kwargs):
+        super().__init__()
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens!r} must be >= 1")
+        self.chunk_tokens = int(chunk_tokens)
+        self.loss_fn = LogitKDLoss(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"chunk_tokens={self.chunk_tokens}"
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_head_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_head_weight: Tensor,
+        labels: Tensor | None = None,
+        *,
+        student_head_bias: Tensor | None = None,
+        teacher_head_bias: Tensor | None = None,
+    ) -> Tensor:
+        """Loss for hidden states [..., D_s] / [..., D_t] and head weights [V, D_s] / [V, D_t]."""
+        d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+        if student_head_weight.dim() != 2 or student_head_weight.shape[1] != d_s:
+            raise ValueError(f"student head weight {tuple(student_head_weight.shape)} does not take hidden size {d_s}")
+        if teacher_head_weight.dim() != 2 or teacher_head_weight.shape[1] != d_t:
+            raise ValueError(f"teacher head weight {tuple(teacher_head_weight.shape)} does not take hidden size {d_t}")
+        vocab = student_head_weight.shape[0]
+        student_shape = torch.Size((*student_hidden.shape[:-1], vocab))
+        teacher_shape = torch.Size((*teacher_hidden.shape[:-1], teacher_head_weight.shape[0]))
+        self.loss_fn.check_inputs(student_shape, teacher_shape, labels)
+        flat_labels = None if labels is None else labels.reshape(-1)
+        return _FusedLinearKD.apply(
+            student_hidden.reshape(-1, d_s),
+            student_head_weight,
+            student_head_bias,
+            teacher_hidden.reshape(-1, d_t),
+            teacher_head_weight,
+            teacher_head_bias,
+            flat_labels,
+            self.loss_fn,
+            self.chunk_tokens,
+        )

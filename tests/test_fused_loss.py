@@ -1,0 +1,173 @@
+"""FusedLogitKDLoss (chunked lm_head + KD) against the plain loss on full logits, and its memory bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minidistill.distill.losses.fused import FusedLogitKDLoss
+from minidistill.distill.losses.logits import DIVERGENCES, LogitKDLoss
+
+N, V, D_S, D_T = 37, 53, 12, 20
+
+
+def _inputs(seed=0, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(N, D_S, generator=g).to(dtype).requires_grad_(True)
+    w_s = (torch.randn(V, D_S, generator=g) / D_S**0.5).to(dtype).requires_grad_(True)
+    b_s = (0.3 * torch.randn(V, generator=g)).to(dtype).requires_grad_(True) if bias else None
+    h_t = torch.randn(N, D_T, generator=g).to(dtype)
+    w_t = (1.5 * torch.randn(V, D_T, generator=g) / D_T**0.5).to(dtype)
+    b_t = (0.3 * torch.randn(V, generator=g)).to(dtype) if bias else None
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = -100
+    return h_s, w_s, b_s, h_t, w_t, b_t, labels
+
+
+def _plain(kwargs, h_s, w_s, b_s, h_t, w_t, b_t, labels):
+    logits_s = F.linear(h_s.float(), w_s.float(), None if b_s is None else b_s.float())
+    logits_t = F.linear(h_t.float(), w_t.float(), None if b_t is None else b_t.float())
+    return LogitKDLoss(**kwargs)(logits_s, logits_t, labels)
+
+
+def _fused(kwargs, chunk, h_s, w_s, b_s, h_t, w_t, b_t, labels):
+    return FusedLogitKDLoss(**kwargs, chunk_tokens=chunk)(
+        h_s, w_s, h_t, w_t, labels, student_head_bias=b_s, teacher_head_bias=b_t
+    )
+
+
+SETTINGS = {
+    "plain": dict(),
+    "temperature_beta": dict(temperature=2.0, beta=0.3),
+    "top_k": dict(top_k=7),
+    "top_p_ce": dict(top_p=0.8, ce_weight=0.25),
+    "sum": dict(reduction="sum", ce_weight=0.5),
+}
+
+
+@pytest.mark.parametrize("chunk", [10, 1000])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_matches_plain_fp32(divergence, setting, chunk):
+    kwargs = dict(SETTINGS[setting], divergence=divergence)
+    inputs = _inputs(seed=len(setting) + chunk)
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = inputs
+    use_labels = labels if setting != "plain" else None
+    plain = _plain(kwargs, h_s, w_s, b_s, h_t, w_t, b_t, use_labels)
+    want = torch.autograd.grad(plain, [h_s, w_s, b_s])
+    fused = _fused(kwargs, chunk, h_s, w_s, b_s, h_t, w_t, b_t, use_labels)
+    got = torch.autograd.grad(fused, [h_s, w_s, b_s])
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_without_bias_and_batched_shapes():
+    h_s, w_s, _, h_t, w_t, _, labels = _inputs(seed=1, bias=False)
+    kwargs = dict(divergence="jsd", ce_weight=0.1)
+    plain = _plain(kwargs, h_s, w_s, None, h_t, w_t, None, labels)
+    fused = FusedLogitKDLoss(**kwargs, chunk_tokens=9)(h_s[:36].reshape(4, 9, D_S), w_s, h_t[:36].reshape(4, 9, D_T), w_t,
+                                                       labels[:36].reshape(4, 9))
+    plain36 = _plain(kwargs, h_s[:36], w_s, None, h_t[:36], w_t, None, labels[:36])
+    torch.testing.assert_close(fused, plain36, rtol=1e-5, atol=1e-6)
+    assert abs(float(plain36.detach() - plain.detach())) > 0  # the slice is a different problem
+
+
+def test_backward_scales_by_incoming_gradient_and_accumulates():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=2)
+    kwargs = dict(divergence="reverse_kl", top_k=9)
+    (3.0 * _plain(kwargs, h_s, w_s, b_s, h_t, w_t, b_t, labels)).backward()
+    want = [p.grad.clone() for p in (h_s, w_s, b_s)]
+    for p in (h_s, w_s, b_s):
+        p.grad = None
+    (3.0 * _fused(kwargs, 6, h_s, w_s, b_s, h_t, w_t, b_t, labels)).backward()
+    for p, w in zip((h_s, w_s, b_s), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_frozen_student_head_is_supported():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=3)
+    h_t.requires_grad_(True)
+    w_s.requires_grad_(False)
+    loss = _fused(dict(divergence="tv"), 16, h_s, w_s, None, h_t, w_t, None, labels)
+    loss.backward()
+    assert h_t.grad is None and w_s.grad is None
+    plain = _plain(dict(divergence="tv"), h_s, w_s, None, h_t.detach(), w_t, None, labels)
+    torch.testing.assert_close(h_s.grad, torch.autograd.grad(plain, h_s)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_forward_equals_grad_forward():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=4)
+    with torch.no_grad():
+        eval_loss = _fused(dict(divergence="skew_kl"), 7, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    train_loss = _fused(dict(divergence="skew_kl"), 7, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    assert eval_loss.grad_fn is None
+    torch.testing.assert_close(eval_loss, train_loss.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_bf16_inputs_within_documented_bound(divergence):
+    """bf16 inputs: logits in float32 per chunk. Loss within 1e-5 relative of float32 arithmetic on
+    the same (bf16-rounded) inputs; gradients come back in bf16, so within bf16 rounding (1e-2)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=5, dtype=torch.bfloat16)
+    kwargs = dict(divergence=divergence, temperature=1.5, top_k=20, ce_weight=0.2)
+    fused = _fused(kwargs, 11, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    got = torch.autograd.grad(fused, [h_s, w_s, b_s])
+    as32 = [x.detach().float().requires_grad_(True) for x in (h_s, w_s, b_s)]
+    plain = _plain(kwargs, *as32, h_t, w_t, b_t, labels)
+    want = torch.autograd.grad(plain, as32)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, rtol=1e-2, atol=1e-2 * float(w.abs().max()))
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor produced by an aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_no_full_logits_are_ever_allocated(divergence):
+    n, v, d, chunk = 256, 512, 16, 32
+    g = torch.Generator().manual_seed(6)
+    h_s = torch.randn(n, d, generator=g, requires_grad=True)
+    w_s = torch.randn(v, d, generator=g, requires_grad=True)
+    h_t, w_t = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    module = FusedLogitKDLoss(divergence, top_k=50, ce_weight=0.1, chunk_tokens=chunk)
+    with _LargestOutput() as fused_mode:
+        loss = module(h_s, w_s, h_t, w_t, labels)
+        saved = loss.grad_fn.saved_tensors
+        loss.backward()
+    # Forward, backward and the tensors kept for backward stay at chunk x (V + 1), far below N x V.
+    assert fused_mode.largest <= chunk * (v + 1)
+    assert sorted(t.numel() for t in saved) == sorted([n * d, v * d])
+    with _LargestOutput() as plain_mode:  # the probe does see full logits in the plain loss
+        LogitKDLoss(divergence, top_k=50, ce_weight=0.1)(h_s @ w_s.T, h_t @ w_t.T, labels).backward()
+    assert plain_mode.largest >= n * v
+
+
+def test_bad_shapes_are_rejected():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs()
+    module = FusedLogitKDLoss(chunk_tokens=8)
+    with pytest.raises(ValueError, match="student head weight"):
+        module(h_s, w_t, h_t, w_t)
+    with pytest.raises(ValueError, match="vocabulary"):
+        module(h_s, w_s, h_t, w_t[:-1])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        FusedLogitKDLoss(chunk_tokens=0)
