@@ -31,16 +31,30 @@ def _chunk_kl_sum(
     s_k: Tensor,
     t_q: Tensor,
     t_k: Tensor,
-    allowed: Tensor,
-    query_weight: Tensor,
+    valid: Tensor,
+    start: int,
+    key_start: int,
+    sliding_window: int | None,
     s_scale: float,
     t_scale: float,
 ) -> Tensor:
-    """Sum over rows of ``query_weight * KL(softmax(t_q t_k^T) || softmax(s_q s_k^T))`` on ``allowed`` keys.
+    """Sum over real query rows of KL(softmax(t_q t_k^T) || softmax(s_q s_k^T)) on allowed keys.
 
-    ``s_q``/``t_q`` ``[B, n, c, d]``, ``s_k``/``t_k`` ``[B, n, K, d]``, ``allowed`` bool ``[B|1, 1, c, K]`` with at
-    least one key per row, ``query_weight`` ``[B|1, 1, c]``.
+    ``s_q``/``t_q`` ``[B, n, c, d]`` hold queries ``start .. start + c``, ``s_k``/``t_k`` ``[B, n, K, d]`` keys
+    ``key_start .. start + c``; ``valid`` ``[B, T]`` marks real tokens. The mask is built here, so that
+    checkpointing saves only the inputs.
     """
+    stop = start + s_q.shape[2]
+    q_pos = torch.arange(start, stop, device=s_q.device)[:, None]
+    k_pos = torch.arange(key_start, stop, device=s_q.device)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed = allowed & (q_pos - k_pos < sliding_window)
+    query_valid = valid[:, start:stop]  # [B, c]
+    allowed = allowed[None, None] & valid[:, None, None, key_start:stop]  # [B, 1, c, K]
+    # Padded query rows may have no allowed key; open them fully (their weight is zero) to stay finite.
+    allowed = allowed | ~query_valid[:, None, :, None]
+
     dtype = torch.promote_types(s_q.dtype, torch.float32)
     s_logits = torch.matmul(s_q.to(dtype), s_k.to(dtype).transpose(-1, -2)) * s_scale
     t_logits = torch.matmul(t_q.to(dtype), t_k.to(dtype).transpose(-1, -2)) * t_scale
@@ -48,7 +62,7 @@ def _chunk_kl_sum(
     s_logp = torch.log_softmax(s_logits.masked_fill(~allowed, neg_inf), dim=-1)
     t_logp = torch.log_softmax(t_logits.masked_fill(~allowed, neg_inf), dim=-1)
     kl = torch.where(allowed, t_logp.exp() * (t_logp - s_logp), 0.0).sum(-1)  # [B, n, c]
-    return (kl * query_weight).sum()
+    return (kl * query_valid[:, None, :].to(dtype)).sum()
 
 
 def chunked_softmax_kl(
@@ -74,31 +88,22 @@ def chunked_softmax_kl(
         if x.shape[:3] != (batch, heads, length):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected [{batch}, {heads}, {length}, d]")
     device = student_q.device
-    valid = padding if padding is not None else torch.ones(1, length, dtype=torch.bool, device=device)
+    valid = padding if padding is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
     rows = valid.sum() * heads
     use_checkpoint = torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad)
     total = student_q.new_zeros((), dtype=torch.promote_types(student_q.dtype, torch.float32))
-    positions = torch.arange(length, device=device)
     for start in range(0, length, chunk_queries):
         stop = min(start + chunk_queries, length)
         key_start = 0 if sliding_window is None else max(0, start - sliding_window + 1)
-        q_pos = positions[start:stop, None]
-        k_pos = positions[None, key_start:stop]
-        allowed = k_pos <= q_pos
-        if sliding_window is not None:
-            allowed = allowed & (q_pos - k_pos < sliding_window)
-        allowed = allowed[None, None] & valid[:, None, None, key_start:stop]  # [B|1, 1, c, K]
-        query_valid = valid[:, start:stop]  # [B|1, c]
-        # Padded query rows may have no allowed key; open them fully (their weight is zero) to stay finite.
-        allowed = allowed | ~query_valid[:, None, :, None]
-        query_weight = query_valid[:, None, :].to(total.dtype)
         args = (
             student_q[:, :, start:stop],
             student_k[:, :, key_start:stop],
             teacher_q[:, :, start:stop],
             teacher_k[:, :, key_start:stop],
-            allowed,
-            query_weight,
+            valid,
+            start,
+            key_start,
+            sliding_window,
             student_scaling,
             teacher_scaling,
         )
