@@ -53,6 +53,8 @@ class ArchAdapter:
     layer_hidden_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     # Embeddings are multiplied by sqrt(hidden_size) in forward (gemma); hidden pruning must rescale.
     embed_scaled_by_sqrt_hidden: bool = False
+    # RMSNorm multiplies by (offset + weight): 0 for most models, 1 for gemma's (1 + weight).
+    norm_weight_offset: float = 0.0
     # Config field names.
     hidden_size_field: str = "hidden_size"
     num_layers_field: str = "num_hidden_layers"
@@ -111,8 +113,14 @@ class ArchAdapter:
 
 
 ADAPTERS: tuple[ArchAdapter, ...] = (
-    ArchAdapter(model_types=("llama", "mistral", "qwen2")),
-    ArchAdapter(model_types=("qwen3",), q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
+    ArchAdapter(model_types=("llama", "mistral")),
+    ArchAdapter(model_types=("qwen2",), layer_count_fields=("max_window_layers",)),
+    ArchAdapter(
+        model_types=("qwen3",),
+        q_norm="self_attn.q_norm",
+        k_norm="self_attn.k_norm",
+        layer_count_fields=("max_window_layers",),
+    ),
     ArchAdapter(
         model_types=("phi3",),
         q_proj=None,
@@ -135,6 +143,7 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             "post_feedforward_layernorm",
         ),
         embed_scaled_by_sqrt_hidden=True,
+        norm_weight_offset=1.0,
     ),
 )
 
