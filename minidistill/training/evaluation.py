@@ -1,0 +1,53 @@
+"""Held-out evaluation during training: student NLL / perplexity and top-1 agreement with the teacher.
+
+Works from final hidden states and head weights (:class:`ModelFeatures`), projecting ``chunk_tokens``
+positions to the vocabulary at a time, so no batch x sequence x vocabulary logits exist. Positions and
+chunking follow :func:`minidistill.evaluation.perplexity.heldout_loss`, so the numbers agree with it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluation.perplexity import iter_token_chunks
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias).float()
+
+
+@torch.no_grad()
+def heldout_stats(features, input_ids: torch.Tensor, *, chunk_tokens: int, reference=None) -> torch.Tensor:
+    """``[nll_sum, tokens, agreeing_tokens]`` (float64) of next-token prediction on ``input_ids``.
+
+    ``features`` are the evaluated model's; ``reference`` (optional) the teacher's, for top-1 agreement.
+    """
+    labels = input_ids[:, 1:]
+    out = torch.zeros(3, dtype=torch.float64, device=input_ids.device)
+    h = features.final_hidden[:, :-1]
+    chunks = iter_token_chunks(h, labels, chunk_tokens)
+    ref_chunks = iter_token_chunks(reference.final_hidden[:, :-1], labels, chunk_tokens) if reference is not None else None
+    for h_chunk, y in chunks:
+        logits = _logits(h_chunk, features.head_weight, features.head_bias)
+        out[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        out[1] += y.numel()
+        if ref_chunks is not None:
+            r_chunk, _ = next(ref_chunks)
+            ref_logits = _logits(r_chunk, reference.head_weight, reference.head_bias)
+            out[2] += (logits.argmax(-1) == ref_logits.argmax(-1)).sum().double()
+    return out
+
+
+def summarize(stats: torch.Tensor, prefix: str = "heldout", *, agreement: bool = True) -> dict[str, float]:
+    """Turn summed ``[nll, tokens, agree]`` into loss, perplexity and agreement fields."""
+    nll, tokens, agree = (float(x) for x in stats.tolist())
+    if tokens == 0:
+        raise ValueError("no held-out tokens were evaluated")
+    loss = nll / tokens
+    out = {f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(loss), f"{prefix}_tokens": int(tokens)}
+    if agreement:
+        out["top1_agreement"] = agree / tokens
+    return out

@@ -1,0 +1,370 @@
+"""The distillation loop on accelerate: one forward of each model per micro-batch, exact checkpoints.
+
+The frozen teacher runs under ``torch.no_grad()``; the student and the objective's learnable parts run
+inside :class:`DistillationModule`, the one module accelerate prepares (single process, DDP, FSDP2,
+DeepSpeed). Data order comes from :class:`ResumableBlockSampler`; every process builds the same global
+micro-batch and keeps its own rows (:func:`minidistill.parallel.local_rows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..data import TextData
+from ..distill.objective import DistillationModule, DistillLossConfig, DistillObjective, teacher_features
+from ..prune.prune_map import PruneMap
+from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
+from .config import EvalConfig, TrainConfig
+from .evaluation import heldout_stats, summarize
+from .run_log import RunLog, memory_mb, truncate_log
+from .sampler import ResumableBlockSampler
+from .schedule import build_scheduler
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss component became NaN or infinite; training stopped without saving."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished distillation produced."""
+
+    run_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final_eval: dict[str, float]
+    teacher_eval: dict[str, float] | None
+    last_checkpoint: Path | None
+    module: DistillationModule = field(repr=False)
+    accelerator: Any = field(repr=False)
+
+
+def build_accelerator(train: TrainConfig, run_dir: Path):
+    """An Accelerator for ``train``: gradient accumulation, precision (auto: bf16 on GPU), trackers."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = train.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    log_with = [t for t in train.log_with if t != "wandb" or _wandb_installed()]
+    return Accelerator(
+        gradient_accumulation_steps=train.grad_accum_steps,
+        mixed_precision=precision,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def _wandb_installed() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        logger.warning("train.log_with lists wandb but it is not installed; skipping it")
+        return False
+    return True
+
+
+def _apply_lora(student: nn.Module, train: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """Wrap ``student`` with LoRA adapters; returns (peft model, its base model with the adapters inside)."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_adapter(student)
+    targets = sorted({getattr(adapter, part).rsplit(".", 1)[-1] for part in train.lora.target_parts if getattr(adapter, part, None)})
+    if not targets:
+        raise ValueError(f"train.lora.target_parts={train.lora.target_parts} names no layer part of this model type")
+    cfg = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout, target_modules=targets, bias="none")
+    peft_model = get_peft_model(student, cfg)
+    return peft_model, peft_model.get_base_model()
+
+
+class Distiller:
+    """Runs one distillation: build, (resume,) train, evaluate, checkpoint. See :meth:`run`."""
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        teacher: nn.Module,
+        data: TextData,
+        prune_map: PruneMap | None,
+        loss: DistillLossConfig,
+        train: TrainConfig,
+        eval: EvalConfig,
+        run_dir: str | Path,
+        config_dict: dict[str, Any],
+        accelerator=None,
+        run_name: str = "distill",
+    ):
+        self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
+        self.run_dir = Path(run_dir)
+        self.config_dict = config_dict
+        self.data = data
+        self.prune_map = prune_map
+        self.accelerator = accelerator or build_accelerator(train, self.run_dir)
+        acc = self.accelerator
+        from accelerate.utils import set_seed
+
+        set_seed(train.seed)
+        self.micro_batch = train.micro_batch_size(acc.num_processes)
+        self.sampler = ResumableBlockSampler(len(data.train), self.micro_batch * acc.num_processes, seed=train.seed)
+
+        self.peft_model = None
+        if train.lora is not None:
+            self.peft_model, student = _apply_lora(student, train)
+        if train.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            student.config.use_cache = False
+        if train.compile:
+            for layer in get_adapter(student).decoder_layers(student):
+                layer.compile()
+        student.train()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+        objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map)
+        self.student = student
+        module = DistillationModule(student, objective)
+        params = [p for p in module.parameters() if p.requires_grad]
+        fused = {"fused": True} if acc.device.type == "cuda" else {}
+        optimizer = torch.optim.AdamW(
+            params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps, weight_decay=train.weight_decay, **fused
+        )
+        scheduler = build_scheduler(
+            optimizer,
+            max_steps=train.max_steps,
+            warmup_steps=train.warmup_steps,
+            kind=train.schedule,
+            min_lr_ratio=train.min_lr_ratio,
+            decay_fraction=train.decay_fraction,
+        )
+        self.module, self.optimizer, self.scheduler = self._prepare(module, optimizer, scheduler, student)
+        self.teacher = self._prepare_teacher(teacher)
+        self.teacher_sharded = _teacher_sharded(acc)
+        self.run_name = run_name
+
+    # ------------------------------------------------------------------ placement
+    def _prepare(self, module, optimizer, scheduler, student):
+        from .. import parallel
+
+        acc = self.accelerator
+        if parallel.distributed_kind(acc) == "fsdp2":
+            from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+            plugin = acc.state.fsdp_plugin
+            plugin.transformer_cls_names_to_wrap = [parallel.decoder_layer_class_name(student)]
+            plugin.auto_wrap_policy = transformer_auto_wrap_policy
+        return parallel.prepare_student(
+            acc, module, optimizer, scheduler, micro_batch_size=self.micro_batch, max_grad_norm=self.train_cfg.max_grad_norm
+        )
+
+    def _prepare_teacher(self, teacher):
+        from .. import parallel
+
+        return parallel.prepare_teacher(self.accelerator, teacher)
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _global_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        from ..parallel import local_rows
+
+        return local_rows(self.accelerator, self.data.train.input_ids[indices]).to(self.accelerator.device)
+
+    def _teacher_features(self, input_ids: torch.Tensor):
+        with self.accelerator.autocast():
+            return teacher_features(self.teacher, input_ids, self._objective(), copy_head=self.teacher_sharded)
+
+    def _objective(self) -> DistillObjective:
+        return self.accelerator.unwrap_model(self.module).objective
+
+    def evaluate(self) -> dict[str, float]:
+        """Student held-out loss / perplexity and top-1 agreement with the teacher (all processes)."""
+        stats = self._heldout(student=True)
+        return summarize(self.accelerator.reduce(stats, "sum").cpu())
+
+    def evaluate_teacher(self) -> dict[str, float]:
+        stats = self._heldout(student=False)
+        return summarize(self.accelerator.reduce(stats, "sum").cpu(), prefix="teacher_heldout", agreement=False)
+
+    @torch.no_grad()
+    def _heldout(self, *, student: bool) -> torch.Tensor:
+        acc, ev = self.accelerator, self.eval_cfg
+        blocks = self.data.heldout.input_ids
+        if ev.max_blocks is not None:
+            blocks = blocks[: ev.max_blocks]
+        world, rank = acc.num_processes, acc.process_index
+        mine = blocks[rank::world]
+        # Every process runs the same number of forwards (sharded models gather inside forward).
+        rounds = math.ceil(math.ceil(len(blocks) / world) / ev.batch_size)
+        total = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        was_training = self.module.training
+        self.module.eval()
+        objective = self._objective()
+        for r in range(rounds):
+            batch = mine[r * ev.batch_size : (r + 1) * ev.batch_size]
+            weight = 1.0
+            if len(batch) == 0:
+                batch, weight = blocks[:1], 0.0
+            batch = batch.to(acc.device)
+            with acc.autocast():
+                t_feats = teacher_features(self.teacher, batch, objective, copy_head=self.teacher_sharded)
+                if student:
+                    stats = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)["stats"]
+                else:
+                    stats = heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens)
+            total += weight * stats
+        self.module.train(was_training)
+        return total
+
+    # ------------------------------------------------------------------ the run
+    def _trainer_state(self, step: int, tokens: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "data_position": self.sampler.state_dict(),
+            "tokens": tokens,
+            "elapsed_s": elapsed,
+            "config": self.config_dict,
+        }
+
+    def run(self, *, resume: str | Path | None = None) -> TrainResult:
+        """Train to ``train.max_steps`` (from ``resume``, a checkpoint folder, when given)."""
+        acc, tc = self.accelerator, self.train_cfg
+        ckpt_root = self.run_dir / CHECKPOINTS
+        step, tokens, elapsed_before = 0, 0, 0.0
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial_checkpoints(ckpt_root)
+        acc.wait_for_everyone()
+        if resume is not None:
+            state = load_checkpoint(acc, resume)
+            step, tokens, elapsed_before = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
+            self.sampler.load_state_dict(state["data_position"])
+            if acc.is_main_process:
+                truncate_log(self.run_dir / "log.jsonl", step)
+            logger.info("resumed from %s at step %d", resume, step)
+        if tc.log_with:
+            acc.init_trackers(self.run_name, config=_flat_numbers(self.config_dict))
+        log = RunLog(acc, self.run_dir, total_steps=tc.max_steps, initial_step=step, progress_bar=tc.progress_bar)
+        teacher_eval = None
+        last_eval: dict[str, float] = {}
+        last_ckpt: Path | None = None
+        try:
+            if resume is None:
+                teacher_eval = self.evaluate_teacher()
+                last_eval = self.evaluate()
+                log.write({"kind": "eval", "step": 0, **teacher_eval, **last_eval})
+            t_start = time.perf_counter()
+            while step < tc.max_steps:
+                t0 = time.perf_counter()
+                record = self._optimizer_step(step)
+                step += 1
+                step_tokens = self.micro_batch * acc.num_processes * tc.grad_accum_steps * self.data.train.input_ids.shape[1]
+                tokens += step_tokens
+                dt = time.perf_counter() - t0
+                if step % tc.log_every == 0 or step == tc.max_steps:
+                    record.update(
+                        kind="train",
+                        step=step,
+                        lr=self.scheduler.get_last_lr()[0],
+                        tokens=tokens,
+                        tokens_per_s=step_tokens / dt,
+                        mem_mb=memory_mb(acc.device),
+                        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+                    )
+                    log.write(record)
+                log.advance({"loss": record["loss"]})
+                if self.eval_cfg.every and step % self.eval_cfg.every == 0 and step < tc.max_steps:
+                    last_eval = self.evaluate()
+                    log.write({"kind": "eval", "step": step, **last_eval})
+                if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
+                    elapsed = elapsed_before + time.perf_counter() - t_start
+                    last_ckpt = save_checkpoint(acc, ckpt_root, step, self._trainer_state(step, tokens, elapsed), keep_last=tc.keep_last)
+            last_eval = self.evaluate()
+            log.write({"kind": "eval", "step": step, **last_eval})
+            elapsed = elapsed_before + time.perf_counter() - t_start
+            last_ckpt = save_checkpoint(acc, ckpt_root, step, self._trainer_state(step, tokens, elapsed), keep_last=tc.keep_last)
+        finally:
+            log.close()
+            if tc.log_with:
+                acc.end_training()
+        return TrainResult(
+            run_dir=self.run_dir,
+            steps=step,
+            tokens=tokens,
+            seconds=elapsed,
+            final_eval=last_eval,
+            teacher_eval=teacher_eval,
+            last_checkpoint=last_ckpt,
+            module=self.module,
+            accelerator=acc,
+        )
+
+    def _optimizer_step(self, step: int) -> dict[str, float]:
+        """Accumulate ``grad_accum_steps`` micro-batches and step; returns the step's mean losses and grad norm."""
+        acc, tc = self.accelerator, self.train_cfg
+        sums: dict[str, torch.Tensor] = {}
+        grad_norm = None
+        for _ in range(tc.grad_accum_steps):
+            input_ids = self._global_rows(self.sampler.next_indices())
+            t_feats = self._teacher_features(input_ids)
+            with acc.accumulate(self.module):
+                with acc.autocast():
+                    out = self.module(input_ids, t_feats)
+                acc.backward(out["loss"])
+                if acc.sync_gradients:
+                    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+                    grad_norm = acc.clip_grad_norm_(self.module.parameters(), max_norm)
+                self.optimizer.step()
+                if acc.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            values = {"loss": out["loss"].detach().float(), **out["components"]}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0) + v.to(acc.device)
+        names = list(sums)
+        stacked = torch.stack([sums[k] / tc.grad_accum_steps for k in names])
+        if grad_norm is not None:
+            stacked = torch.cat([stacked, torch.as_tensor(grad_norm, dtype=stacked.dtype, device=stacked.device).reshape(1)])
+        stacked = acc.reduce(stacked, "mean").tolist()
+        record = dict(zip(names, stacked))
+        if grad_norm is not None:
+            record["grad_norm"] = stacked[-1]
+        for name in names:
+            if not math.isfinite(record[name]):
+                raise NonFiniteLossError(
+                    f"optimizer step {step + 1}: loss component {name!r} is {record[name]}; stopped without saving "
+                    f"(the last good checkpoint in {self.run_dir / CHECKPOINTS} is kept). Lower train.lr, "
+                    "check the data, or disable the component"
+                )
+        return record
+
+
+def _teacher_sharded(accelerator) -> bool:
+    from ..parallel import teacher_is_sharded
+
+    return teacher_is_sharded(accelerator)
+
+
+def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+    return out
