@@ -1,0 +1,119 @@
+"""The composed config of the prune-and-distill recipe (``recipes/prune_distill.py``).
+
+Loaded from YAML (``recipes/configs/*.yaml``) with ``a.b=c`` overrides on top
+(:func:`load_recipe_config`); every key is a dataclass field with its docstring, unknown keys fail
+with the nearest valid one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigBase, ConfigError, load_config
+from .data import DataConfig
+from .distill.objective import DistillLossConfig
+from .hub import HubConfig
+from .models import ModelConfig
+from .training.config import EvalConfig, LoraSettings, TrainConfig
+
+try:  # the pruner's config; absent only in partial checkouts
+    from .prune.pipeline import PruneConfig
+except ImportError:  # pragma: no cover
+    PruneConfig = dict  # type: ignore[assignment,misc]
+
+__all__ = [
+    "EvalConfig",
+    "LoraSettings",
+    "PruneDistillConfig",
+    "TrainConfig",
+    "incompatible_fields",
+    "load_recipe_config",
+]
+
+
+def _default_prune():
+    return PruneConfig() if PruneConfig is not dict else None
+
+
+@dataclass
+class PruneDistillConfig(ConfigBase):
+    """Prune a teacher (or take an already-pruned student), distill the student, save a plain HF model."""
+
+    run_name: str = "prune_distill"
+    """Name of the run; outputs go to ``<output_root>/<run_name>/``."""
+    output_root: str = "runs"
+    """Folder holding run folders."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen teacher."""
+    student: ModelConfig | None = None
+    """An already-pruned student folder (with its prune_map.json when it came from this teacher); None: prune the teacher."""
+    prune: PruneConfig | None = field(default_factory=_default_prune)  # type: ignore[valid-type]
+    """How the teacher is pruned when no student is given."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out text."""
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    """Distillation objective."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, checkpoints and logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation during training and lm-eval after it."""
+    hub: HubConfig | None = None
+    """Where the distilled model is pushed (with push_to_hub)."""
+    push_to_hub: bool = False
+    """Push ``<run_dir>/model`` to the Hub at the end."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_root) / self.run_name
+
+    def validate(self) -> None:
+        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(f"run_name={self.run_name!r}: must be a plain folder name")
+        if self.student is None and self.prune is None:
+            raise ConfigError("student is null and prune is null: give student.source (a pruned student) or a prune section")
+        if self.push_to_hub and (self.hub is None or not self.hub.repo_id):
+            raise ConfigError("push_to_hub=true needs hub.repo_id (e.g. hub.repo_id=you/model-name)")
+        if self.student is not None and self.student.source == self.teacher.source:
+            raise ConfigError(
+                f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
+                "or set student=null to prune the teacher"
+            )
+
+
+def load_recipe_config(path: str | Path | None, overrides: list[str] | None = None) -> PruneDistillConfig:
+    """The recipe config from a YAML file with ``a.b=c`` overrides applied."""
+    return load_config(PruneDistillConfig, path, overrides)
+
+
+# Fields that may change between a checkpoint and the run resuming from it.
+RESUMABLE_CHANGES = (
+    "run_name",
+    "output_root",
+    "train.max_steps",
+    "train.save_every",
+    "train.keep_last",
+    "train.log_every",
+    "train.log_with",
+    "train.progress_bar",
+    "eval",
+    "hub",
+    "push_to_hub",
+    "data.num_proc",
+)
+
+
+def incompatible_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, except those a resume may change."""
+    out: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if any(dotted == r or dotted.startswith(r + ".") for r in RESUMABLE_CHANGES):
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += incompatible_fields(a, b, dotted + ".")
+        elif a != b:
+            out.append(dotted)
+    return out
