@@ -196,3 +196,45 @@ def build_model_card(run_info: dict[str, Any]) -> ModelCard:
         parts += ["## Reproduce", "", "```bash", run_info["reproduce"], "```", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts)
     return ModelCard(content)
+
+
+RUN_INFO_FILENAME = "run_info.json"
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder.parent / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_info_from_folder(folder: str | Path, *, teacher_source: str | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """``run_info`` for :func:`build_model_card` from what a run saved: ``run_info.json``,
+    ``prune_map.json`` and ``lm_eval.json`` (in the folder or its parent)."""
+    import json
+
+    folder = Path(folder)
+    info: dict[str, Any] = {}
+    path = _find(folder, RUN_INFO_FILENAME)
+    if path:
+        info = json.loads(path.read_text())
+    pm_path = _find(folder, "prune_map.json")
+    if pm_path and "prune_map" not in info:
+        pm = json.loads(pm_path.read_text())
+        info["prune_map"] = pm
+        teacher = info.setdefault("teacher", {})
+        teacher.setdefault("source", pm.get("teacher", {}).get("source"))
+        teacher.setdefault("shape", pm.get("teacher", {}).get("shape"))
+        info.setdefault("student", {}).setdefault("shape", pm.get("student_shape"))
+    ev_path = _find(folder, "lm_eval.json")
+    if ev_path and "eval_results" not in info:
+        info["eval_results"] = json.loads(ev_path.read_text())
+    if teacher_source:
+        info.setdefault("teacher", {})["source"] = teacher_source
+    if not info.get("teacher", {}).get("source"):
+        raise ValueError(
+            f"{folder} does not record its teacher (no run_info.json / prune_map.json): pass --teacher SOURCE"
+        )
+    if model_name:
+        info["model_name"] = model_name
+    return info

@@ -266,3 +266,38 @@ def run_lm_eval(
 
 
 __all__ = ["EvalRow", "EvalTable", "LmEvalConfig", "run_lm_eval"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``--model NAME=FOLDER`` (repeatable; ``bundled`` for the bundled teacher) plus lm-eval options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Score models side by side on lm-eval tasks (offline local tasks by default).")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
+                        help="a model to score: a saved folder or 'bundled' (repeat for several)")
+    parser.add_argument("--tasks", default=",".join(LOCAL_TASKS), help="comma-separated task names")
+    parser.add_argument("--num_fewshot", type=int, default=None)
+    parser.add_argument("--limit", type=float, default=None, help="items per task (>= 1) or a fraction (< 1)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--output_dir", default=None, help="writes lm_eval.md and lm_eval.json here")
+    parser.add_argument("--data_source", default="bundled", help="corpus whose held-out split feeds the local tasks")
+    args = parser.parse_args(argv)
+    limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
+    cfg = LmEvalConfig(
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        output_dir=args.output_dir,
+    )
+    models: dict[str, ModelEntry] = {}
+    for spec in args.model:
+        name, sep, source = spec.partition("=")
+        if not sep or not name or not source:
+            parser.error(f"--model {spec!r}: expected NAME=SOURCE")
+        models[name] = load_model_and_tokenizer(ModelConfig(source=source)) if source == "bundled" else source
+    table = run_lm_eval(models, cfg, data_config=DataConfig(source=args.data_source))
+    print(table.to_markdown())
+    return 0
