@@ -1,0 +1,193 @@
+"""Hub push against a local HTTP stub driven by the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, constants
+from hub_stub import HubStub
+
+from minidistill import hub as hub_module
+from minidistill.config import ConfigError
+from minidistill.hub import HubConfig, HubError, push_to_hub, run_folder_files
+
+TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"
+REPO = "someone/tiny-distilled"
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Let huggingface_hub talk to the local stub: offline mode off, Xet off (plain LFS)."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+
+
+@pytest.fixture
+def stub(online):
+    with HubStub(token=TOKEN, lfs_threshold=64 * 1024) as server:
+        yield server
+
+
+@pytest.fixture
+def run_folder(tmp_path) -> Path:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}\n')
+    (folder / "model.safetensors").write_bytes(os.urandom(300 * 1024))  # LFS
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}\n')  # regular
+    (folder / "extra").mkdir()
+    (folder / "extra" / "big.txt").write_bytes(b"x" * (100 * 1024))  # LFS by size, in a subfolder
+    (folder / ".hidden").write_text("not pushed")
+    return folder
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_uploads_regular_and_lfs_files_byte_for_byte(stub, run_folder):
+    card = ModelCard("---\nlicense: apache-2.0\ntags:\n- minidistill\n---\n\n# tiny\n")
+    before = folder_digest(run_folder)
+    url = push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, commit_message="first upload"), card=card, token=TOKEN)
+    assert url == f"{stub.url}/{REPO}/commit/{stub.commits[-1]['oid']}"
+    remote = stub.files(REPO)
+    for rel in ("config.json", "model.safetensors", "tokenizer.json", "extra/big.txt"):
+        assert remote[rel] == (run_folder / rel).read_bytes()
+    assert remote["README.md"] == str(card).encode()
+    assert ".hidden" not in remote
+    assert stub.commits[-1]["message"] == "first upload" and len(stub.commits) == 1
+    assert len(stub.lfs_objects) == 2  # the two large files went through LFS
+    assert ("POST", f"/{REPO}.git/info/lfs/objects/batch") in stub.requests
+    assert folder_digest(run_folder) == before  # README.md went through the commit, not the folder
+    assert not (run_folder / "README.md").exists()
+
+
+def test_push_to_branch_creates_it(stub, run_folder):
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, revision="experiment"), token=TOKEN)
+    assert stub.files(REPO, "experiment")["model.safetensors"] == (run_folder / "model.safetensors").read_bytes()
+    assert stub.files(REPO, "main") == {}
+    # Existing repo and branch: a second push still works.
+    (run_folder / "tokenizer.json").write_text('{"version": "2.0"}\n')
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, revision="experiment"), token=TOKEN)
+    assert stub.files(REPO, "experiment")["tokenizer.json"] == b'{"version": "2.0"}\n'
+    assert [c["branch"] for c in stub.commits] == ["experiment", "experiment"]
+
+
+def test_token_never_printed_or_logged(stub, run_folder, caplog, capfd, monkeypatch):
+    monkeypatch.setattr(constants, "HF_DEBUG", True)  # the client's most verbose request logging
+    caplog.set_level(logging.DEBUG)
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    stub.fail("commit", "500")
+    with pytest.raises(HubError) as info:
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    out, err = capfd.readouterr()
+    assert caplog.records, "expected some logging to inspect"
+    for text in (caplog.text, out, err, str(info.value)):
+        assert TOKEN not in text
+
+
+def test_token_from_env(stub, run_folder, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url))
+    assert stub.files(REPO)["config.json"] == (run_folder / "config.json").read_bytes()
+
+
+def test_no_token_fails_before_any_request(stub, run_folder, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_module, "get_token", lambda: None)
+    with pytest.raises(HubError, match="HF_TOKEN") as info:
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url))
+    assert "login" in str(info.value)
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("broken", ["no_config", "no_weights", "pickle", "missing_shard", "tmp_entry", "not_a_folder"])
+def test_unfinished_folder_refused_before_any_request(stub, run_folder, broken):
+    target = run_folder
+    if broken == "no_config":
+        (run_folder / "config.json").unlink()
+    elif broken == "no_weights":
+        (run_folder / "model.safetensors").unlink()
+    elif broken == "pickle":
+        (run_folder / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    elif broken == "missing_shard":
+        (run_folder / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002-of-00002.safetensors"}}')
+    elif broken == "tmp_entry":
+        (run_folder / ".tmp-abc").mkdir()
+    else:
+        target = run_folder / "config.json"
+    with pytest.raises(HubError):
+        push_to_hub(target, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert stub.requests == []
+
+
+@pytest.mark.parametrize("kind,mode", [("commit", "500"), ("commit", "drop"), ("create", "500"), ("create", "drop")])
+def test_server_failure_is_clear_and_retry_completes(stub, run_folder, kind, mode):
+    before = folder_digest(run_folder)
+    stub.fail(kind, mode, times=1)
+    with pytest.raises(HubError, match="run the same command again") as info:
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert ("500" in str(info.value)) if mode == "500" else ("disconnected" in str(info.value).lower())
+    assert folder_digest(run_folder) == before
+    assert stub.commits == []
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    remote = stub.files(REPO)
+    for rel in ("config.json", "model.safetensors", "tokenizer.json", "extra/big.txt"):
+        assert remote[rel] == (run_folder / rel).read_bytes()
+    assert folder_digest(run_folder) == before
+
+
+def test_retry_after_commit_failure_skips_uploaded_lfs(stub, run_folder):
+    stub.fail("commit", "500")
+    with pytest.raises(HubError):
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    uploads = sum(1 for m, p in stub.requests if m == "PUT")
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert sum(1 for m, p in stub.requests if m == "PUT") == uploads == 2
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="hub.repo_id"):
+        HubConfig(repo_id="no-slash").validate()
+    with pytest.raises(ConfigError, match="hub.endpoint"):
+        HubConfig(repo_id="a/b", endpoint="ftp://x").validate()
+    with pytest.raises(ConfigError, match="repo_id is not set"):
+        push_to_hub(".", HubConfig(), token=TOKEN)
+
+
+def test_offline_mode_refused(run_folder, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):
+        push_to_hub(run_folder, HubConfig(repo_id=REPO), token=TOKEN)
+
+
+def test_run_folder_files_lists_what_is_pushed(run_folder):
+    assert [p.as_posix() for p in run_folder_files(run_folder)] == ["config.json", "extra/big.txt", "model.safetensors", "tokenizer.json"]
+
+
+def test_push_recipe(stub, run_folder, monkeypatch, capsys):
+    import json
+
+    (run_folder / "prune_map.json").write_text(json.dumps({
+        "teacher": {"source": "bundled", "shape": {"num_layers": 4}}, "student_shape": {"num_layers": 2},
+        "kept_layers": [0, 3], "kept_hidden": [0, 1], "layers": [],
+    }))
+    spec = importlib.util.spec_from_file_location("push_recipe", Path(__file__).parents[1] / "recipes" / "push.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    rc = recipe.main([str(run_folder), "--repo_id", REPO, "--endpoint", stub.url, "--revision", "v1", "--message", "cli push", "--private"])
+    assert rc == 0
+    assert capsys.readouterr().out.strip().startswith(f"{stub.url}/{REPO}/commit/")
+    card = ModelCard(stub.files(REPO, "v1")["README.md"].decode())
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert stub.repos[REPO]["private"] is True and stub.commits[-1]["message"] == "cli push"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(hub_module, "get_token", lambda: None)
+    assert recipe.main([str(run_folder), "--repo_id", REPO, "--endpoint", stub.url]) == 1
+    assert "HF_TOKEN" in capsys.readouterr().err
