@@ -1,0 +1,251 @@
+"""Prune a teacher (or load a pruned student), distill the student against the frozen teacher, save it.
+
+Public entry of the trainer: :func:`run_prune_distill` runs the whole recipe from a
+:class:`~minidistill.recipe_config.PruneDistillConfig`; :class:`Distiller` (the loop) and
+:class:`DistillObjective` are usable on their own. Inputs are checked before any long computation:
+sequence length against the models' maximum, teacher/student vocabularies, layer pairing for feature
+losses, and on resume the checkpoint's config against the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from .config import ConfigError
+from .data import build_text_data
+from .distill.objective import DistillLossConfig, DistillObjective
+from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
+from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
+from .recipe_config import PruneDistillConfig, incompatible_fields
+from .training.checkpoint import CheckpointError, latest_checkpoint, read_trainer_state
+from .training.export import export_student
+from .training.loop import CHECKPOINTS, Distiller, NonFiniteLossError, TrainResult, build_accelerator
+
+logger = logging.getLogger(__name__)
+
+STUDENT_INIT = "student_init"
+MODEL_DIR = "model"
+
+__all__ = [
+    "CheckpointError",
+    "DistillObjective",
+    "Distiller",
+    "NonFiniteLossError",
+    "RecipeResult",
+    "TrainResult",
+    "check_pairing_possible",
+    "check_seq_len",
+    "check_same_vocabulary",
+    "resolve_resume",
+    "run_prune_distill",
+]
+
+
+@dataclass
+class RecipeResult:
+    """Where the recipe put its outputs, and the final numbers."""
+
+    run_dir: Path
+    model_dir: Path
+    train: TrainResult
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_seq_len(model_cfg: ModelConfig, seq_len: int, role: str) -> None:
+    """ConfigError when ``data.seq_len`` exceeds the model's ``max_position_embeddings`` (read from config only)."""
+    config = AutoConfig.from_pretrained(
+        resolve_source(model_cfg.source), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len={seq_len} exceeds the {role}'s max_position_embeddings={limit} ({model_cfg.source}); "
+            f"set data.seq_len<={limit}"
+        )
+
+
+def check_same_vocabulary(teacher, teacher_tok, student, student_tok) -> None:
+    """ValueError when teacher and student do not share a tokenizer vocabulary and an output vocabulary size."""
+    t_rows = teacher.get_output_embeddings().weight.shape[0]
+    s_rows = student.get_output_embeddings().weight.shape[0]
+    if t_rows != s_rows:
+        raise ValueError(
+            f"teacher and student vocabularies differ: the teacher's lm_head has {t_rows} rows, the student's {s_rows}; "
+            "logit distillation needs the same vocabulary (prune the student from this teacher)"
+        )
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise ValueError(
+            "teacher and student tokenizers differ (their vocabularies do not match token for token); "
+            "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
+        )
+
+
+def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) -> None:
+    """ConfigError when a feature loss pairs layers by prune map but the student has none."""
+    if prune_map is not None:
+        return
+    for name in ("hidden", "attention", "relations"):
+        section = getattr(loss, name)
+        if section.weight > 0 and section.pairing.strategy == "prune_map":
+            raise ConfigError(
+                f"loss.{name} pairs layers by the prune map, but the student has no {PRUNE_MAP_FILENAME} from this "
+                f"teacher; set loss.{name}.pairing.strategy=explicit with loss.{name}.pairing.explicit=[[s, t], ...] "
+                f"(or uniform / last_k), or loss.{name}.weight=0"
+            )
+
+
+def _prune_map_for(student_dir: str, teacher) -> PruneMap | None:
+    """The student's prune map when it has one and it was made from a teacher of this shape."""
+    from .adapters import get_adapter
+
+    path = Path(resolve_source(student_dir)) / PRUNE_MAP_FILENAME
+    if not path.is_file():
+        return None
+    pmap = PruneMap.load(path)
+    shape = get_adapter(teacher).shape(teacher.config)
+    if pmap.teacher.get("shape") != shape:
+        logger.warning("%s was made from a teacher of shape %s, not %s; it is ignored", path, pmap.teacher.get("shape"), shape)
+        return None
+    return pmap
+
+
+def resolve_resume(cfg: PruneDistillConfig, resume: str | bool | None) -> Path | None:
+    """The checkpoint to resume from (``True``/``"latest"``: the newest of the run), checked against ``cfg``."""
+    if resume in (None, False):
+        return None
+    if resume is True or resume == "latest":
+        path = latest_checkpoint(cfg.run_dir / CHECKPOINTS)
+        if path is None:
+            raise CheckpointError(f"--resume: no complete checkpoint under {cfg.run_dir / CHECKPOINTS}")
+    else:
+        path = Path(resume)
+    saved = read_trainer_state(path).get("config", {})
+    bad = incompatible_fields(saved, cfg.to_dict())
+    if bad:
+        raise CheckpointError(
+            f"cannot resume from {path}: the config differs in {', '.join(bad)} "
+            f"(e.g. {bad[0]}: checkpoint {_lookup(saved, bad[0])!r}, now {_lookup(cfg.to_dict(), bad[0])!r})"
+        )
+    return path
+
+
+def _lookup(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, resume: Path | None):
+    """(student, prune_map): from ``student.source``, from the run's saved initial student, or by pruning."""
+    run_dir = cfg.run_dir
+    init_dir = run_dir / STUDENT_INIT
+    if cfg.student is not None:
+        student = load_model(cfg.student)
+        return student, _prune_map_for(cfg.student.source, teacher)
+    if resume is not None or (init_dir / "config.json").is_file():
+        if not (init_dir / "config.json").is_file():
+            raise CheckpointError(f"{init_dir} is missing: the pruned student of this run cannot be rebuilt for resuming")
+        return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
+    from .prune.pipeline import prune_model
+    from .prune.save import save_student
+
+    if accelerator.is_main_process:
+        result = prune_model(teacher, tokenizer, data, cfg.prune, teacher_source=cfg.teacher.source)
+        save_student(result.student, tokenizer, result.prune_map, init_dir, overwrite=True)
+        del result
+    accelerator.wait_for_everyone()
+    return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
+
+
+def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = None) -> RecipeResult:
+    """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, hub push."""
+    cfg.validate()
+    resume_path = resolve_resume(cfg, resume)
+    check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
+    if cfg.student is not None:
+        check_seq_len(cfg.student, cfg.data.seq_len, "student")
+    run_dir = cfg.run_dir
+    accelerator = build_accelerator(cfg.train, run_dir)
+    teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
+    if cfg.student is not None:
+        student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
+        student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)
+        if getattr(student_cfg_only, "vocab_size", None) != getattr(teacher.config, "vocab_size", None):
+            raise ValueError(
+                f"teacher and student vocabularies differ: teacher vocab_size={teacher.config.vocab_size}, "
+                f"student vocab_size={student_cfg_only.vocab_size}; logit distillation needs the same vocabulary"
+            )
+        if student_tok.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                "teacher and student tokenizers differ (their vocabularies do not match token for token); "
+                "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
+            )
+        check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
+    data = build_text_data(cfg.data, tokenizer)
+    student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
+    check_same_vocabulary(teacher, tokenizer, student, tokenizer)
+    check_pairing_possible(cfg.loss, prune_map)
+    distiller = Distiller(
+        student=student,
+        teacher=teacher,
+        data=data,
+        prune_map=prune_map,
+        loss=cfg.loss,
+        train=cfg.train,
+        eval=cfg.eval,
+        run_dir=run_dir,
+        config_dict=cfg.to_dict(),
+        accelerator=accelerator,
+        run_name=cfg.run_name,
+    )
+    result = distiller.run(resume=resume_path)
+    metadata = {
+        "teacher": cfg.teacher.source,
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "final_eval": result.final_eval,
+        "teacher_eval": result.teacher_eval,
+        "losses": cfg.loss.weights(),
+        "lora": cfg.train.lora is not None,
+        "config": cfg.to_dict(),
+    }
+    model_dir = run_dir / MODEL_DIR
+    export_student(
+        accelerator, result.module, model_dir, tokenizer=tokenizer, prune_map=prune_map, metadata=metadata,
+        peft_model=distiller.peft_model,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata)
+    accelerator.wait_for_everyone()
+    return RecipeResult(run_dir=run_dir, model_dir=model_dir, train=result)
+
+
+def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict) -> None:
+    """Main process: lm-eval tasks (when configured) and the Hub push (when asked for)."""
+    if cfg.eval.lm_eval is not None:
+        from .evaluation.lm_eval_runner import run_lm_eval
+
+        distilled = load_model(ModelConfig(source=str(model_dir)))
+        table = run_lm_eval({"teacher": (teacher, tokenizer), "distilled": (distilled, tokenizer)}, cfg.eval.lm_eval, data=data)
+        table.save(cfg.run_dir / "lm_eval")
+    if cfg.push_to_hub:
+        from .hub import push_to_hub
+        from .model_card import build_model_card, run_info_from_folder
+
+        card = build_model_card(run_info_from_folder(model_dir, teacher_source=cfg.teacher.source))
+        url = push_to_hub(model_dir, cfg.hub, card=card)
+        logger.info("pushed to %s", url)

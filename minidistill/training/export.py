@@ -1,0 +1,77 @@
+"""The final model as a plain Hugging Face folder, gathered whatever the sharding, written via temp + rename.
+
+``<run_dir>/model/`` holds ``config.json``, safetensors weights, the tokenizer, ``prune_map.json`` (when
+the student has one) and ``training_metadata.json``. LoRA adapters are merged into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..prune.prune_map import PruneMap
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "training_metadata.json"
+STUDENT_PREFIX = "student."
+
+
+def export_student(
+    accelerator,
+    module: nn.Module,
+    out_dir: str | Path,
+    *,
+    tokenizer,
+    prune_map: PruneMap | None,
+    metadata: dict[str, Any],
+    peft_model: nn.Module | None = None,
+) -> Path | None:
+    """Write the trained student to ``out_dir`` (a collective; returns the path on the main process).
+
+    The full state dict comes from :func:`minidistill.parallel.unwrap_full_state_dict`; only the
+    student's entries are kept (the objective's projections stay in the checkpoints).
+    """
+    from ..parallel import unwrap_full_state_dict
+
+    full = unwrap_full_state_dict(accelerator, module)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    out_dir = Path(out_dir)
+    unwrapped = accelerator.unwrap_model(module)
+    if peft_model is not None:
+        # LoRA runs are single-process or replicated: the unwrapped student holds the trained adapters.
+        student = peft_model.merge_and_unload()
+        state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
+    else:
+        student = unwrapped.student
+        state = {k[len(STUDENT_PREFIX) :]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if prune_map is not None:
+            prune_map.save(tmp)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".old-{out_dir.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("distilled model saved to %s", out_dir)
+    return out_dir

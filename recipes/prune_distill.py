@@ -1,0 +1,45 @@
+"""Prune a teacher and distill the student back: ``accelerate launch recipes/prune_distill.py --config X.yaml``.
+
+Any config field can be overridden after the options, e.g. ``train.max_steps=5 data.seq_len=128``.
+``--resume`` continues the run from its latest checkpoint (or ``--resume PATH`` from a given one).
+The same command runs on one CPU, one GPU, several GPUs and several nodes (the accelerate launch
+config picks DDP, FSDP2 or DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="recipe YAML (recipes/configs/*.yaml)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, help="resume from the latest checkpoint, or from PATH")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from minidistill.config import ConfigError
+    from minidistill.recipe_config import load_recipe_config
+    from minidistill.train import run_prune_distill
+
+    try:
+        cfg = load_recipe_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    result = run_prune_distill(cfg, resume=args.resume)
+    if rank == 0:
+        logging.getLogger("prune_distill").info("distilled model: %s", result.model_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

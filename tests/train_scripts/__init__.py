@@ -1,0 +1,1 @@
+"""Helpers and scripts the trainer tests build tiny runs with."""
