@@ -361,7 +361,7 @@ def lm_loss_backward(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: in
     labels = input_ids[:, 1:].reshape(-1)
     total = 0.0
     for i in range(0, flat.shape[0], chunk_tokens):
-        loss = F.cross_entropy(head(flat[i : i + chunk_tokens]).float(), labels[i : i + chunk_tokens], reduction="sum")
+        loss = F.cross_entropy(_wide(head(flat[i : i + chunk_tokens])), labels[i : i + chunk_tokens], reduction="sum")
         loss.backward()
         total += loss.item()
     hidden.backward(detached.grad)
