@@ -187,7 +187,7 @@ def build_model_card(run_info: dict[str, Any]) -> ModelCard:
     if before_after:
         table = before_after if isinstance(before_after, str) else _markdown_table(before_after)
         parts += ["## Before and after", "", table.strip(), ""]
-    if run_info.get("eval_results", {}).get("rows"):
+    if (run_info.get("eval_results") or {}).get("rows"):
         from .evaluation.lm_eval_runner import EvalTable
 
         parts += ["## lm-eval results", "", EvalTable.from_json(run_info["eval_results"]).to_markdown().strip(), ""]
