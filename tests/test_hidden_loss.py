@@ -149,4 +149,4 @@ def test_projected_width_pruned_student_matches_teacher(model_type):
         out_s = student(ids, output_hidden_states=True)
     for layer, (s, t) in enumerate(zip(out_s.hidden_states, out_t.hidden_states)):
         assert float(HiddenStateLoss("nmse")(proj(s), t).detach()) < 1e-8, layer
-    torch.testing.assert_close(out_s.logits, out_t.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out_s.logits, out_t.logits, rtol=1e-4, atol=1e-4)
