@@ -473,36 +473,18 @@ def _build_relations(ctx: ObjectiveContext) -> LossTerm:
 # ---------------------------------------------------------------------------------------------- objective
 
 
-def _build_balancer(weights: dict[str, float], mode: str) -> nn.Module:
-    try:
-        from .balance import LossBalancer
-    except ImportError:  # until the balancer module is available: a fixed weighted sum
-        if mode != "fixed":
-            raise
-        return _WeightedSum(weights)
-    return LossBalancer(weights, mode=mode, anchor="logits")
-
-
-class _WeightedSum(nn.Module):
-    def __init__(self, weights: dict[str, float]):
-        super().__init__()
-        self.weights = dict(weights)
-
-    def forward(self, components: dict[str, torch.Tensor]):
-        total = sum(self.weights[k] * v for k, v in components.items())
-        return total, {}
-
-
 class DistillObjective(nn.Module):
     """Named loss terms plus the balancer; ``forward(features_by_role, input_ids) -> (total, components)``.
 
-    ``components`` holds each term's unweighted value (detached) under ``loss/<name>``, plus whatever
-    the balancer reports. Learnable parts (projections) and balancer buffers are submodules, so they
+    ``components`` holds each term's unweighted value (detached) under ``loss/<name>`` and the weight
+    the balancer applied to it under ``weight/<name>``. Learnable parts (projections) and balancer buffers are submodules, so they
     are in ``state_dict()`` and ``parameters()``.
     """
 
     def __init__(self, cfg: DistillLossConfig, *, teacher: nn.Module, student: nn.Module, prune_map: PruneMap | None = None):
         super().__init__()
+        from .balance import LossBalancer
+
         self.config = cfg
         ctx = ObjectiveContext(models={STUDENT: student, TEACHER: teacher}, prune_map=prune_map, config=cfg)
         weights = cfg.weights()
@@ -510,7 +492,7 @@ class DistillObjective(nn.Module):
         if unknown:
             raise ConfigError(f"loss term {unknown[0]!r} has no registered builder")
         self.terms = nn.ModuleDict({name: LOSS_TERMS[name](ctx) for name in weights})
-        self.balancer = _build_balancer(weights, cfg.balance)
+        self.balancer = LossBalancer(weights, mode=cfg.balance, anchor="logits")
 
     def requests(self) -> dict[str, CaptureRequest]:
         """Merged feature requests of all terms, by role."""
@@ -528,9 +510,8 @@ class DistillObjective(nn.Module):
         total, logged = self.balancer(components)
         out = {f"loss/{k}": v.detach().float() for k, v in components.items()}
         for k, v in logged.items():
-            key = k if "/" in k else f"balance/{k}"
-            if key not in out:
-                out[key] = torch.as_tensor(v, dtype=torch.float32)
+            if k.endswith("/weight"):
+                out[f"weight/{k[: -len('/weight')]}"] = torch.as_tensor(v, dtype=torch.float32)
         return total, out
 
 

@@ -1,6 +1,7 @@
-"""Tiny teacher / student folders for recipe tests: a small llama with the bundled tokenizer's vocabulary.
+"""Tiny teacher / student folders for recipe tests: a small llama and a word-level tokenizer of the bundled corpus.
 
-``make_teacher_dir(path)`` writes a 3-layer llama (hidden 64, vocab 49152) plus the bundled tokenizer;
+``make_teacher_dir(path)`` writes a 3-layer llama (hidden 64, vocab 512) plus a 512-word tokenizer
+built from the bundled corpus (``shift`` gives a tokenizer with a different word order);
 ``make_student_dir(teacher_dir, path)`` cuts a student out of it with a hand-made prune map (layers 0
 and 2, 48 of 64 hidden channels, one of two KV groups, 64 of 96 neurons) and saves it with its map.
 """
@@ -17,10 +18,32 @@ from minidistill.models import load_tokenizer
 from minidistill.prune.apply import apply_prune_map
 from minidistill.prune.prune_map import LayerMap, PruneMap
 
-VOCAB = 49152
+VOCAB = 512
 
 
-def make_teacher_dir(path: str | Path, *, seed: int = 0, tie: bool = False, max_positions: int = 256) -> Path:
+def tiny_tokenizer(vocab_size: int = VOCAB, *, shift: int = 0):
+    """A word-level fast tokenizer over the most frequent words of the bundled corpus (plus <unk>, <s>, </s>)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from minidistill.data import bundled_corpus_path
+
+    counts = Counter(bundled_corpus_path().read_text(encoding="utf-8", errors="ignore").lower().split())
+    words = [w for w, _ in counts.most_common(vocab_size - 3 + shift)][shift:]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def make_teacher_dir(
+    path: str | Path, *, seed: int = 0, tie: bool = False, max_positions: int = 256, tokenizer_shift: int = 0
+) -> Path:
     path = Path(path)
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -34,7 +57,7 @@ def make_teacher_dir(path: str | Path, *, seed: int = 0, tie: bool = False, max_
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
-    load_tokenizer("bundled").save_pretrained(path)
+    tiny_tokenizer(shift=tokenizer_shift).save_pretrained(path)
     return path
 
 
