@@ -143,8 +143,17 @@ class DistillLossConfig(ConfigBase):
     """Attention-map transfer."""
     relations: RelationLossSettings = field(default_factory=RelationLossSettings)
     """Self-relation transfer."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """Weights of further loss terms added with ``register_loss_term`` (by registered name)."""
     balance: Literal["fixed", "auto"] = "fixed"
     """fixed: weighted sum; auto: feature terms rescaled to the logit term's magnitude, times their weights."""
+
+    def validate(self) -> None:
+        for name, w in self.extra.items():
+            if name in ("logits", "hidden", "attention", "relations"):
+                raise ConfigError(f"loss.extra.{name}: set loss.{name}.weight instead")
+            if w < 0:
+                raise ConfigError(f"loss.extra.{name}={w}: must be >= 0")
 
     def weights(self) -> dict[str, float]:
         """Weight of every enabled term, by term name."""
@@ -153,12 +162,8 @@ class DistillLossConfig(ConfigBase):
             w = getattr(self, name).weight
             if w > 0:
                 out[name] = w
+        out.update({name: w for name, w in self.extra.items() if w > 0})
         return out
-
-    @property
-    def uses_features(self) -> bool:
-        """True when a term needs intermediate features (and so a layer pairing)."""
-        return len(self.weights()) > 1
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -376,7 +381,8 @@ class HiddenTerm(LossTerm):
         self.pairs = _pairs(ctx, cfg.pairing, "hidden")
         s_dim = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["hidden_size"]
         t_dim = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["hidden_size"]
-        kept = list(ctx.prune_map.kept_hidden) if ctx.prune_map is not None else None
+        # Without a prune map, student channel i starts mapped onto teacher channel i.
+        kept = list(ctx.prune_map.kept_hidden) if ctx.prune_map is not None else list(range(min(s_dim, t_dim)))
         self.projection = ChannelProjection(s_dim, t_dim, kept_channels=kept)
         self.loss = HiddenStateLoss(kind=cfg.kind)
 
@@ -490,7 +496,9 @@ class DistillObjective(nn.Module):
         weights = cfg.weights()
         unknown = [n for n in weights if n not in LOSS_TERMS]
         if unknown:
-            raise ConfigError(f"loss term {unknown[0]!r} has no registered builder")
+            raise ConfigError(
+                f"loss.extra.{unknown[0]}: no loss term of that name is registered (known: {', '.join(sorted(LOSS_TERMS))})"
+            )
         self.terms = nn.ModuleDict({name: LOSS_TERMS[name](ctx) for name in weights})
         self.balancer = LossBalancer(weights, mode=cfg.balance, anchor="logits")
 

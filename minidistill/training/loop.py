@@ -270,7 +270,7 @@ class Distiller:
             t_start = time.perf_counter()
             while step < tc.max_steps:
                 t0 = time.perf_counter()
-                record = self._optimizer_step(step)
+                record = self.train_step(step)
                 step += 1
                 step_tokens = self.micro_batch * acc.num_processes * tc.grad_accum_steps * self.data.train.input_ids.shape[1]
                 tokens += step_tokens
@@ -313,7 +313,7 @@ class Distiller:
             accelerator=acc,
         )
 
-    def _optimizer_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> dict[str, float]:
         """Accumulate ``grad_accum_steps`` micro-batches and step; returns the step's mean losses and grad norm."""
         acc, tc = self.accelerator, self.train_cfg
         sums: dict[str, torch.Tensor] = {}

@@ -1,0 +1,156 @@
+"""DistillObjective against references: float64 logit KL, hook-captured hidden states, identity students."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from train_scripts.tiny_setup import half_map
+
+from minidistill.adapters import get_adapter
+from minidistill.config import ConfigError
+from minidistill.distill.losses.hidden import ChannelProjection, HiddenStateLoss
+from minidistill.distill.objective import (
+    LOSS_TERMS,
+    DistillationModule,
+    DistillLossConfig,
+    DistillObjective,
+    LossTerm,
+    register_loss_term,
+    teacher_features,
+)
+from minidistill.prune.apply import apply_prune_map
+from minidistill.prune.prune_map import PruneMap
+
+ALL_TERMS = {
+    "hidden": {"weight": 1.0},
+    "attention": {"weight": 1.0, "pairing": {"strategy": "prune_map"}},
+    "relations": {"weight": 1.0, "num_relation_heads": 2, "pairing": {"strategy": "prune_map"}},
+}
+
+
+def _step(teacher, student, cfg, pmap, ids):
+    objective = DistillObjective(cfg, teacher=teacher, student=student, prune_map=pmap)
+    module = DistillationModule(student, objective)
+    out = module(ids, teacher_features(teacher, ids, objective))
+    return out, objective
+
+
+def test_identity_student_has_zero_loss_everywhere(model_type):
+    """A student equal to its teacher (identity map) scores ~0 on every term, on every architecture."""
+    teacher = tiny_model(model_type, num_layers=2)
+    student = copy.deepcopy(teacher)
+    pmap = PruneMap.identity(get_adapter(teacher).shape(teacher.config))
+    cfg = DistillLossConfig.from_dict(ALL_TERMS)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    out, _ = _step(teacher, student, cfg, pmap, ids)
+    comps = out["components"]
+    assert set(comps) >= {"loss/logits", "loss/hidden", "loss/attention", "loss/relations"}
+    for name in ("loss/logits", "loss/hidden", "loss/attention", "loss/relations"):
+        assert abs(comps[name].item()) < 1e-5, (name, comps[name].item())
+
+
+def _pruned_pair():
+    teacher = tiny_model("llama", num_layers=3)
+    pmap = half_map(teacher)
+    student = apply_prune_map(teacher, pmap)
+    with torch.no_grad():  # move the student away from its teacher so that every term is non-zero
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, student, pmap
+
+
+def test_logit_term_matches_float64_forward_kl():
+    teacher, student, pmap = _pruned_pair()
+    ids = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    cfg = DistillLossConfig.from_dict({"logits": {"temperature": 2.0, "chunk_tokens": 7}})
+    out, _ = _step(teacher, student, cfg, pmap, ids)
+    with torch.no_grad():
+        s = student.double()(ids).logits[:, :-1].reshape(-1, 128) / 2.0
+        t = teacher.double()(ids).logits[:, :-1].reshape(-1, 128) / 2.0
+    p_t = F.softmax(t, -1)
+    ref = (p_t * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    got = out["components"]["loss/logits"].item()
+    assert got == pytest.approx(4.0 * ref.item(), rel=1e-5)  # times temperature**2 (Hinton)
+    assert out["loss"].item() == pytest.approx(got, rel=1e-6)
+
+
+def test_hidden_term_matches_hook_reference():
+    teacher, student, pmap = _pruned_pair()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    cfg = DistillLossConfig.from_dict({"hidden": {"weight": 0.5}})
+    out, objective = _step(teacher, student, cfg, pmap, ids)
+
+    def layer_outputs(model):
+        got = {}
+        handles = [
+            layer.register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+            for i, layer in enumerate(get_adapter(model).decoder_layers(model))
+        ]
+        with torch.no_grad():
+            model(ids)
+        for h in handles:
+            h.remove()
+        return got
+
+    s_h, t_h = layer_outputs(student), layer_outputs(teacher)
+    proj = ChannelProjection(48, 64, kept_channels=pmap.kept_hidden)
+    loss = HiddenStateLoss(kind="nmse")
+    with torch.no_grad():
+        ref = torch.stack([loss(proj(s_h[i]), t_h[pmap.kept_layers[i]]) for i in range(2)]).mean()
+    assert out["components"]["loss/hidden"].item() == pytest.approx(ref.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        out["components"]["loss/logits"].item() + 0.5 * ref.item(), rel=1e-5
+    )
+    # The projection is learnable and reaches the optimizer through the module's parameters.
+    out["loss"].backward()
+    assert objective.terms["hidden"].projection.weight.grad is not None
+    assert objective.terms["hidden"].projection.weight.grad.abs().sum() > 0
+
+
+def test_one_forward_per_model_and_layer():
+    teacher, student, pmap = _pruned_pair()
+    calls = {"teacher": 0, "student": 0, "teacher_layers": 0, "student_layers": 0}
+    teacher.register_forward_hook(lambda *a: calls.__setitem__("teacher", calls["teacher"] + 1))
+    student.register_forward_hook(lambda *a: calls.__setitem__("student", calls["student"] + 1))
+    for role, model in (("teacher", teacher), ("student", student)):
+        for layer in get_adapter(model).decoder_layers(model):
+            layer.register_forward_hook(lambda *a, r=role: calls.__setitem__(f"{r}_layers", calls[f"{r}_layers"] + 1))
+    ids = torch.randint(3, 128, (2, 8))
+    out, _ = _step(teacher, student, DistillLossConfig.from_dict(ALL_TERMS), pmap, ids)
+    out["loss"].backward()
+    assert calls == {"teacher": 1, "student": 1, "teacher_layers": 3, "student_layers": 2}
+
+
+def test_feature_terms_without_prune_map_need_explicit_pairing():
+    teacher, student, _ = _pruned_pair()
+    with pytest.raises(ConfigError, match=r"loss\.hidden\.pairing\.strategy=explicit"):
+        DistillObjective(DistillLossConfig.from_dict({"hidden": {"weight": 1.0}}), teacher=teacher, student=student)
+    cfg = DistillLossConfig.from_dict(
+        {"hidden": {"weight": 1.0, "pairing": {"strategy": "explicit", "explicit": [[0, 0], [1, 2]]}}}
+    )
+    objective = DistillObjective(cfg, teacher=teacher, student=student)
+    assert objective.terms["hidden"].pairs == [(0, 0), (1, 2)]
+
+
+def test_registered_extra_term_is_built_and_weighted():
+    class MeanSquareHidden(LossTerm):
+        """Mean square of the student's final hidden states (a stand-in for a new feature loss)."""
+
+        def forward(self, features, input_ids):
+            return features["student"].final_hidden.pow(2).mean()
+
+    register_loss_term("final_hidden_l2")(lambda ctx: MeanSquareHidden())
+    try:
+        teacher, student, pmap = _pruned_pair()
+        ids = torch.randint(3, 128, (2, 8))
+        out, _ = _step(teacher, student, DistillLossConfig.from_dict({"extra": {"final_hidden_l2": 0.25}}), pmap, ids)
+        c = out["components"]
+        assert out["loss"].item() == pytest.approx(c["loss/logits"].item() + 0.25 * c["loss/final_hidden_l2"].item(), rel=1e-6)
+        with pytest.raises(ConfigError, match="no loss term of that name"):
+            DistillObjective(DistillLossConfig.from_dict({"extra": {"nope": 1.0}}), teacher=teacher, student=student)
+    finally:
+        LOSS_TERMS.pop("final_hidden_l2", None)
