@@ -195,3 +195,24 @@ def test_top1_agreement_matches_full_logits():
     expected = (ref_s == ref_t).double().mean().item()
     assert top1_agreement(student, teacher, batches, chunk_tokens=5) == pytest.approx(expected)
     assert top1_agreement(teacher, teacher, batches) == 1.0
+
+
+@pytest.mark.slow
+def test_bundled_teacher_on_local_tasks(tmp_path):
+    """The real teacher: lm-eval and the fast evaluator agree, and it beats a random model on last words."""
+    from minidistill.data import DataConfig
+    from minidistill.evaluation.tasks import heldout_texts
+    from minidistill.models import ModelConfig, load_model_and_tokenizer
+
+    teacher, tok = load_model_and_tokenizer(ModelConfig())
+    docs, _ = heldout_texts(DataConfig())
+    docs = [docs[0][:1000]]  # one document, a few hundred tokens: keeps the test short on CPU
+    task_dir = write_local_tasks(tmp_path / "tasks", docs, max_lastword_items=3)
+    random_model = tiny_model("llama", vocab_size=49152)
+    cfg = LmEvalConfig(batch_size=4, max_length=128)
+    table = run_lm_eval({"teacher": (teacher, tok), "random": (random_model, tok)}, cfg, task_dir=task_dir)
+    ours = rolling_perplexity(teacher, tok, docs, max_length=128)
+    assert table.row("teacher").metrics[HELDOUT_PPL_TASK]["word_perplexity"] == pytest.approx(ours["word_perplexity"], rel=1e-4)
+    assert ours["word_perplexity"] < 200  # a trained model on news text
+    teacher_lw = table.row("teacher").metrics[LASTWORD_TASK]
+    assert teacher_lw["perplexity"] < table.row("random").metrics[LASTWORD_TASK]["perplexity"]
