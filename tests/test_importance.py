@@ -46,7 +46,7 @@ def _rows(weight_owner, part: str, adapter, shape):
 
 
 @torch.no_grad()
-def plant_dead_units(model, *, dead_group: dict[int, int], dead_head: dict[int, int], dead_neurons: dict[int, list[int]],
+def plant_dead_units(model, *, dead_group: dict[int, int], dead_head: dict[int, int | list[int]], dead_neurons: dict[int, list[int]],
                      identity_layer: int | None):
     """Silence units: a KV group (its v rows, so its heads output zero), a single head (its o_proj columns),
     neurons (their gate rows, so the down_proj input is zero), a whole layer (o_proj and down_proj zeroed)."""
@@ -59,8 +59,9 @@ def plant_dead_units(model, *, dead_group: dict[int, int], dead_head: dict[int, 
         v.weight[off + g * hd : off + (g + 1) * hd] = 0
         if v.bias is not None:
             v.bias[off + g * hd : off + (g + 1) * hd] = 0
-    for l, h in dead_head.items():
-        adapter.layer_part(layers[l], "o_proj").weight[:, h * hd : (h + 1) * hd] = 0
+    for l, heads in dead_head.items():
+        for h in [heads] if isinstance(heads, int) else heads:
+            adapter.layer_part(layers[l], "o_proj").weight[:, h * hd : (h + 1) * hd] = 0
     for l, idx in dead_neurons.items():
         gate, off = _rows(layers[l], "gate", adapter, shape)
         gate.weight[[off + i for i in idx]] = 0

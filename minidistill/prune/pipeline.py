@@ -1,0 +1,261 @@
+"""The pruning pipeline: checks, calibration, target or budget search, reconstruction, (optional) save.
+
+Every check (config, architecture, target shape or budget, calibration and held-out data, output
+folder) runs before the calibration pass. Calibration uses ``data.train`` blocks, search scoring uses
+``data.heldout`` blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..adapters import count_parameters, get_adapter
+from ..config import ConfigBase, ConfigError
+from ..data import DataError, TextData
+from ..models import state_dict_sha256
+from .importance import ImportanceConfig, compute_importance, importance_batches
+from .layer_importance import LAYER_METHODS, LayerSimilarity, layer_drop_loss_increase, layer_scores
+from .prune_map import PruneMap
+from .reconstruct import ReconstructionConfig, reconstruct
+from .targets import (
+    ParamCounter,
+    SearchConfig,
+    TargetConfig,
+    budget_params,
+    enumerate_candidates,
+    explicit_shape,
+    format_rows,
+    score_candidates,
+)
+from .types import UnitImportance
+
+logger = logging.getLogger(__name__)
+
+PRUNE_LAYER_METHODS = (*LAYER_METHODS, "unit")
+
+
+@dataclass
+class PruneConfig(ConfigBase):
+    """How a teacher is pruned into a student."""
+
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    """Unit importance method and aggregation."""
+    layer_method: str = "block_influence"
+    """Layer importance for depth pruning: ``block_influence`` (ShortGPT), ``angular`` (best contiguous block, Gromov et al.), ``lm_loss`` (loss increase when a layer is skipped) or ``unit`` (the importance method's own layer scores)."""
+    layer_loss_blocks: int = 4
+    """Calibration blocks per evaluation for ``layer_method=lm_loss`` (one evaluation per layer)."""
+    calib_blocks: int = 64
+    """Training blocks used for calibration (importance and reconstruction)."""
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(params=0.5))
+    """A parameter budget or an explicit shape."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """Candidate enumeration and scoring for a budget."""
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    """Least-squares re-fit of the pruned output projections after selection."""
+    output_dir: str | None = None
+    """Save the student here (HF folder + prune_map.json); None: only return it."""
+    overwrite: bool = False
+    """Replace a non-empty ``output_dir``."""
+    show_progress: bool = True
+    """tqdm bar over the calibration batches."""
+
+    def validate(self) -> None:
+        for section in (self.importance, self.target, self.search, self.reconstruction):
+            section.validate()
+        if self.layer_method not in PRUNE_LAYER_METHODS:
+            raise ConfigError(f"prune.layer_method={self.layer_method!r}: choose one of {list(PRUNE_LAYER_METHODS)}")
+        if self.calib_blocks < 1:
+            raise ConfigError(f"prune.calib_blocks={self.calib_blocks}: must be >= 1")
+        if self.layer_loss_blocks < 1:
+            raise ConfigError(f"prune.layer_loss_blocks={self.layer_loss_blocks}: must be >= 1")
+
+
+@dataclass
+class PruneResult:
+    """The pruned student and how it was made."""
+
+    student: PreTrainedModel
+    prune_map: PruneMap
+    candidates: list[dict[str, Any]]
+    timings: dict[str, float]
+    params_before: int
+    params_after: int
+    non_embedding_params_before: int
+    non_embedding_params_after: int
+    target_params: int | None = None
+    output_dir: Path | None = None
+
+
+def check_output_dir(output_dir: str | Path | None, overwrite: bool) -> None:
+    """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any computation)."""
+    if output_dir is None:
+        return
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {path} exists and is not empty; pass overwrite (--overwrite) to replace it")
+
+
+def check_data(data: TextData, cfg: PruneConfig, *, needs_heldout: bool) -> None:
+    """Clear errors for calibration / held-out data that cannot serve the run."""
+    train = data.train.input_ids
+    if train.ndim != 2 or train.shape[0] == 0:
+        raise DataError("calibration data is empty: data.train holds no block; use more text or a smaller seq_len")
+    if train.shape[1] < 2:
+        raise DataError(f"calibration blocks hold {train.shape[1]} token(s); need at least 2 per sequence")
+    if needs_heldout and len(data.heldout) == 0:
+        raise DataError("the budget search scores candidates on held-out data, but data.heldout is empty")
+
+
+def _progress(enabled: bool, desc: str):
+    if not enabled:
+        return None
+    return lambda it: tqdm(it, desc=desc, leave=False)
+
+
+def prune_model(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    data: TextData,
+    cfg: PruneConfig,
+    *,
+    teacher_source: str,
+) -> PruneResult:
+    """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget)."""
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    cfg.validate()
+    adapter = get_adapter(teacher)  # unsupported / MoE architectures fail here
+    teacher_shape = adapter.shape(teacher.config)
+    check_output_dir(cfg.output_dir, cfg.overwrite)
+    check_data(data, cfg, needs_heldout=cfg.target.is_budget)
+    params_before = count_parameters(teacher)
+    ne_before = count_parameters(teacher, non_embedding=True)
+
+    candidates = None
+    budget = None
+    if cfg.target.is_budget:
+        counter = ParamCounter(teacher.config, non_embedding=cfg.target.non_embedding)
+        full = ne_before if cfg.target.non_embedding else params_before
+        budget = budget_params(full, cfg.target.params)
+        candidates = enumerate_candidates(counter, budget, cfg.search)
+        logger.info("budget %s parameters%s: %d candidate shape(s) to score", f"{budget:,}",
+                    " (non-embedding)" if cfg.target.non_embedding else "", len(candidates))
+    else:
+        shape = explicit_shape(teacher_shape, cfg.target)
+    timings["checks_s"] = time.perf_counter() - t_start
+
+    # ---- calibration (one forward for activation importance and layer statistics)
+    t0 = time.perf_counter()
+    calibration = data.train.input_ids[: cfg.calib_blocks]
+    units, similarity = compute_importance(
+        teacher, calibration, cfg.importance, progress=_progress(cfg.show_progress, "calibration")
+    )
+    timings["importance_s"] = time.perf_counter() - t0
+    loss_increase = None
+    drops = [teacher_shape["num_layers"] - c.shape["num_layers"] for c in candidates] if candidates else [
+        teacher_shape["num_layers"] - shape["num_layers"]]
+    if cfg.layer_method == "lm_loss" and any(drops):
+        t0 = time.perf_counter()
+        loss_increase = layer_drop_loss_increase(teacher, importance_batches(calibration[: cfg.layer_loss_blocks], cfg.importance.batch_size))
+        timings["layer_loss_s"] = time.perf_counter() - t0
+
+    teacher_info = {"source": teacher_source, "sha256": state_dict_sha256(teacher),
+                    "model_type": teacher.config.model_type, "shape": dict(teacher_shape)}
+    settings = {**units.settings, "layer_method": cfg.layer_method}
+    calib_batches = importance_batches(calibration, cfg.importance.batch_size)
+
+    def build(target_shape: dict[str, int], with_reconstruction: bool) -> tuple[nn.Module, PruneMap]:
+        from .apply import apply_prune_map
+        from .select import select_units
+
+        scores = units_for_shape(units, similarity, cfg.layer_method, teacher_shape, target_shape, loss_increase)
+        pmap = select_units(teacher, scores, target_shape, teacher_info=teacher_info, importance_settings=settings)
+        student = apply_prune_map(teacher, pmap)
+        if with_reconstruction and cfg.reconstruction.enabled:
+            reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
+        return student, pmap
+
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    if candidates is not None:
+        heldout = list(data.heldout.batches(cfg.search.batch_size, cfg.search.score_blocks))
+        result = score_candidates(teacher, candidates, build, heldout, cfg.search,
+                                  full_params=ne_before if cfg.target.non_embedding else params_before)
+        rows, student, pmap = result.rows, result.best_student, result.best_map
+        timings["search_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if cfg.reconstruction.enabled and not result.best_reconstructed:
+            reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
+        pmap.notes["search"] = {"budget": budget, "non_embedding": cfg.target.non_embedding,
+                                "score": cfg.search.score, "candidates": rows}
+    else:
+        student, pmap = build(shape, True)
+    timings["prune_s"] = time.perf_counter() - t0
+    student.eval()
+
+    out_path = None
+    if cfg.output_dir is not None:
+        from .save import save_student
+
+        if tokenizer is None:
+            raise ValueError("saving a student needs its tokenizer")
+        out_path = save_student(student, tokenizer, pmap, cfg.output_dir, overwrite=cfg.overwrite,
+                                extra_files={"prune_config.json": _json(cfg.to_dict())})
+    timings["total_s"] = time.perf_counter() - t_start
+    res = PruneResult(
+        student=student, prune_map=pmap, candidates=rows, timings=timings,
+        params_before=params_before, params_after=count_parameters(student),
+        non_embedding_params_before=ne_before, non_embedding_params_after=count_parameters(student, non_embedding=True),
+        target_params=budget, output_dir=out_path,
+    )
+    logger.info("pruned %s -> %s: %s -> %s parameters (%s -> %s non-embedding)",
+                _shape_str(teacher_shape), _shape_str(pmap.student_shape), f"{res.params_before:,}",
+                f"{res.params_after:,}", f"{ne_before:,}", f"{res.non_embedding_params_after:,}")
+    return res
+
+
+def units_for_shape(
+    units: UnitImportance,
+    similarity: LayerSimilarity,
+    layer_method: str,
+    teacher_shape: dict[str, int],
+    shape: dict[str, int],
+    loss_increase: torch.Tensor | None = None,
+) -> UnitImportance:
+    """``units`` with ``layers`` scored by ``layer_method`` for dropping down to ``shape['num_layers']``.
+
+    ``block_influence`` and ``angular`` come from the calibration forward; ``unit`` keeps ``units.layers``
+    (block influence for activation importance, the baseline's own layer score otherwise).
+    """
+    if layer_method == "unit":
+        return units
+    num_drop = teacher_shape["num_layers"] - shape["num_layers"]
+    layers = layer_scores(layer_method, num_drop=num_drop, similarity=similarity, loss_increase=loss_increase)
+    return dataclasses.replace(units, layers=layers)
+
+
+def _shape_str(shape: dict[str, int]) -> str:
+    return (f"L{shape['num_layers']} D{shape['hidden_size']} H{shape['num_heads']}/KV{shape['num_kv_heads']} "
+            f"I{shape['intermediate_size']}")
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, default=str) + "\n"
+
+
+__all__ = ["PruneConfig", "PruneResult", "check_data", "check_output_dir", "format_rows", "prune_model", "units_for_shape"]

@@ -1,0 +1,192 @@
+"""prune_model: planted dead units pruned exactly, budget targets across architectures and GQA ratios,
+search table, prune-map records, and early errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_importance import plant_dead_units
+
+from minidistill.adapters import UnsupportedArchitectureError, count_parameters
+from minidistill.config import ConfigError
+from minidistill.data import DataConfig, DataError, TextData, TokenBlocks
+from minidistill.prune.apply import apply_prune_map
+from minidistill.prune.importance import activation_importance
+from minidistill.prune.pipeline import PruneConfig, prune_model
+from minidistill.prune.select import select_units
+from minidistill.prune.targets import TargetError
+
+
+def tiny_data(vocab=128, train=8, heldout=3, seq_len=16, seed=0) -> TextData:
+    g = torch.Generator().manual_seed(seed)
+    return TextData(
+        train=TokenBlocks(torch.randint(3, vocab, (train, seq_len), generator=g)),
+        heldout=TokenBlocks(torch.randint(3, vocab, (heldout, seq_len), generator=g)),
+        config=DataConfig(seq_len=seq_len),
+    )
+
+
+def prune_cfg(**kw) -> PruneConfig:
+    base = {
+        "calib_blocks": 8,
+        "show_progress": False,
+        "importance": {"batch_size": 4, "cache": False},
+        "search": {"multiple_of": 8, "max_candidates": 2, "score_blocks": 2, "batch_size": 2},
+        "reconstruction": {"enabled": False},
+    }
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return PruneConfig.from_dict(base)
+
+
+# ---------------------------------------------------------------------------- exactness
+def _planted_teacher(model_type):
+    """4 layers, 8 heads in 4 KV groups, 96 neurons; per layer one dead KV group (v rows zeroed), one dead
+    head in every other group (o_proj columns zeroed), 16 dead neurons (gate rows zeroed); layer 2 is an
+    identity. Pruning exactly those units must leave the logits unchanged."""
+    model = tiny_model(model_type, num_layers=4, num_heads=8, num_kv_heads=4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    dead_group, dead_head = {}, {}
+    for l in range(4):
+        dead_group[l] = int(torch.randint(0, 4, (1,), generator=g))
+        dead_head[l] = [2 * grp + int(torch.randint(0, 2, (1,), generator=g)) for grp in range(4) if grp != dead_group[l]]
+    neurons = {l: torch.randperm(96, generator=g)[:16].tolist() for l in range(4)}
+    return plant_dead_units(model, dead_group=dead_group, dead_head=dead_head, dead_neurons=neurons, identity_layer=2)
+
+
+PLANTED_TARGET = {"num_layers": 3, "hidden_size": 64, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 80,
+                  "head_dim": 16}
+
+
+def test_pruning_planted_dead_units_keeps_logits_exactly(model_type):
+    teacher = _planted_teacher(model_type)
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(5))
+    units, _ = activation_importance(teacher, [ids], head_signal="output")
+    hidden = teacher.config.hidden_size  # phi3's tiny config has 128
+    pmap = select_units(teacher, units, {**PLANTED_TARGET, "hidden_size": hidden})
+    assert pmap.kept_hidden == list(range(hidden))
+    assert 2 not in pmap.kept_layers
+    student = apply_prune_map(teacher, pmap)
+    with torch.no_grad():
+        want = teacher(input_ids=ids).logits
+        got = student(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+
+
+def test_prune_model_explicit_shape_keeps_logits_exactly():
+    teacher = _planted_teacher("qwen3")
+    data = tiny_data()
+    cfg = prune_cfg(target={"num_layers": 3, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 80},
+                    importance={"head_signal": "output"})
+    res = prune_model(teacher, None, data, cfg, teacher_source="tiny-qwen3")
+    ids = data.heldout.input_ids
+    with torch.no_grad():
+        want, got = teacher(input_ids=ids).logits, res.student(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10 * want.abs().max().item())
+    pm = res.prune_map
+    assert pm.teacher["source"] == "tiny-qwen3" and pm.teacher["model_type"] == "qwen3"
+    assert len(pm.teacher["sha256"]) == 64 and pm.teacher["shape"]["num_layers"] == 4
+    assert pm.importance["method"] == "activation" and pm.importance["head_signal"] == "output"
+    assert pm.importance["calibration_tokens"] == data.train.input_ids[:8].numel()
+    assert res.params_after == count_parameters(res.student) < res.params_before
+    assert res.candidates == [] and res.timings["importance_s"] > 0
+
+
+# ---------------------------------------------------------------------------- budgets
+@pytest.mark.parametrize("gqa,tied", [(1, False), (2, True), (4, False)])
+def test_budget_target_within_two_percent(model_type, gqa, tied):
+    heads = 8
+    teacher = tiny_model(model_type, num_layers=4, num_heads=heads, num_kv_heads=heads // gqa,
+                         intermediate_size=128, tie_word_embeddings=tied)
+    non_embedding = gqa == 2
+    cfg = prune_cfg(target={"params": 0.6, "non_embedding": non_embedding})
+    res = prune_model(teacher, None, tiny_data(), cfg, teacher_source="tiny")
+    full = res.non_embedding_params_before if non_embedding else res.params_before
+    got = res.non_embedding_params_after if non_embedding else res.params_after
+    assert abs(got - 0.6 * full) <= 0.02 * 0.6 * full
+    assert got <= res.target_params
+    assert 1 <= len(res.candidates) <= 2
+    assert [r["rank"] for r in res.candidates] == list(range(1, len(res.candidates) + 1))
+    assert res.candidates == sorted(res.candidates, key=lambda r: r["loss"])
+    best = res.candidates[0]
+    assert {k: best[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")} == {
+        k: res.prune_map.student_shape[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
+    assert res.prune_map.notes["search"]["budget"] == res.target_params
+    out = res.student.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_absolute_budget_and_kl_score():
+    teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
+    total = count_parameters(teacher)
+    count = int(total * 0.7)
+    res = prune_model(teacher, None, tiny_data(), prune_cfg(target={"params": count}, search={"score": "kl"}),
+                      teacher_source="tiny")
+    assert 0.98 * count <= res.params_after <= count
+    assert all(r["kl"] >= 0 for r in res.candidates)
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "target,match",
+    [
+        ({"params": 2.0e9}, "exceeds the teacher"),
+        ({"params": 0.001}, "smallest reachable shape"),
+        ({"num_heads": 6, "num_kv_heads": 4}, "not a multiple"),
+        ({"num_heads": 16}, r"must be in \[1, 8\]"),
+        ({"num_heads": 6, "num_kv_heads": 2}, "query heads per KV group"),
+        ({"hidden_size": 100}, r"must be in \[1, 64\]"),
+    ],
+)
+def test_bad_targets_fail_before_calibration(tmp_path, monkeypatch, target, match):
+    from minidistill.prune import pipeline
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the target was checked")
+
+    monkeypatch.setattr(pipeline, "compute_importance", no_calibration)
+    teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4)
+    out = tmp_path / "student"
+    with pytest.raises(TargetError, match=match):
+        prune_model(teacher, None, tiny_data(), prune_cfg(target=target, output_dir=str(out)), teacher_source="tiny")
+    assert not out.exists()
+
+
+def test_bad_config_and_data_errors(tmp_path, monkeypatch):
+    from minidistill.prune import pipeline
+
+    monkeypatch.setattr(pipeline, "compute_importance", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    teacher = tiny_model("llama")
+    with pytest.raises(ConfigError, match="target.params and target shape"):
+        prune_cfg(target={"params": 0.5, "num_layers": 1})
+    with pytest.raises(ConfigError, match="prune.layer_method"):
+        prune_cfg(layer_method="cosine")
+    with pytest.raises(ConfigError, match="search.score"):
+        prune_cfg(search={"score": "ppl"})
+    empty = TextData(train=TokenBlocks(torch.zeros(0, 16, dtype=torch.long)), heldout=tiny_data().heldout, config=DataConfig())
+    with pytest.raises(DataError, match="calibration data is empty"):
+        prune_model(teacher, None, empty, prune_cfg(), teacher_source="tiny")
+    short = TextData(train=TokenBlocks(torch.zeros(4, 1, dtype=torch.long)), heldout=tiny_data().heldout, config=DataConfig())
+    with pytest.raises(DataError, match="at least 2"):
+        prune_model(teacher, None, short, prune_cfg(), teacher_source="tiny")
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        prune_model(teacher, None, tiny_data(), prune_cfg(output_dir=str(out)), teacher_source="tiny")
+    assert (out / "keep.txt").read_text() == "x"
+
+
+def test_moe_and_unknown_architectures_are_refused():
+    teacher = tiny_model("llama")
+    teacher.config.num_local_experts = 4
+    with pytest.raises(UnsupportedArchitectureError, match="mixture-of-experts"):
+        prune_model(teacher, None, tiny_data(), prune_cfg(), teacher_source="tiny")
+    teacher.config.num_local_experts = None
+    teacher.config.model_type = "gpt2"
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported model type"):
+        prune_model(teacher, None, tiny_data(), prune_cfg(), teacher_source="tiny")
