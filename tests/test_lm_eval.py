@@ -216,3 +216,52 @@ def test_bundled_teacher_on_local_tasks(tmp_path):
     assert ours["word_perplexity"] < 200  # a trained model on news text
     teacher_lw = table.row("teacher").metrics[LASTWORD_TASK]
     assert teacher_lw["perplexity"] < table.row("random").metrics[LASTWORD_TASK]["perplexity"]
+
+
+def test_unknown_task_fails_before_scoring():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="unknown task 'minidistill_heldout_pl'.*did you mean minidistill_heldout_ppl"):
+        run_lm_eval({"m": (model, None)}, LmEvalConfig(tasks=["minidistill_heldout_pl"]))
+
+
+@pytest.mark.slow
+def test_other_task_names_pass_through(bundled_tokenizer, tmp_path):
+    """A name that is not a local task reaches lm-eval's TaskManager as it is (here a user task YAML)."""
+    import yaml
+
+    user = tmp_path / "user_tasks"
+    user.mkdir()
+    (user / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    spec = {
+        "task": "my_rolling_task", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(user / "docs.jsonl")}}, "test_split": "test",
+        "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False}],
+    }
+    (user / "my_rolling_task.yaml").write_text(yaml.safe_dump(spec))
+    model = tiny_model("llama", vocab_size=49152)
+    cfg = LmEvalConfig(tasks=["my_rolling_task"], include_path=str(user), max_length=32, limit=2)
+    table = run_lm_eval({"m": (model, bundled_tokenizer)}, cfg)
+    ours = rolling_perplexity(model, bundled_tokenizer, TEXTS[:2], max_length=32)
+    assert table.row("m").metrics["my_rolling_task"]["word_perplexity"] == pytest.approx(ours["word_perplexity"], rel=1e-4)
+
+
+def test_prepare_local_tasks_from_data_config(tmp_path):
+    import yaml
+
+    from minidistill.data import DataConfig, load_documents, split_documents
+    from minidistill.evaluation.tasks import prepare_local_tasks
+
+    cfg = DataConfig(max_documents=40)
+    folder = prepare_local_tasks(cfg, tmp_path / "t", max_lastword_items=7)
+    heldout = list(split_documents(load_documents(cfg), cfg)["heldout"]["text"])
+    rows = [json.loads(line)["text"] for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    assert rows == heldout
+    items = [json.loads(line) for line in (folder / "lastword.jsonl").read_text().splitlines()]
+    assert items == lastword_items(heldout, max_items=7)
+    for name in (HELDOUT_PPL_TASK, LASTWORD_TASK):
+        spec = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        assert spec["task"] == name
+        for path in spec["dataset_kwargs"]["data_files"].values():
+            assert path.startswith("/") and (folder / path.rsplit("/", 1)[1]).is_file()
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder was renamed into place

@@ -25,7 +25,7 @@ from ..adapters import count_parameters
 from ..config import ConfigBase, ConfigError
 from ..data import DataConfig, TextData
 from ..models import ModelConfig, load_model_and_tokenizer
-from .tasks import LOCAL_TASKS, prepare_local_tasks
+from .tasks import LOCAL_PREFIX, LOCAL_TASKS, prepare_local_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class LmEvalConfig(ConfigBase):
     """Context length for rolling windows (None: the model's ``max_position_embeddings``)."""
     max_lastword_items: int = 100
     """Items of the local last-word task (kept small so it stays quick on CPU)."""
+    include_path: str | None = None
+    """Extra folder of lm-eval task YAMLs (your own tasks), searched besides the built-in ones."""
 
     def validate(self) -> None:
         if not self.tasks:
@@ -69,6 +71,8 @@ class LmEvalConfig(ConfigBase):
             raise ConfigError(f"lm_eval.max_length={self.max_length}: must be >= 2")
         if self.max_lastword_items < 1:
             raise ConfigError(f"lm_eval.max_lastword_items={self.max_lastword_items}: must be >= 1")
+        if self.include_path is not None and not Path(self.include_path).is_dir():
+            raise ConfigError(f"lm_eval.include_path={self.include_path!r} is not a folder")
 
 
 @dataclass
@@ -176,6 +180,35 @@ def _task_metrics(results: dict[str, Any], tasks: list[str]) -> dict[str, dict[s
     return out
 
 
+def _raise_unknown(names: list[str], known) -> None:
+    import difflib
+
+    hints = {n: difflib.get_close_matches(n, sorted(set(known) | set(LOCAL_TASKS)), n=3) for n in names}
+    detail = "; ".join(f"{n!r} (did you mean {', '.join(h)}?)" if h else repr(n) for n, h in hints.items())
+    raise ConfigError(
+        f"lm_eval.tasks: unknown task {detail}. Use {list(LOCAL_TASKS)}, an lm-eval task name, "
+        "or put your own task YAMLs in lm_eval.include_path"
+    )
+
+
+def _task_manager_for(other: list[str], include_paths: list[str]):
+    """A TaskManager that knows every task in ``other``; lm-eval's built-in tasks are indexed only
+    when a name is not found in ``include_paths``. Unknown names raise before any evaluation."""
+    from lm_eval.tasks import TaskManager
+
+    def missing(tm) -> list[str]:
+        known = set(tm.all_tasks)
+        return [n for n in other if n not in known and not tm.match_tasks([n]) and not Path(n).is_file()]
+
+    tm = TaskManager(include_path=include_paths or None, include_defaults=False)
+    if other and missing(tm):
+        tm = TaskManager(include_path=include_paths or None, include_defaults=True)
+        unknown = missing(tm)
+        if unknown:
+            _raise_unknown(unknown, tm.all_tasks)
+    return tm
+
+
 def _resolve_entry(entry: ModelEntry) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(entry, (str, Path)):
         folder = Path(entry)
@@ -198,25 +231,28 @@ def run_lm_eval(
     """Score every model on ``cfg.tasks`` and return the side-by-side table (saved when ``cfg.output_dir``).
 
     The local tasks are built from the held-out split of ``data_config`` (else ``data.config``, else
-    the bundled corpus), or read from ``task_dir`` when given.
+    the bundled corpus), or read from ``task_dir`` when given. Other task names go to lm-eval's
+    ``TaskManager`` unchanged (unknown ones raise before anything is scored). Call it on the main
+    process only: each model is scored whole on this process.
     """
     cfg.validate()
     if not models:
         raise ValueError("run_lm_eval needs at least one model")
+    reserved = [t for t in cfg.tasks if t.startswith(LOCAL_PREFIX) and t not in LOCAL_TASKS]
+    if reserved:  # our own namespace: no need to index lm-eval's tasks to know these are wrong
+        _raise_unknown(reserved, LOCAL_TASKS)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     local = [t for t in cfg.tasks if t in LOCAL_TASKS]
-    other = [t for t in cfg.tasks if t not in LOCAL_TASKS]
-    include_path = None
+    include_paths = [str(Path(cfg.include_path).resolve())] if cfg.include_path else []
     if local:
         if task_dir is None:
             data_cfg = data_config or (data.config if data is not None else DataConfig())
             target = Path(cfg.output_dir) / "lm_eval_tasks" if cfg.output_dir else None
             task_dir = prepare_local_tasks(data_cfg, target, max_lastword_items=cfg.max_lastword_items)
-        include_path = str(Path(task_dir).resolve())
-    task_manager = TaskManager(include_path=include_path, include_defaults=bool(other))
+        include_paths.append(str(Path(task_dir).resolve()))
+    task_manager = _task_manager_for([t for t in cfg.tasks if t not in LOCAL_TASKS], include_paths)
     rows = []
     for name, entry in models.items():
         model, tokenizer = _resolve_entry(entry)

@@ -24,6 +24,7 @@ import yaml
 from ..data import DataConfig, load_documents, split_documents
 from ..models import cache_root
 
+LOCAL_PREFIX = "minidistill_"
 HELDOUT_PPL_TASK = "minidistill_heldout_ppl"
 LASTWORD_TASK = "minidistill_lastword"
 LOCAL_TASKS = (HELDOUT_PPL_TASK, LASTWORD_TASK)
