@@ -171,3 +171,14 @@ def test_bad_shapes_are_rejected():
         module(h_s, w_s, h_t, w_t[:-1])
     with pytest.raises(ValueError, match="chunk_tokens"):
         FusedLogitKDLoss(chunk_tokens=0)
+
+
+def test_autocast_does_not_lower_logit_precision():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=7)
+    kwargs = dict(divergence="jsd", temperature=2.0)
+    reference = _fused(kwargs, 10, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = _fused(kwargs, 10, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+        bf16_logits = LogitKDLoss(**kwargs)(F.linear(h_s, w_s, b_s), F.linear(h_t, w_t, b_t), labels)
+    torch.testing.assert_close(autocast, reference, rtol=1e-6, atol=0)
+    assert abs(float(bf16_logits.detach() - reference.detach())) > 1e-5  # what autocast would have done

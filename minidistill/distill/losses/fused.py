@@ -30,6 +30,45 @@ def _as_float(t: Tensor | None) -> Tensor | None:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _accumulate_chunk(
+    start: int,
+    stop: int,
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    labels: Tensor | None,
+    loss_fn: LogitKDLoss,
+    denominator: float,
+    heads: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    total: Tensor,
+) -> None:
+    """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (in place)."""
+    w_s, b_s, w_t, b_t = heads
+    grad_h, grad_w, grad_b = grads
+    h_s = student_hidden[start:stop].detach().to(w_s.dtype)
+    h_t = teacher_hidden[start:stop].detach().to(w_t.dtype)
+    chunk_labels = None if labels is None else labels[start:stop]
+    with torch.no_grad():
+        logits_t = F.linear(h_t, w_t, b_t)
+        logits_s = F.linear(h_s, w_s, b_s)
+    if grad_h is None and grad_w is None and grad_b is None:
+        with torch.no_grad():
+            total += loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+        return
+    logits_s.requires_grad_(True)
+    with torch.enable_grad():
+        chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+        (grad_logits,) = torch.autograd.grad(chunk_loss, logits_s)
+    total += chunk_loss.detach()
+    del logits_s, logits_t, chunk_loss
+    if grad_h is not None:
+        torch.mm(grad_logits, w_s, out=grad_h[start:stop])
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.t(), h_s)
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """Chunked lm_head + KD loss; saves only the input gradients (see the module docstring)."""
 
@@ -58,31 +97,13 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_b = torch.zeros_like(b_s) if need_b else None
         total = torch.zeros((), dtype=compute_dtype, device=student_hidden.device)
 
-        for start in range(0, num_tokens, chunk_tokens):
-            stop = min(start + chunk_tokens, num_tokens)
-            h_s = student_hidden[start:stop].detach().to(compute_dtype)
-            h_t = teacher_hidden[start:stop].detach().to(w_t.dtype)
-            chunk_labels = None if labels is None else labels[start:stop]
-            with torch.no_grad():
-                logits_t = F.linear(h_t, w_t, b_t)
-                logits_s = F.linear(h_s, w_s, b_s)
-            if not (need_h or need_w or need_b):
-                with torch.no_grad():
-                    total += loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
-                continue
-            logits_s.requires_grad_(True)
-            with torch.enable_grad():
-                chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
-                (grad_logits,) = torch.autograd.grad(chunk_loss, logits_s)
-            total += chunk_loss.detach()
-            del logits_s, logits_t
-            if need_h:
-                torch.mm(grad_logits, w_s, out=grad_h[start:stop])
-            if need_w:
-                grad_w.addmm_(grad_logits.t(), h_s)
-            if need_b:
-                grad_b += grad_logits.sum(0)
-            del grad_logits
+        # Logits and loss in float32 even under autocast (e.g. bf16 mixed precision).
+        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+            for start in range(0, num_tokens, chunk_tokens):
+                _accumulate_chunk(
+                    start, min(start + chunk_tokens, num_tokens), student_hidden, teacher_hidden, labels, loss_fn,
+                    denominator, (w_s, b_s, w_t, b_t), (grad_h, grad_w, grad_b), total,
+                )
 
         ctx.has_grads = (need_h, need_w, need_b)
         ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
