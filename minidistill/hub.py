@@ -113,11 +113,30 @@ def _describe(err: BaseException, token: str) -> str:
     return text.replace(token, "<redacted>") if token else text
 
 
-def push_to_hub(folder: str | Path, cfg: HubConfig, *, card: ModelCard | None = None, token: str | None = None) -> str:
-    """Upload ``folder`` to ``cfg.repo_id`` in one commit (plus ``card`` as README.md); returns the commit URL.
+def default_card(folder: Path, repo_id: str) -> ModelCard | None:
+    """The card for a push without one: generated from what the run saved, else the folder's own
+    README.md (None); an error naming the fix when there is neither."""
+    from .model_card import build_model_card, run_info_from_folder
 
-    Creates the repo (and the branch ``cfg.revision``) when missing. On failure nothing local is
-    changed and the same call can be repeated; files the server already holds are not sent again.
+    try:
+        return build_model_card(run_info_from_folder(folder, model_name=repo_id))
+    except ValueError as err:
+        if (folder / "README.md").is_file():
+            logger.info("pushing the folder's own README.md as the model card (%s)", err)
+            return None
+        raise HubError(
+            f"cannot build a model card for {folder}: {err}. Pass card=build_model_card(...) "
+            "(recipes/push.py --teacher SOURCE), or add run_info.json / prune_map.json"
+        ) from err
+
+
+def push_to_hub(folder: str | Path, cfg: HubConfig, *, card: ModelCard | None = None, token: str | None = None) -> str:
+    """Upload ``folder`` to ``cfg.repo_id`` in one commit with a model card as README.md; returns the commit URL.
+
+    Without ``card`` one is generated from the run's ``run_info.json`` / ``prune_map.json`` /
+    ``lm_eval.json`` (see :func:`minidistill.model_card.run_info_from_folder`). Creates the repo (and
+    the branch ``cfg.revision``) when missing. On failure nothing local is changed and the same call
+    can be repeated; files the server already holds are not sent again.
     """
     cfg.validate()
     if not cfg.repo_id:
@@ -125,6 +144,8 @@ def push_to_hub(folder: str | Path, cfg: HubConfig, *, card: ModelCard | None = 
     folder = Path(folder)
     files = run_folder_files(folder)
     token = resolve_token(token)
+    if card is None:
+        card = default_card(folder, cfg.repo_id)
     if constants.is_offline_mode():
         raise HubError("HF_HUB_OFFLINE is set: unset it (and HF_DATASETS_OFFLINE if needed) to push to the Hub")
     operations = [

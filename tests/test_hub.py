@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,7 +44,14 @@ def run_folder(tmp_path) -> Path:
     (folder / "extra").mkdir()
     (folder / "extra" / "big.txt").write_bytes(b"x" * (100 * 1024))  # LFS by size, in a subfolder
     (folder / ".hidden").write_text("not pushed")
+    (folder / "prune_map.json").write_text(json.dumps({
+        "teacher": {"source": "bundled", "shape": {"num_layers": 4}}, "student_shape": {"num_layers": 2},
+        "kept_layers": [0, 3], "kept_hidden": [0, 1], "layers": [],
+    }))
     return folder
+
+
+PUSHED = ("config.json", "model.safetensors", "tokenizer.json", "extra/big.txt", "prune_map.json")
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -56,7 +64,7 @@ def test_push_uploads_regular_and_lfs_files_byte_for_byte(stub, run_folder):
     url = push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, commit_message="first upload"), card=card, token=TOKEN)
     assert url == f"{stub.url}/{REPO}/commit/{stub.commits[-1]['oid']}"
     remote = stub.files(REPO)
-    for rel in ("config.json", "model.safetensors", "tokenizer.json", "extra/big.txt"):
+    for rel in PUSHED:
         assert remote[rel] == (run_folder / rel).read_bytes()
     assert remote["README.md"] == str(card).encode()
     assert ".hidden" not in remote
@@ -68,9 +76,13 @@ def test_push_uploads_regular_and_lfs_files_byte_for_byte(stub, run_folder):
 
 
 def test_push_to_branch_creates_it(stub, run_folder):
+    assert stub.repos == {}
     push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, revision="experiment"), token=TOKEN)
     assert stub.files(REPO, "experiment")["model.safetensors"] == (run_folder / "model.safetensors").read_bytes()
     assert stub.files(REPO, "main") == {}
+    # Without a card one is generated from the run's prune_map.json.
+    card = ModelCard(stub.files(REPO, "experiment")["README.md"].decode())
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "kept layers (2): [0, 3]" in card.text
     # Existing repo and branch: a second push still works.
     (run_folder / "tokenizer.json").write_text('{"version": "2.0"}\n')
     push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url, revision="experiment"), token=TOKEN)
@@ -95,6 +107,26 @@ def test_token_from_env(stub, run_folder, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url))
     assert stub.files(REPO)["config.json"] == (run_folder / "config.json").read_bytes()
+
+
+def test_token_from_login_cache(stub, run_folder, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    token_file = tmp_path / "hf_home" / "token"
+    token_file.parent.mkdir()
+    token_file.write_text(TOKEN)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(token_file))
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url))
+    assert stub.commits and stub.files(REPO)["config.json"] == (run_folder / "config.json").read_bytes()
+
+
+def test_no_card_source_refused_before_any_request(stub, run_folder):
+    (run_folder / "prune_map.json").unlink()
+    with pytest.raises(HubError, match="--teacher"):
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert stub.requests == []
+    (run_folder / "README.md").write_text("# my own card\n")
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert stub.files(REPO)["README.md"] == b"# my own card\n"
 
 
 def test_no_token_fails_before_any_request(stub, run_folder, monkeypatch, tmp_path):
@@ -137,7 +169,7 @@ def test_server_failure_is_clear_and_retry_completes(stub, run_folder, kind, mod
     assert stub.commits == []
     push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
     remote = stub.files(REPO)
-    for rel in ("config.json", "model.safetensors", "tokenizer.json", "extra/big.txt"):
+    for rel in PUSHED:
         assert remote[rel] == (run_folder / rel).read_bytes()
     assert folder_digest(run_folder) == before
 
@@ -167,16 +199,10 @@ def test_offline_mode_refused(run_folder, monkeypatch):
 
 
 def test_run_folder_files_lists_what_is_pushed(run_folder):
-    assert [p.as_posix() for p in run_folder_files(run_folder)] == ["config.json", "extra/big.txt", "model.safetensors", "tokenizer.json"]
+    assert [p.as_posix() for p in run_folder_files(run_folder)] == sorted(PUSHED)
 
 
 def test_push_recipe(stub, run_folder, monkeypatch, capsys):
-    import json
-
-    (run_folder / "prune_map.json").write_text(json.dumps({
-        "teacher": {"source": "bundled", "shape": {"num_layers": 4}}, "student_shape": {"num_layers": 2},
-        "kept_layers": [0, 3], "kept_hidden": [0, 1], "layers": [],
-    }))
     spec = importlib.util.spec_from_file_location("push_recipe", Path(__file__).parents[1] / "recipes" / "push.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
