@@ -343,7 +343,8 @@ class Distiller:
         record = dict(zip(names, stacked))
         if grad_norm is not None:
             record["grad_norm"] = stacked[-1]
-        for name in names:
+        # Name the term that broke first; the total only when every term is finite.
+        for name in sorted(names, key=lambda n: n == "loss"):
             if not math.isfinite(record[name]):
                 raise NonFiniteLossError(
                     f"optimizer step {step + 1}: loss component {name!r} is {record[name]}; stopped without saving "
