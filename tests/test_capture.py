@@ -311,3 +311,52 @@ def test_capture_under_fsdp2_fully_shard(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tests_dir.parent,
     )
     assert proc.returncode == 0 and "FSDP2 OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_capture_through_a_ddp_like_wrapper():
+    model = _model("phi3")
+
+    class Wrapper(torch.nn.Module):  # what DDP / DeepSpeed engines look like: the model under .module, no config
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    ids, mask = _inputs()
+    with torch.no_grad(), FeatureCapture(Wrapper(model), CaptureSpec(layers=[1], queries=True)) as cap:
+        Wrapper(model)(ids, attention_mask=mask, use_cache=False)
+    assert cap.model is model and cap.queries[1].shape[2] == LENGTH
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_attention_loss_on_captured_features_equals_kl_of_eager_maps(model_type):
+    """End to end: a 2-head student against teacher heads [2, 3] (KV group 1), with padding and sliding layers."""
+    teacher = _model(model_type, seed=0)
+    student = _model(model_type, seed=1, num_heads=2, num_kv_heads=1)
+    teacher_heads = [2, 3]
+    ids, mask = _inputs(2)
+    spec = CaptureSpec(layers=[0, 1], queries=True, keys=True, hidden=False)
+    with torch.no_grad():
+        with FeatureCapture(teacher, spec) as t_cap:
+            teacher(ids, attention_mask=mask, use_cache=False)
+        with FeatureCapture(student, spec) as s_cap:
+            student(ids, attention_mask=mask, use_cache=False)
+        t_maps = _eager_copy(teacher)(ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+        s_maps = _eager_copy(student)(ids, attention_mask=mask, use_cache=False, output_attentions=True).attentions
+    valid = mask.bool()
+    loss_fn = AttentionTransferLoss(chunk_queries=5)
+    for i in spec.layers:
+        assert s_cap.attention[i].sliding_window == t_cap.attention[i].sliding_window
+        got = loss_fn(
+            s_cap.queries[i], s_cap.keys[i], t_cap.queries[i], t_cap.keys[i],
+            student_scaling=s_cap.attention[i].scaling, teacher_scaling=t_cap.attention[i].scaling,
+            teacher_heads=teacher_heads, attention_mask=mask, sliding_window=s_cap.attention[i].sliding_window,
+        )
+        p = t_maps[i][:, teacher_heads].double()
+        q = s_maps[i].double()
+        kl_rows = torch.where(p > 0, p * (p.log() - q.log()), 0.0).sum(-1)  # [B, 2, T]
+        want = kl_rows[valid[:, None, :].expand_as(kl_rows)].mean()
+        assert want > 1e-4
+        torch.testing.assert_close(got.double(), want, atol=1e-8, rtol=1e-4)

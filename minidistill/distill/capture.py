@@ -139,6 +139,18 @@ def _uses_reentrant_checkpointing(layer: nn.Module) -> bool:
     return bool(keywords.get("use_reentrant", False))
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The causal LM inside DDP / DeepSpeed engines (``.module``) and PEFT wrappers (``get_base_model()``)."""
+    for _ in range(8):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            break
+    return model
+
+
 class FeatureCapture:
     """Context manager recording the features in ``spec`` during forwards of ``model``.
 
@@ -148,6 +160,7 @@ class FeatureCapture:
     """
 
     def __init__(self, model: nn.Module, spec: CaptureSpec):
+        model = unwrap_model(model)
         self.model = model
         self.spec = spec
         self.adapter = get_adapter(model)
