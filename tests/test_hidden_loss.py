@@ -74,6 +74,16 @@ def test_scale_behaviour_of_each_kind():
         assert float(HiddenStateLoss(kind)(t, t)) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["mse", "cosine", "nmse"])
+def test_zero_student_vectors_have_finite_gradients(kind):
+    s = torch.zeros(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, generator=torch.Generator().manual_seed(3))
+    loss = HiddenStateLoss(kind)(s, t)
+    assert torch.isfinite(torch.autograd.grad(loss, s)[0]).all()
+    want = {"mse": float(t.pow(2).mean()), "cosine": 1.0, "nmse": 1.0}[kind]
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+
+
 def test_projection_init_is_channel_selection():
     proj = ChannelProjection(3, 5, [0, 2, 4])
     x = torch.tensor([[1.0, 2.0, 3.0]])
@@ -120,6 +130,7 @@ def _width_pruned_pair(model_type: str, exact_norms: bool):
     return teacher, student, kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
 def test_projected_width_pruned_student_matches_teacher(model_type):
     torch.manual_seed(0)
