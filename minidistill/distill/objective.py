@@ -103,8 +103,8 @@ class AttentionLossSettings(ConfigBase):
 
     weight: float = 0.0
     """Weight of the term (0 disables it)."""
-    pairing: LayerPairing = field(default_factory=lambda: LayerPairing(strategy="last_k", k=1))
-    """Layer pairs compared (default: the last layers)."""
+    pairing: LayerPairing = field(default_factory=LayerPairing)
+    """Layer pairs compared (default: each student layer with its teacher layer, heads paired by the prune map)."""
     chunk_queries: int = 256
     """Query positions whose attention rows are built at once."""
 

@@ -1,0 +1,81 @@
+"""The recipe config: shipped YAML files, nested overrides, typo and value errors, resume compatibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minidistill.config import ConfigError
+from minidistill.recipe_config import PruneDistillConfig, incompatible_fields, load_recipe_config
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "llama8b_to_4b_minitron.yaml", "qwen_fsdp2_1gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_split_batches(path):
+    cfg = load_recipe_config(path)
+    assert cfg.student is None and cfg.prune is not None
+    assert cfg.train.batch_size % cfg.train.grad_accum_steps == 0
+    assert cfg.train.save_every == 0 or cfg.train.max_steps % cfg.train.save_every == 0
+    if path.name == "llama8b_to_4b_minitron.yaml":  # 2 nodes x 8 GPUs
+        assert cfg.train.micro_batch_size(16) == 2
+        assert cfg.teacher.dtype == "bfloat16"
+
+
+def test_demo_fits_about_ten_minutes_on_two_cores():
+    cfg = load_recipe_config(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
+    tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.data.seq_len
+    seconds_per_token = 1 / 530 + 0.5 / 150 + 0.001  # teacher fwd + half-size student fwd/bwd + fused loss
+    train_s = tokens * seconds_per_token
+    evals = cfg.train.max_steps // cfg.eval.every + 1
+    eval_s = evals * cfg.eval.max_blocks * cfg.data.seq_len * (1 / 530 + 0.5 / 530)
+    assert 420 <= train_s + eval_s <= 780, (train_s, eval_s)
+    assert set(cfg.loss.weights()) == {"logits", "hidden", "attention"}
+    assert cfg.prune.target.params == 0.5 and cfg.prune.target.non_embedding
+
+
+def test_nested_overrides_reach_every_level():
+    cfg = load_recipe_config(
+        None,
+        ["train.lr=1e-4", "loss.hidden.pairing.strategy=uniform", "loss.logits.top_k=20", "student.source=/tmp/s", "train.lora.r=4"],
+    )
+    assert cfg.train.lr == 1e-4
+    assert cfg.loss.hidden.pairing.strategy == "uniform"
+    assert cfg.loss.logits.top_k == 20
+    assert cfg.student.source == "/tmp/s"
+    assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 32.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1e-4", r"unknown config key 'train\.lrr'; did you mean 'train\.lr'"),
+        ("loss.hiden.weight=1", r"'loss\.hiden'; did you mean 'loss\.hidden'"),
+        ("train.batch_size=6", r"train\.batch_size=6 is not divisible by train\.grad_accum_steps=4"),
+        ("train.schedule=linear", r"train\.schedule='linear': choose one of"),
+        ("loss.logits.weight=0", r"loss\.logits\.weight=0\.0: must be positive"),
+        ("push_to_hub=true", r"push_to_hub=true needs hub\.repo_id"),
+        ("train.log_with=[mlflow]", r"train\.log_with: unknown tracker 'mlflow'"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe_config(None, ["train.grad_accum_steps=4", "train.batch_size=8", override])
+
+
+def test_micro_batch_must_split_over_processes():
+    cfg = load_recipe_config(None, ["train.batch_size=12", "train.grad_accum_steps=2"])
+    assert cfg.train.micro_batch_size(3) == 2
+    with pytest.raises(ConfigError, match="make it a multiple of 8"):
+        cfg.train.micro_batch_size(4)
+
+
+def test_resume_compatibility_names_changed_fields_only():
+    a = PruneDistillConfig().to_dict()
+    b = load_recipe_config(None, ["train.max_steps=500", "eval.every=3", "loss.logits.temperature=2", "data.seq_len=64"]).to_dict()
+    assert incompatible_fields(a, b) == ["data.seq_len", "loss.logits.temperature"]
