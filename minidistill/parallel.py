@@ -132,8 +132,17 @@ def local_rows(accelerator, global_batch: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- student
 
 
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """``model`` itself, or the first submodule with a model config (e.g. the student inside a wrapper)."""
+    for module in model.modules():
+        if getattr(module, "config", None) is not None and hasattr(module.config, "model_type"):
+            return module
+    raise ParallelConfigError(f"{type(model).__name__} holds no Hugging Face model (no submodule has a .config)")
+
+
 def decoder_layer_class_name(model: nn.Module) -> str:
-    """Class name of the model's decoder layers (the FSDP2 wrapping unit), from the adapter table."""
+    """Class name of the decoder layers (the FSDP2 wrapping unit) of ``model`` or the causal LM inside it."""
+    model = _causal_lm(model)
     layers = get_adapter(model).decoder_layers(model)
     if len(layers) == 0:
         raise ParallelConfigError("the model has no decoder layers to shard")
