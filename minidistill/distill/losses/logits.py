@@ -174,8 +174,11 @@ class LogitKDLoss(nn.Module):
         """Temperature-scaled divergence per position ([..., V] -> [...]), T^2 included."""
         compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
         t = self.temperature
-        lp_s = F.log_softmax(student_logits.to(compute_dtype) / t, dim=-1)
-        lp_t = F.log_softmax(teacher_logits.detach().to(compute_dtype) / t, dim=-1)
+        student_logits, teacher_logits = student_logits.to(compute_dtype), teacher_logits.detach().to(compute_dtype)
+        if t != 1.0:
+            student_logits, teacher_logits = student_logits / t, teacher_logits / t
+        lp_s = F.log_softmax(student_logits, dim=-1)
+        lp_t = F.log_softmax(teacher_logits, dim=-1)
         if self.top_k is None and self.top_p is None:
             per_token = divergence_terms(lp_t, lp_s, self.divergence, self.beta).sum(-1)
         else:
