@@ -180,7 +180,6 @@ def _distill_loss(student, teacher, ids, mask, layers=(0, 2)):
     return loss, s_cap
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
 def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_forward_captures(model_type):
     teacher = _model(model_type, seed=0)
     plain = _model(model_type, seed=1).train()
@@ -196,7 +195,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_forward_captu
         assert all(cap.queries[i] is q and cap.keys[i] is k for i, (q, k) in recorded.items())
         grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
-    q_name = next(n for n in grads[0] if "layers.0.self_attn.q_proj" in n)
+    adapter = get_adapter(plain)
+    q_name = f"{adapter.layers}.0.{adapter.q_proj or adapter.qkv_proj}.weight"
     assert grads[0][q_name].abs().sum() > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -87,19 +87,24 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _eager_attention_of(module: nn.Module) -> Callable:
-    """The ``eager_attention_forward`` of the modeling file that defines ``module``'s class."""
+def _modeling_attribute(module: nn.Module, name: str) -> Any:
+    """``name`` from the modeling file that defines ``module``'s class (or a base class), else None."""
     for cls in type(module).__mro__:
-        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-        if fn is not None:
-            return fn
-    raise CaptureError(f"no eager_attention_forward found for {type(module).__name__}")
+        value = getattr(sys.modules.get(cls.__module__), name, None)
+        if value is not None:
+            return value
+    return None
 
 
 def _original_attention(module: nn.Module, implementation: str) -> Callable:
-    if implementation == "eager" or implementation not in ALL_ATTENTION_FUNCTIONS:
-        return _eager_attention_of(module)
-    return ALL_ATTENTION_FUNCTIONS[implementation]
+    """What the module itself would call for ``implementation`` (its modeling file's interface and eager code)."""
+    eager = _modeling_attribute(module, "eager_attention_forward")
+    interface = _modeling_attribute(module, "ALL_ATTENTION_FUNCTIONS") or ALL_ATTENTION_FUNCTIONS
+    if implementation == "eager":
+        if eager is None:
+            raise CaptureError(f"no eager_attention_forward found for {type(module).__name__}")
+        return eager
+    return interface.get_interface(implementation, eager)
 
 
 # Attention module -> (original config, captures recording it). Filled on __enter__, emptied on __exit__.
@@ -259,7 +264,7 @@ class FeatureCapture:
         self.attention[i] = AttentionLayout(
             scaling=float(scaling if scaling is not None else module.head_dim**-0.5),
             sliding_window=kwargs.get("sliding_window"),
-            causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+            causal=bool(kwargs["is_causal"] if kwargs.get("is_causal") is not None else getattr(module, "is_causal", True)),
         )
         if self.spec.queries:
             self.queries[i] = query
