@@ -76,6 +76,17 @@ def test_fused_without_bias_and_batched_shapes():
     assert abs(float(plain36.detach() - plain.detach())) > 0  # the slice is a different problem
 
 
+def test_non_contiguous_hidden_states():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=8)
+    h_s_t = h_s.detach().t().contiguous().requires_grad_(True)  # [D, N]; .t() below is a non-contiguous view
+    kwargs = dict(divergence="forward_kl", top_p=0.9)
+    fused = _fused(kwargs, 8, h_s_t.t(), w_s, b_s, h_t, w_t, b_t, labels)
+    plain = _plain(kwargs, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(fused, h_s_t)[0].t(), torch.autograd.grad(plain, h_s)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_backward_scales_by_incoming_gradient_and_accumulates():
     h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=2)
     kwargs = dict(divergence="reverse_kl", top_k=9)

@@ -92,7 +92,7 @@ class _FusedLinearKD(torch.autograd.Function):
         w_s, b_s = _as_float(student_weight.detach()), _as_float(None if student_bias is None else student_bias.detach())
         w_t, b_t = _as_float(teacher_weight.detach()), _as_float(None if teacher_bias is None else teacher_bias.detach())
         compute_dtype = w_s.dtype
-        grad_h = torch.empty_like(student_hidden, dtype=compute_dtype) if need_h else None
+        grad_h = torch.empty(student_hidden.shape, dtype=compute_dtype, device=student_hidden.device) if need_h else None
         grad_w = torch.zeros_like(w_s) if need_w else None
         grad_b = torch.zeros_like(b_s) if need_b else None
         total = torch.zeros((), dtype=compute_dtype, device=student_hidden.device)
