@@ -265,3 +265,27 @@ def test_prepare_local_tasks_from_data_config(tmp_path):
         for path in spec["dataset_kwargs"]["data_files"].values():
             assert path.startswith("/") and (folder / path.rsplit("/", 1)[1]).is_file()
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder was renamed into place
+
+
+def test_rolling_loglikelihood_matches_naive_on_every_architecture(model_type, bos_tokenizer):
+    from minidistill.evaluation.perplexity import document_loglikelihoods
+
+    tok = bos_tokenizer
+    model = tiny_model(model_type, vocab_size=len(tok))
+    texts = [TEXTS[1][:120], TEXTS[2]]  # a few windows each, to keep the float64 reference cheap
+    per_doc = document_loglikelihoods(model, tok, texts, max_length=32, batch_size=3, chunk_tokens=7)
+    for text, (ll, n) in zip(texts, per_doc):
+        ids = encode_like_hflm(tok, text)
+        assert n == len(ids)
+        assert ll == pytest.approx(_naive_rolling_loglik(model, ids, tok.bos_token_id, 32), rel=1e-5, abs=1e-4)
+
+
+def test_perplexity_metric_agrees_with_rolling_perplexity(bos_tokenizer):
+    from minidistill.evaluation.perplexity import count_words, document_loglikelihoods
+
+    model = tiny_model("llama", vocab_size=len(bos_tokenizer))
+    per_doc = document_loglikelihoods(model, bos_tokenizer, TEXTS, max_length=32)
+    via_metric = load_metric("perplexity").compute(
+        predictions=[ll for ll, _ in per_doc], references=[count_words(t) for t in TEXTS]
+    )["perplexity"]
+    assert via_metric == pytest.approx(rolling_perplexity(model, bos_tokenizer, TEXTS, max_length=32)["word_perplexity"], rel=1e-9)
