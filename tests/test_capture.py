@@ -360,3 +360,25 @@ def test_attention_loss_on_captured_features_equals_kl_of_eager_maps(model_type)
         want = kl_rows[valid[:, None, :].expand_as(kl_rows)].mean()
         assert want > 1e-4
         torch.testing.assert_close(got.double(), want, atol=1e-8, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bundled_teacher_rebuilt_maps_equal_eager_weights():
+    """SmolLM2-135M (9 query heads, 3 KV heads) under SDPA: rebuilt maps equal its eager attention weights
+    (deeper layers carry the rounding differences of the two kernels in earlier layers, hence atol 1e-5)."""
+    from minidistill.models import ModelConfig, load_model
+
+    model = load_model(ModelConfig())
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(100, 40000, (1, 48), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    layers = [0, 15, 29]
+    with torch.no_grad(), FeatureCapture(model, CaptureSpec(layers=layers, queries=True, keys=True, values=True)) as cap:
+        model(ids, use_cache=False)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = model(ids, use_cache=False, output_attentions=True)
+    for i in layers:
+        assert cap.queries[i].shape == (1, 9, 48, 64) and cap.values[i].shape == (1, 3, 48, 64)
+        maps = rebuilt_attention(cap.queries[i], cap.keys[i], cap.attention[i], mask)
+        torch.testing.assert_close(maps, ref.attentions[i], atol=1e-5, rtol=0)
