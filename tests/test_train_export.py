@@ -1,0 +1,76 @@
+"""The recipe's final model: a plain HF folder that reloads with the perplexity the trainer logged; LoRA merged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+from transformers import AutoModelForCausalLM
+
+from minidistill.data import build_text_data
+from minidistill.evaluation.perplexity import heldout_loss
+from minidistill.models import load_tokenizer
+from minidistill.prune.prune_map import PruneMap
+from minidistill.recipe_config import load_recipe_config
+from minidistill.train import run_prune_distill
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    teacher = make_teacher_dir(root / "teacher", tie=True)
+    return teacher, make_student_dir(teacher, root / "student")
+
+
+@pytest.mark.slow
+def test_saved_model_reloads_with_the_logged_perplexity(tiny_dirs, tmp_path):
+    teacher, student = tiny_dirs
+    cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"loss.attention.weight": 0.5}))
+    result = run_prune_distill(cfg)
+    model_dir = result.model_dir
+    assert sorted(p.name for p in tmp_path.joinpath("tiny").iterdir() if p.name.startswith(".")) == []
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "prune_map.json", "training_metadata.json"):
+        assert (model_dir / name).is_file(), name
+    assert PruneMap.load(model_dir).to_dict() == PruneMap.load(student).to_dict()
+    meta = json.loads((model_dir / "training_metadata.json").read_text())
+    assert meta["steps"] == 6 and meta["final_eval"] == result.train.final_eval
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = load_tokenizer(str(model_dir))
+    data = build_text_data(cfg.data, tok)
+    measured = heldout_loss(model, data.heldout.batches(cfg.eval.batch_size, limit_blocks=cfg.eval.max_blocks))
+    logged = [json.loads(l) for l in (cfg.run_dir / "log.jsonl").read_text().splitlines()][-1]
+    assert logged["kind"] == "eval" and logged["step"] == 6
+    assert measured["tokens"] == logged["heldout_tokens"]
+    assert measured["loss"] == pytest.approx(logged["heldout_loss"], rel=1e-6)
+    # Training changed the student.
+    initial = load_file(str(student / "model.safetensors"))
+    final = load_file(str(model_dir / "model.safetensors"))
+    assert any(not torch.equal(initial[k], final[k]) for k in initial)
+
+
+@pytest.mark.slow
+def test_lora_run_saves_merged_plain_weights(tiny_dirs, tmp_path):
+    teacher, student = tiny_dirs
+    cfg = load_recipe_config(
+        None, tiny_overrides(tmp_path, teacher, student, **{"train.lora.r": 4, "train.lr": 2e-2, "train.max_steps": 3})
+    )
+    result = run_prune_distill(cfg)
+    final = load_file(str(result.model_dir / "model.safetensors"))
+    initial = load_file(str(student / "model.safetensors"))
+    assert not [k for k in final if "lora" in k or "base_layer" in k]
+    assert set(final) == set(initial)
+    for k in initial:
+        assert final[k].shape == initial[k].shape
+        if "q_proj" in k or "down_proj" in k:
+            assert not torch.equal(final[k], initial[k]), k  # adapters merged into the targeted weights
+        if "embed_tokens" in k or "norm" in k:
+            assert torch.equal(final[k], initial[k]), k  # only adapters were trained
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
+    tok = load_tokenizer(str(result.model_dir))
+    data = build_text_data(cfg.data, tok)
+    measured = heldout_loss(model, data.heldout.batches(cfg.eval.batch_size, limit_blocks=cfg.eval.max_blocks))
+    assert measured["loss"] == pytest.approx(result.train.final_eval["heldout_loss"], rel=1e-4)
