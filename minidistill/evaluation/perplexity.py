@@ -1,4 +1,8 @@
-"""Held-out perplexity of a causal LM over packed token blocks, without full-batch vocabulary logits."""
+"""Held-out perplexity of a causal LM over packed token blocks, without full-batch vocabulary logits.
+
+Also: rolling-window perplexity of whole documents as lm-eval computes it (``rolling_perplexity``),
+and greedy next-token predictions of a student and its teacher (``top1_predictions``).
+"""
 
 from __future__ import annotations
 
@@ -155,8 +159,10 @@ def document_loglikelihoods(
     for doc_index, text in enumerate(texts):
         ids = encode_like_hflm(tokenizer, text, add_bos_token, prefix)
         windows.extend((doc_index, inp, tgt) for inp, tgt in rolling_windows(ids, prefix, max_length))
-    totals = [0.0] * len(texts)
+    totals = torch.zeros(len(texts), dtype=torch.float64)
     counts = [0] * len(texts)
+    for doc_index, _, tgt in windows:
+        counts[doc_index] += len(tgt)
     was_training = model.training
     model.eval()
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][1]))  # similar lengths per batch
@@ -174,14 +180,13 @@ def document_loglikelihoods(
         hidden = backbone(input_ids=input_ids.to(device)).last_hidden_state
         selected = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(positions, device=hidden.device)]
         targets_t = torch.tensor(targets, dtype=torch.long, device=hidden.device)
+        owners_t = torch.tensor(owners, dtype=torch.long)
         for i in range(0, selected.shape[0], chunk_tokens):
             logits = _project_logits(model, head, selected[i : i + chunk_tokens])
             ll = -F.cross_entropy(logits, targets_t[i : i + chunk_tokens], reduction="none")
-            for doc_index, value in zip(owners[i : i + chunk_tokens], ll.double().cpu().tolist()):
-                totals[doc_index] += value
-                counts[doc_index] += 1
+            totals.index_add_(0, owners_t[i : i + chunk_tokens], ll.double().cpu())
     model.train(was_training)
-    return list(zip(totals, counts))
+    return list(zip(totals.tolist(), counts))
 
 
 def count_words(text: str) -> int:
