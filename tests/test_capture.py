@@ -328,6 +328,9 @@ def test_capture_through_a_ddp_like_wrapper():
     with torch.no_grad(), FeatureCapture(Wrapper(model), CaptureSpec(layers=[1], queries=True)) as cap:
         Wrapper(model)(ids, attention_mask=mask, use_cache=False)
     assert cap.model is model and cap.queries[1].shape[2] == LENGTH
+    assert cap.features(1).keys() == {"q"} and cap.features(1)["q"] is cap.queries[1]
+    with pytest.raises(KeyError, match="layer 0"):
+        cap.features(0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
@@ -382,3 +385,24 @@ def test_bundled_teacher_rebuilt_maps_equal_eager_weights():
         assert cap.queries[i].shape == (1, 9, 48, 64) and cap.values[i].shape == (1, 3, 48, 64)
         maps = rebuilt_attention(cap.queries[i], cap.keys[i], cap.attention[i], mask)
         torch.testing.assert_close(maps, ref.attentions[i], atol=1e-5, rtol=0)
+
+
+def test_relation_loss_on_captured_features_of_models_with_different_head_counts():
+    from test_relations import naive_relation_kl
+
+    from minidistill.distill.losses.relations import RelationLoss
+
+    teacher = _model("qwen3", seed=0)  # 4 heads, 2 KV heads
+    student = _model("qwen3", seed=1, num_heads=2, num_kv_heads=1).train()
+    ids, mask = _inputs(3)
+    spec = CaptureSpec(layers=[1], queries=True, keys=True, values=True, hidden=False)
+    with torch.no_grad(), FeatureCapture(teacher, spec) as t_cap:
+        teacher(ids, attention_mask=mask, use_cache=False)
+    with FeatureCapture(student, spec) as s_cap:
+        student(ids, attention_mask=mask, use_cache=False)
+    loss = RelationLoss(2, chunk_queries=5)(s_cap.features(1), t_cap.features(1), attention_mask=mask)
+    ref = naive_relation_kl(s_cap.features(1), t_cap.features(1), ("qq", "kk", "vv"), 2, mask)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-8, rtol=1e-5)
+    loss.backward()
+    assert student.model.layers[1].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert student.model.layers[1].self_attn.q_norm.weight.grad.abs().sum() > 0

@@ -215,6 +215,13 @@ class FeatureCapture:
         self._detach_all()
         self._active = False
 
+    def features(self, layer: int) -> dict[str, Tensor]:
+        """Captured ``{"q", "k", "v"}`` of ``layer`` (those recorded), as :class:`RelationLoss` takes them."""
+        found = {name: store[layer] for name, store in (("q", self.queries), ("k", self.keys), ("v", self.values)) if layer in store}
+        if not found:
+            raise KeyError(f"nothing captured from the attention of layer {layer}; captured layers: {sorted(self.attention)}")
+        return found
+
     def clear(self) -> None:
         """Drop the references to captured tensors."""
         self.hidden.clear()
