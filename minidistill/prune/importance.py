@@ -419,17 +419,20 @@ def compute_importance(
     calibration: torch.Tensor,
     cfg: ImportanceConfig,
     *,
+    layer_stats: bool = True,
     progress: Callable[[Iterable], Iterable] | None = None,
-) -> tuple[UnitImportance, LayerSimilarity]:
+) -> tuple[UnitImportance, LayerSimilarity | None]:
     """Unit importance by ``cfg.method`` and layer similarity statistics over ``calibration`` ([N, T] ids).
 
-    The layer statistics always come from a forward pass: the activation pass itself, or a separate one
-    for the baselines. Results are read from / written to the on-disk cache when ``cfg.cache``.
+    The layer statistics come from a forward pass: the activation pass itself, or for the baselines a
+    separate one, run only when ``layer_stats`` (otherwise None is returned for them). Results are read
+    from / written to the on-disk cache when ``cfg.cache``.
     """
     cfg.validate()
     if calibration.ndim != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
         raise ValueError(f"calibration ids must be [num_blocks >= 1, seq_len >= 2], got {tuple(calibration.shape)}")
-    key = importance_cache_key(model, calibration, cfg.settings()) if cfg.cache else None
+    with_stats = layer_stats or cfg.method == "activation"
+    key = importance_cache_key(model, calibration, {**cfg.settings(), "layer_stats": with_stats}) if cfg.cache else None
     if key is not None:
         cached = load_cached_importance(key)
         if cached is not None:
@@ -444,11 +447,12 @@ def compute_importance(
     else:
         from .layer_importance import layer_similarity
 
-        sim = layer_similarity(model, progress(batches) if progress else batches)
+        sim = layer_similarity(model, progress(batches) if progress else batches) if with_stats else None
         if cfg.method == "magnitude":
             units = magnitude_importance(model)
         elif cfg.method == "taylor":
-            units = taylor_importance(model, batches, chunk_tokens=cfg.chunk_tokens)
+            units = taylor_importance(model, batches, chunk_tokens=cfg.chunk_tokens,
+                                      progress=None if with_stats else progress)
         else:
             units = random_importance(model, cfg.seed)
     units.settings = {**cfg.settings(), "calibration_blocks": int(calibration.shape[0]),
@@ -476,14 +480,15 @@ def importance_cache_key(model: nn.Module, calibration: torch.Tensor, settings: 
 _TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "hidden", "layers")
 
 
-def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity) -> Path:
+def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity | None) -> Path:
     """Write ``<cache>/importance/<key>/{scores.safetensors, settings.json}`` atomically."""
     target = importance_cache_dir() / key
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         tensors = {k: v.contiguous() for k, v in units.to_dict()["tensors"].items()}
-        tensors.update(sim.to_tensors())
+        if sim is not None:
+            tensors.update(sim.to_tensors())
         save_file(tensors, str(tmp / "scores.safetensors"))
         (tmp / "settings.json").write_text(json.dumps(units.settings, sort_keys=True, indent=1))
         os.replace(tmp, target)
@@ -494,7 +499,7 @@ def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity
     return target
 
 
-def load_cached_importance(key: str) -> tuple[UnitImportance, LayerSimilarity] | None:
+def load_cached_importance(key: str) -> tuple[UnitImportance, LayerSimilarity | None] | None:
     folder = importance_cache_dir() / key
     if not (folder / "scores.safetensors").is_file() or not (folder / "settings.json").is_file():
         return None
@@ -503,7 +508,7 @@ def load_cached_importance(key: str) -> tuple[UnitImportance, LayerSimilarity] |
         **{k: tensors.get(k) for k in _TENSOR_FIELDS},
         settings=json.loads((folder / "settings.json").read_text()),
     )
-    return units, LayerSimilarity.from_tensors(tensors)
+    return units, LayerSimilarity.from_tensors(tensors) if "layer_cos_sum" in tensors else None
 
 
 def importance_batches(calibration: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:

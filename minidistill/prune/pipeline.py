@@ -161,7 +161,8 @@ def prune_model(
     t0 = time.perf_counter()
     calibration = data.train.input_ids[: cfg.calib_blocks]
     units, similarity = compute_importance(
-        teacher, calibration, cfg.importance, progress=_progress(cfg.show_progress, "calibration")
+        teacher, calibration, cfg.importance, layer_stats=cfg.layer_method in ("block_influence", "angular"),
+        progress=_progress(cfg.show_progress, "calibration"),
     )
     timings["importance_s"] = time.perf_counter() - t0
     loss_increase = None
@@ -229,7 +230,7 @@ def prune_model(
 
 def units_for_shape(
     units: UnitImportance,
-    similarity: LayerSimilarity,
+    similarity: LayerSimilarity | None,
     layer_method: str,
     teacher_shape: dict[str, int],
     shape: dict[str, int],

@@ -154,7 +154,7 @@ class ParamCounter:
     """Exact parameter counts of shapes of one config, without building a model per shape.
 
     A model's size is a polynomial in (layers L, hidden D, heads H, KV groups K, MLP width I) with the
-    monomials 1, D, L, LD, LH, LK, LI, LDH, LDK, LDI. Its integer coefficients are fitted on meta-device
+    monomials 1, D, L, LD, LH, LK, LI, LDH, LDK, LDI. Its coefficients are fitted on meta-device
     builds (:func:`count_parameters_for_shape`) and verified on further shapes, the teacher's included;
     when the check fails every shape is counted by a build instead.
     """
@@ -197,13 +197,13 @@ class ParamCounter:
             }
 
         layer_choices = [1, 2] if t["num_layers"] >= 2 else [1]
-        fit_shapes = [sample(layer_choices[i % len(layer_choices)]) for i in range(24)]
+        fit_shapes = [sample(layer_choices[i % len(layer_choices)]) for i in range(14)]
         x = self._features(fit_shapes)
         y = torch.tensor([self.build_count(s) for s in fit_shapes], dtype=torch.float64)
-        coef = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).round()
-        checks = [dict(t)] + [sample(min(3, t["num_layers"])) for _ in range(3)]
+        coef = torch.linalg.lstsq(x, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        checks = [dict(t), sample(min(3, t["num_layers"]))] + fit_shapes
         for s in checks:
-            if int(self._features([s]) @ coef) != self.build_count(s):
+            if round(float(self._features([s]) @ coef)) != self.build_count(s):
                 logger.warning("parameter-count polynomial does not fit %s; counting each shape by a build", t)
                 return None
         return coef
@@ -211,12 +211,12 @@ class ParamCounter:
     def count(self, shape: dict[str, int]) -> int:
         if self.coefficients is None:
             return self.build_count(shape)
-        return int(self._features([shape]) @ self.coefficients)
+        return round(float(self._features([shape]) @ self.coefficients))
 
     def count_many(self, shapes: Sequence[dict[str, int]]) -> list[int]:
         if self.coefficients is None:
             return [self.build_count(s) for s in shapes]
-        return [int(v) for v in (self._features(shapes) @ self.coefficients).tolist()]
+        return [round(v) for v in (self._features(shapes) @ self.coefficients).tolist()]
 
 
 def budget_params(total: int, params: float) -> int:
