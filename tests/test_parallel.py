@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -241,6 +245,97 @@ def test_enable_cpu_sharding_for_tests_patches_backend(monkeypatch):
     parallel.enable_cpu_sharding_for_tests()
     parallel.enable_cpu_sharding_for_tests()  # idempotent
     assert PartialState._prepare_backend(None) == ("gloo", DistributedType.MULTI_GPU)
-    import os
-
     assert os.environ["ACCELERATE_TORCH_DEVICE"] == "cpu" and os.environ["DS_ACCELERATOR"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- launch/
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+@pytest.mark.parametrize(
+    ("name", "distributed_type", "processes"),
+    [
+        ("single_gpu.yaml", "NO", 1),
+        ("ddp.yaml", "MULTI_GPU", 8),
+        ("fsdp2.yaml", "FSDP", 8),
+        ("zero2.yaml", "DEEPSPEED", 8),
+        ("zero3.yaml", "DEEPSPEED", 8),
+        ("multinode_zero3.yaml", "DEEPSPEED", 16),
+    ],
+)
+def test_launch_configs_load_in_accelerate(name, distributed_type, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(LAUNCH / name))
+    assert str(cfg.distributed_type).split(".")[-1] == distributed_type
+    assert cfg.num_processes == processes and cfg.mixed_precision == "bf16"
+    if distributed_type == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if distributed_type == "DEEPSPEED":
+        ds_file = LAUNCH.parent / cfg.deepspeed_config["deepspeed_config_file"]
+        ds = json.loads(ds_file.read_text())
+        assert ds["zero_optimization"]["stage"] == (2 if "zero2" in name else 3)
+        assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
+        assert "optimizer" not in ds  # the trainer's torch AdamW is used
+    if name.startswith("multinode"):
+        assert cfg.num_machines == 2 and cfg.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+
+
+def _fake_bin(tmp_path: Path, name: str, body: str) -> None:
+    path = tmp_path / "bin" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def _launched(stdout: str) -> list[list[str]]:
+    return [line.split()[1:] for line in stdout.splitlines() if line.startswith("accelerate ")]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_slurm_script_starts_one_launch_per_node_with_its_rank(tmp_path):
+    # srun runs its command once per node with that node's SLURM_NODEID; scontrol lists the nodes.
+    _fake_bin(tmp_path, "srun", 'while [[ "$1" == --* ]]; do shift; done\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    _fake_bin(tmp_path, "scontrol", 'printf "gpu-a17\\ngpu-a18\\n"\n')
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_NNODES": "2",
+        "SLURM_SUBMIT_DIR": str(LAUNCH.parent),
+        "ACCELERATE": "echo accelerate",
+    }
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "slurm_multinode.sbatch"), "train.max_steps=3"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    launches = _launched(out)
+    assert [_flag(a, "--machine_rank") for a in launches] == ["0", "1"]
+    for argv in launches:
+        assert _flag(argv, "--main_process_ip") == "gpu-a17"
+        assert (_flag(argv, "--num_machines"), _flag(argv, "--num_processes")) == ("2", "16")
+        assert _flag(argv, "--config_file") == "launch/multinode_zero3.yaml"
+        assert argv[-3:] == ["--config", "recipes/configs/llama8b_to_4b_minitron.yaml", "train.max_steps=3"]
+
+
+def test_deepspeed_hostfile_script_ranks_nodes_by_hostfile_line(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# nodes\nnode-a slots=4\n\nnode-b slots=4\nnode-c slots=4\n")
+    env = {"PATH": os.environ["PATH"], "HOSTFILE": str(hostfile), "MACHINE_RANK": "2", "ACCELERATE": "echo accelerate"}
+    script = str(LAUNCH / "deepspeed_multinode.sh")
+    out = subprocess.run(["bash", script, "x=1"], cwd=LAUNCH.parent, env=env, capture_output=True, text=True, check=True).stdout
+    (argv,) = _launched(out)
+    assert _flag(argv, "--machine_rank") == "2" and _flag(argv, "--main_process_ip") == "node-a"
+    assert (_flag(argv, "--num_machines"), _flag(argv, "--num_processes")) == ("3", "12")
+    assert _flag(argv, "--deepspeed_multinode_launcher") == "standard"
+    assert _flag(argv, "--deepspeed_hostfile") == str(hostfile) and argv[-1] == "x=1"
+    hostfile.write_text("node-a slots=4\nnode-b slots=8\n")
+    bad = subprocess.run(["bash", script], cwd=LAUNCH.parent, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "same slots" in bad.stderr
+    env.pop("MACHINE_RANK")
+    hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
+    bad = subprocess.run(["bash", script], cwd=LAUNCH.parent, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "MACHINE_RANK" in bad.stderr
