@@ -184,7 +184,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_forward_captu
     teacher = _model(model_type, seed=0)
     plain = _model(model_type, seed=1).train()
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable()
+    ckpt.activation_checkpointing_enable()
     ids, mask = _inputs()
     grads = []
     for student in (plain, ckpt):
@@ -204,10 +204,16 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_forward_captu
 
 def test_reentrant_checkpointing_is_rejected():
     model = _model("llama").train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.activation_checkpointing_enable({"use_reentrant": True})
     with pytest.raises(CaptureError, match="use_reentrant"):
         FeatureCapture(model, CaptureSpec(layers=[0], queries=True)).__enter__()
     assert all(not layer._forward_hooks for layer in model.model.layers)
+    model.activation_checkpointing_enable({"preserve_rng_state": False})  # use_reentrant left to torch: reentrant
+    with pytest.raises(CaptureError, match="use_reentrant"):
+        FeatureCapture(model, CaptureSpec(layers=[0], keys=True)).__enter__()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    with FeatureCapture(model, CaptureSpec(layers=[0], keys=True)):
+        pass
 
 
 def _tensor_census() -> tuple[int, int]:
@@ -230,7 +236,7 @@ def test_capture_retains_nothing_across_training_steps():
     """20 training steps under captures held open: live tensors and their storage do not grow after warm-up."""
     teacher = _model("qwen2", seed=0)
     student = _model("qwen2", seed=1).train()
-    student.gradient_checkpointing_enable()
+    student.activation_checkpointing_enable()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     loss_fn = AttentionTransferLoss(chunk_queries=7)
     ids, mask = _inputs()

@@ -137,11 +137,13 @@ def _wrapper_name(implementation: str) -> str:
 
 
 def _uses_reentrant_checkpointing(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints ``layer`` with ``use_reentrant=True`` (torch's default when not given)."""
     if not getattr(layer, "gradient_checkpointing", False):
         return False
     fn = getattr(layer, "_gradient_checkpointing_func", None)
-    keywords = getattr(fn, "keywords", None) or {}
-    return bool(keywords.get("use_reentrant", False))
+    if not isinstance(fn, functools.partial):  # a custom checkpoint function: nothing to tell
+        return False
+    return fn.keywords.get("use_reentrant", True) is not False
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
