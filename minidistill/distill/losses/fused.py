@@ -14,13 +14,13 @@ The teacher side receives no gradient. Double backward is not supported.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minidistill.distill.losses.logits import LogitKDLoss
+from minidistill.distill.losses.logits import Divergence, LogitKDLoss
 
 
 def _as_float(t: Tensor | None) -> Tensor | None:
@@ -127,12 +127,27 @@ class FusedLogitKDLoss(nn.Module):
     whatever the input dtype; gradients are returned in the inputs' dtypes.
     """
 
-    def __init__(self, *args, chunk_tokens: int = 1024, **kwargs):
+    def __init__(
+        self,
+        divergence: Divergence = "forward_kl",
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        ce_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: Literal["mean", "sum"] = "mean",
+        chunk_tokens: int = 1024,
+    ):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens!r} must be >= 1")
         self.chunk_tokens = int(chunk_tokens)
-        self.loss_fn = LogitKDLoss(*args, **kwargs)
+        self.loss_fn = LogitKDLoss(
+            divergence, temperature=temperature, beta=beta, top_k=top_k, top_p=top_p, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction,
+        )
 
     def extra_repr(self) -> str:
         return f"chunk_tokens={self.chunk_tokens}"
