@@ -33,7 +33,7 @@ from minidistill.prune.select import select_units
 SECTION = "## Pruning cost and quality"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # ~50% of SmolLM2-135M's non-embedding parameters (found by the budget search: target.params=0.5, non_embedding).
-HALF_SHAPE = {"num_layers": 24, "hidden_size": 448, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1280}
+HALF_SHAPE = {"num_layers": 23, "hidden_size": 512, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1152}
 
 
 @torch.no_grad()
@@ -61,17 +61,18 @@ def cost_rows(model, calib: torch.Tensor, base_blocks: int, batch_size: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base_blocks", type=int, default=4, help="1x calibration blocks of 256 tokens for the cost table")
+    ap.add_argument("--base_blocks", type=int, default=4, help="1x calibration blocks for the cost table")
     ap.add_argument("--calib_blocks", type=int, default=16, help="calibration blocks for the quality table")
     ap.add_argument("--eval_blocks", type=int, default=8, help="held-out blocks for perplexity")
     ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--seq_len", type=int, default=256, help="tokens per block")
     ap.add_argument("--no_write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
     teacher, tok = load_model_and_tokenizer(ModelConfig())
-    data = build_text_data(DataConfig(seq_len=256), tok)
+    data = build_text_data(DataConfig(seq_len=args.seq_len), tok)
     calib = data.train.input_ids
     heldout = list(data.heldout.batches(args.batch_size, args.eval_blocks))
     t_shape = get_adapter(teacher).shape(teacher.config)
@@ -120,7 +121,7 @@ def render(cost, quality, base_ppl, args, ne_full) -> str:
         SECTION,
         "",
         f"`python bench/prune_cost.py` on {datetime.date.today().isoformat()}, {device}. Bundled teacher "
-        f"SmolLM2-135M-Instruct (float32, {ne_full:,} non-embedding parameters), bundled corpus, blocks of 256 tokens, "
+        f"SmolLM2-135M-Instruct (float32, {ne_full:,} non-embedding parameters), bundled corpus, blocks of {args.seq_len} tokens, "
         f"batch {args.batch_size}.",
         "",
         "Activation importance (hooks on o_proj / down_proj inputs and the hidden norms, plus layer similarity "

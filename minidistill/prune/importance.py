@@ -104,11 +104,15 @@ class ImportanceConfig(ConfigBase):
 
 # ---------------------------------------------------------------------------- aggregation
 class ScoreAccumulator:
-    """Running ``sum_b s_b``, ``sum_b s_b^2`` and count of per-sequence scores of some units (float64)."""
+    """Running ``sum_b s_b``, ``sum_b s_b^2`` and count of per-sequence scores of some units (float64).
+
+    The sums live on the device of the first scores added (no host sync per hook).
+    """
 
     def __init__(self, shape: tuple[int, ...]):
-        self.sum = torch.zeros(shape, dtype=torch.float64)
-        self.sumsq = torch.zeros(shape, dtype=torch.float64)
+        self.shape = shape
+        self.sum: torch.Tensor | None = None
+        self.sumsq: torch.Tensor | None = None
         self.count = 0
 
     def add(self, per_sequence: torch.Tensor, row: int | None = None) -> None:
@@ -116,7 +120,10 @@ class ScoreAccumulator:
 
         With rows, the sequence count advances on row 0 (every forward reaches every layer).
         """
-        s = per_sequence.detach().double().cpu()
+        s = per_sequence.detach().double()
+        if self.sum is None:
+            self.sum = torch.zeros(self.shape, dtype=torch.float64, device=s.device)
+            self.sumsq = torch.zeros_like(self.sum)
         target = slice(None) if row is None else row
         self.sum[target] += s.sum(0)
         self.sumsq[target] += s.pow(2).sum(0)
@@ -124,15 +131,17 @@ class ScoreAccumulator:
             self.count += s.shape[0]
 
     def result(self, batch_agg: str) -> torch.Tensor:
-        if self.count == 0:
+        """Aggregated scores on the CPU (float64)."""
+        if self.count == 0 or self.sum is None:
             raise ValueError("no calibration sequence reached the importance hooks")
+        total, total_sq = self.sum.cpu(), self.sumsq.cpu()
         if batch_agg == "mean":
-            return self.sum / self.count
+            return total / self.count
         if batch_agg == "l2":
-            return self.sumsq.sqrt()
+            return total_sq.sqrt()
         if batch_agg == "var":
-            mean = self.sum / self.count
-            return (self.sumsq / self.count - mean.pow(2)).clamp_min(0.0)
+            mean = total / self.count
+            return (total_sq / self.count - mean.pow(2)).clamp_min(0.0)
         raise ValueError(f"unknown batch_agg {batch_agg!r}")
 
 

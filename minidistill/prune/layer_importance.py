@@ -39,8 +39,8 @@ class LayerSimilarity:
         unit = torch.stack([s.reshape(-1, s.shape[-1]).to(dtype) for s in states])  # [L+1, N, D]
         unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         cos = torch.einsum("lnd,mnd->nlm", unit, unit).clamp(-1.0, 1.0)  # [N, L+1, L+1]
-        self.cos_sum += cos.sum(0).double()
-        self.angle_sum += (torch.arccos(cos) / math.pi).sum(0).double()
+        self.cos_sum += cos.sum(0).double().cpu()
+        self.angle_sum += (torch.arccos(cos) / math.pi).sum(0).double().cpu()
         self.tokens += unit.shape[1]
 
     def mean_cos(self) -> torch.Tensor:

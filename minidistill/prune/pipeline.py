@@ -7,9 +7,9 @@ folder) runs before the calibration pass. Calibration uses ``data.train`` blocks
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +120,8 @@ def check_data(data: TextData, cfg: PruneConfig, *, needs_heldout: bool) -> None
 
 
 def _progress(enabled: bool, desc: str):
-    if not enabled:
+    """A tqdm wrapper on the main process (``RANK`` 0 or unset), else None."""
+    if not enabled or int(os.environ.get("RANK", "0")) != 0:
         return None
     return lambda it: tqdm(it, desc=desc, leave=False)
 
