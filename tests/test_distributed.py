@@ -112,6 +112,25 @@ def _launch(args: list[str], env: dict[str, str], what: str) -> None:
     _check(proc, proc.stdout + proc.stderr, what)
 
 
+def _start(log_path: Path, command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log_path
+
+
+def _wait_all(procs: list[tuple[subprocess.Popen, Path]]) -> None:
+    """Wait for every machine's launcher; on a timeout kill them all."""
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=TIMEOUT_S)
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for machine_rank, (proc, log_path) in enumerate(procs):
+        _check(proc, log_path.read_text(), f"machine {machine_rank}")
+
+
 def _accelerate(*flags: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -212,17 +231,65 @@ def test_two_machines_on_one_host_match_single_process(folders, reference):
             "--multi_gpu", "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine_rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", port,
         )
-        log = open(root / f"multinode-{machine_rank}.log", "w")
-        procs.append((subprocess.Popen([*args, str(WRAPPER), *_overrides(root, teacher, student, "multinode")],
-                                       cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for machine_rank, (proc, log) in enumerate(procs):
-        try:
-            proc.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            for other, _ in procs:
-                other.kill()
-            raise
-        finally:
-            log.close()
-        _check(proc, (root / f"multinode-{machine_rank}.log").read_text(), f"machine {machine_rank}")
+        command = [*args, str(WRAPPER), *_overrides(root, teacher, student, "multinode")]
+        procs.append(_start(root / f"multinode-{machine_rank}.log", command, env))
+    _wait_all(procs)
     _assert_matches(reference, root / "runs" / "multinode", **TIGHT)
+
+
+# ---------------------------------------------------------------------------------------------- parallel alone
+
+TINY = ROOT / "tests" / "dist_scripts" / "tiny_distill.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(folders):
+    """tiny_distill.py in one process: per-step losses and final weights of minidistill.parallel alone."""
+    root = folders[0]
+    out = root / "tiny-single"
+    _launch([sys.executable, str(TINY), str(out)], _env(root, sharded=False), "tiny single run")
+    return json.loads((out / "result.json").read_text()), _state(out / "model")
+
+
+def _assert_tiny_matches(tiny_reference, out: Path, *, loss_rtol: float, weight_atol: float) -> dict:
+    ref, ref_state = tiny_reference
+    got = json.loads((out / "result.json").read_text())
+    assert got["num_processes"] == 2
+    assert got["losses"] == pytest.approx(ref["losses"], rel=loss_rtol)
+    state = _state(out / "model")
+    assert state.keys() == ref_state.keys()
+    for name, value in ref_state.items():
+        assert (state[name] - value).abs().max().item() <= weight_atol, name
+    return got
+
+
+def test_parallel_alone_fsdp2_shards_teacher_and_matches(folders, tiny_reference):
+    root = folders[0]
+    out = root / "tiny-fsdp2"
+    args = _accelerate("--config_file", str(LAUNCH / "fsdp2.yaml"), "--num_processes", "2", "--main_process_port", str(_free_port()))
+    _launch([*args, str(TINY), str(out)], _env(root, sharded=True), "tiny fsdp2 run")
+    got = _assert_tiny_matches(tiny_reference, out, **TIGHT)
+    assert got["kind"] == "fsdp2"
+    assert got["teacher_local_numel"] == [got["teacher_numel"] // 2] * 2  # even split (no padding at these sizes)
+
+
+def test_parallel_alone_zero3_on_two_machines_with_multinode_config(folders, tiny_reference):
+    """launch/multinode_zero3.yaml with the hostfile flags of deepspeed_multinode.sh, one process per machine."""
+    root = folders[0]
+    out = root / "tiny-zero3-2machines"
+    hostfile = root / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    port, env = str(_free_port()), _env(root, sharded=True)
+    procs = []
+    for machine_rank in (0, 1):
+        args = _accelerate(
+            "--config_file", str(LAUNCH / "multinode_zero3.yaml"), "--deepspeed_hostfile", str(hostfile),
+            "--deepspeed_multinode_launcher", "standard", "--num_machines", "2", "--num_processes", "2",
+            "--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+        )
+        procs.append(_start(root / f"tiny-zero3-{machine_rank}.log", [*args, str(TINY), str(out)], env))
+    _wait_all(procs)
+    got = _assert_tiny_matches(tiny_reference, out, **ZERO)
+    assert (got["kind"], got["zero_stage"]) == ("deepspeed", 3)
+    for n in got["teacher_local_numel"]:  # norms stay whole (ZeRO-3 persistence threshold)
+        assert 0.45 * got["teacher_numel"] <= n <= 0.6 * got["teacher_numel"]

@@ -1,8 +1,9 @@
 """Minimal logit distillation under whatever parallelism ``accelerate launch`` configured (test harness).
 
 Usage: ``accelerate launch ... tiny_distill.py OUT_DIR [STEPS]``. A tiny tied-embedding llama teacher
-(4 layers) teaches a 2-layer student on fixed random tokens; every rank draws the same global batch and
-keeps its own rows. The main process writes ``OUT_DIR/result.json`` (per-step global losses, placement
+(4 layers) teaches a 2-layer student on seeded random tokens; every rank draws the same global batch and
+keeps its own rows. It uses minidistill.parallel directly (no trainer), with the models built inside
+``full_weights_init`` after the Accelerator exists, as a trainer must under ZeRO-3. The main process writes ``OUT_DIR/result.json`` (per-step global losses, placement
 facts) and the final student to ``OUT_DIR/model``. With ``MINIDISTILL_TEST_CPU_SHARDING=1`` the CPU
 sharding patch is applied first (FSDP2 / DeepSpeed on CPU processes).
 """
@@ -10,7 +11,6 @@ sharding patch is applied first (FSDP2 / DeepSpeed on CPU processes).
 from __future__ import annotations
 
 import json
-import time
 import os
 import sys
 from pathlib import Path
