@@ -194,11 +194,11 @@ def peak_flops() -> float:
 
 
 def max_batch(args) -> int:
-    """Largest batch (doubling from args.batch) whose step fits in GPU memory."""
+    """Largest batch (1, 2, 4, ...) whose step fits in GPU memory."""
     teacher, student, pmap, _ = build_models(args)
     make = minidistill_step_fn if args.variant == "minidistill" else naive_step_fn
     step = make(teacher, student, pmap, args)
-    best, b = 0, args.batch
+    best, b = 0, 1
     while b <= 1024:
         try:
             step(torch.randint(0, teacher.config.vocab_size, (b, args.seq), device=args.device))
