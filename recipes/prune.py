@@ -142,7 +142,7 @@ def _log_summary(s: dict, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from minidistill.adapters import UnsupportedArchitectureError
     from minidistill.config import ConfigError

@@ -190,3 +190,93 @@ def test_moe_and_unknown_architectures_are_refused():
     teacher.config.model_type = "gpt2"
     with pytest.raises(UnsupportedArchitectureError, match="unsupported model type"):
         prune_model(teacher, None, tiny_data(), prune_cfg(), teacher_source="tiny")
+
+
+# ---------------------------------------------------------------------------- recipes/prune.py
+def _recipe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "prune.py"
+    spec = importlib.util.spec_from_file_location("prune_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RECIPE_FAST = ["--seq_len", "32", "--max_documents", "40", "--calib_blocks", "8", "--eval_blocks", "4",
+               "--multiple_of", "8", "--max_candidates", "2", "importance.cache=false", "search.score_blocks=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from train_scripts.tiny_setup import make_teacher_dir
+
+    return make_teacher_dir(tmp_path_factory.mktemp("teacher") / "tiny", tie=True)
+
+
+def test_recipe_end_to_end(teacher_dir, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    rc = _recipe().main(["--model", str(teacher_dir), "--output", str(out), "--target_params", "0.6", *RECIPE_FAST])
+    assert rc == 0
+    student, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    summary = json.loads((out / "prune_summary.json").read_text())
+    assert abs(summary["params_after"] - 0.6 * summary["params_before"]) <= 0.02 * 0.6 * summary["params_before"]
+    assert summary["params_after"] == count_parameters(student)
+    assert summary["heldout_perplexity_after"] > 0 and summary["candidates"]
+    pm = json.loads((out / "prune_map.json").read_text())
+    assert pm["teacher"]["source"] == str(teacher_dir) and pm["student_shape"] == summary["shape_after"]
+    assert pm["refit"], "reconstruction is on by default"
+    assert not [p for p in out.parent.iterdir() if p.name != "student"], "no temporary folder left behind"
+
+
+def test_recipe_explicit_shape_without_reconstruction(teacher_dir, tmp_path):
+    import json
+
+    out = tmp_path / "student"
+    rc = _recipe().main(["--model", str(teacher_dir), "--output", str(out), "--num_layers", "2", "--intermediate_size", "64",
+                         "--importance", "magnitude", "--no_reconstruction", *RECIPE_FAST])
+    assert rc == 0
+    pm = json.loads((out / "prune_map.json").read_text())
+    assert pm["student_shape"]["num_layers"] == 2 and pm["student_shape"]["intermediate_size"] == 64
+    assert pm["refit"] == [] and pm["importance"]["method"] == "magnitude"
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--target_params", "5e9"], "exceeds the teacher"),
+        (["--num_heads", "3"], "not a multiple"),
+        (["--target_params", "0.5", "--calib_data", "{jsonl}", "--text_column", "body"], "no column 'body'"),
+        (["--target_params", "0.5", "--calib_data", "{empty}"], "non-empty document"),
+        (["--target_params", "0.5", "--num_layers", "2"], "exclude each other"),
+        (["--target_params", "0.5", "search.scores=kl"], "did you mean"),
+    ],
+)
+def test_recipe_bad_input_fails_clearly(teacher_dir, tmp_path, capsys, extra, match):
+    import json
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": f"doc {i} words here"}) for i in range(10)) + "\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    extra = [e.format(jsonl=jsonl, empty=empty) for e in extra]
+    out = tmp_path / "student"
+    rc = _recipe().main(["--model", str(teacher_dir), "--output", str(out), *extra, *RECIPE_FAST])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_recipe_refuses_non_empty_output_before_loading(tmp_path, capsys):
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "model.safetensors").write_text("keep")
+    rc = _recipe().main(["--model", str(tmp_path / "does-not-exist"), "--output", str(out), "--target_params", "0.5"])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "keep"
