@@ -195,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--chunk", type=int, default=256, help="fused chunk_tokens")
-    parser.add_argument("--divergences", default="forward_kl,jsd", help="comma list measured at full size")
-    parser.add_argument("--small-factor", type=int, default=16, help="also measure every divergence at seq/this (0: skip)")
+    parser.add_argument("--divergences", default="forward_kl,jsd", help="comma list measured at full size ('' for none)")
+    parser.add_argument("--small-factor", type=int, default=16,
+                        help="also measure every divergence at seq/this with chunk/this (0: skip)")
     parser.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs (default 0 on CPU, 2 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs (default 0 on CPU, at least 1 at the small size; 2 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, best kept (default 1 on CPU, 5 on CUDA)")
     parser.add_argument("--no-trl", action="store_true", help="skip the TRL peer measurement")
     parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
@@ -213,10 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     size = dict(batch=args.batch, seq=args.seq, vocab=args.vocab, hidden=args.hidden)
     started = time.time()
     load = os.getloadavg()[0]
-    rows = _rows(args, size, tuple(args.divergences.split(",")), with_trl)
+    rows = _rows(args, size, tuple(d for d in args.divergences.split(",") if d), with_trl)
     if args.small_factor:
+        # Same number of chunks as at full size, so the memory ratio is comparable.
         small = dict(size, seq=max(1, args.seq // args.small_factor))
-        rows += _rows(args, small, ALL_DIVERGENCES, with_trl)
+        small_args = argparse.Namespace(**{**vars(args), "chunk": max(1, args.chunk // args.small_factor),
+                                         "warmup": max(args.warmup, 1)})
+        rows += _rows(small_args, small, ALL_DIVERGENCES, with_trl)
     header = [
         f"## {SECTION}",
         "",
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{_device_name(args.device)}, {args.threads} threads (load average at start {load:.1f}), torch forward + backward of the loss from final "
         f"hidden states and lm_head weights of student and teacher (float32, mean over tokens). Peak = memory "
         f"growth over the inputs ({'max_memory_allocated' if cuda else 'max RSS'}, fresh process per row); time = "
-        f"{'best of ' + str(args.repeats) + ' after ' + str(args.warmup) + ' warm-up runs' if args.repeats > 1 else 'one run'}. "
+        f"best of {args.repeats} run(s) after {args.warmup} warm-up run(s) at full size, at least 1 warm-up at the small size. "
         "Ratios are against `ours, plain` of the same row group (fused goal: memory <= 0.125 at time <= 1.0).",
         "",
         "| shape (BxS) | divergence | implementation | seconds | peak GiB | time / plain | memory / plain | loss |",
