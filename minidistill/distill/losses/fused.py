@@ -124,7 +124,9 @@ class FusedLogitKDLoss(nn.Module):
 
     Takes the same arguments as :class:`LogitKDLoss` plus ``chunk_tokens`` (positions per chunk;
     peak extra memory grows with ``chunk_tokens x vocab``). Logits are computed in float32 per chunk
-    whatever the input dtype; gradients are returned in the inputs' dtypes.
+    whatever the input dtype (half-precision head weights are upcast once per call, V x D each);
+    gradients are returned in the inputs' dtypes. Tested bound for bfloat16 inputs: loss within 1e-5
+    relative of float32 arithmetic on the same rounded inputs, gradients within bfloat16 rounding (1e-2).
     """
 
     def __init__(
