@@ -43,6 +43,7 @@ __all__ = [
     "check_same_vocabulary",
     "resolve_resume",
     "run_prune_distill",
+    "student_init_dir",
 ]
 
 
@@ -147,25 +148,40 @@ def _lookup(d: dict[str, Any], dotted: str) -> Any:
 # ---------------------------------------------------------------------------------------------- recipe
 
 
+def student_init_dir(cfg: PruneDistillConfig) -> Path:
+    """Where the pruned student of a run is kept (``prune.output_dir``, else ``<run_dir>/student_init``)."""
+    if cfg.prune is not None and cfg.prune.output_dir:
+        return Path(cfg.prune.output_dir)
+    return cfg.run_dir / STUDENT_INIT
+
+
 def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, resume: Path | None):
-    """(student, prune_map): from ``student.source``, from the run's saved initial student, or by pruning."""
-    run_dir = cfg.run_dir
-    init_dir = run_dir / STUDENT_INIT
+    """(student, prune_map): from ``student.source``, from the run's saved pruned student, or by pruning.
+
+    Pruning runs on the main process and saves the student (with its prune map) to
+    :func:`student_init_dir`; every process then loads that folder, so all ranks start from the same
+    weights, and a resumed run rebuilds the same architecture without pruning again.
+    """
     if cfg.student is not None:
         student = load_model(cfg.student)
         return student, _prune_map_for(cfg.student.source, teacher)
-    if resume is not None or (init_dir / "config.json").is_file():
-        if not (init_dir / "config.json").is_file():
-            raise CheckpointError(f"{init_dir} is missing: the pruned student of this run cannot be rebuilt for resuming")
-        return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
-    from .prune.pipeline import prune_model
-    from .prune.save import save_student
+    init_dir = student_init_dir(cfg)
+    saved = (init_dir / "config.json").is_file() and (init_dir / PRUNE_MAP_FILENAME).is_file()
+    if resume is not None and not saved:
+        raise CheckpointError(f"{init_dir} is missing: the pruned student of this run cannot be rebuilt for resuming")
+    if resume is None:
+        from .prune.pipeline import prune_model
 
-    if accelerator.is_main_process:
-        result = prune_model(teacher, tokenizer, data, cfg.prune, teacher_source=cfg.teacher.source)
-        save_student(result.student, tokenizer, result.prune_map, init_dir, overwrite=True)
-        del result
-    accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
+            result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source)
+            logger.info(
+                "pruned %s -> %s parameters; student saved to %s", result.params_before, result.params_after, init_dir
+            )
+            del result
+        accelerator.wait_for_everyone()
+    else:
+        logger.info("using the pruned student saved in %s", init_dir)
     return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
 
 
@@ -173,6 +189,11 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, hub push."""
     cfg.validate()
     resume_path = resolve_resume(cfg, resume)
+    if resume_path is None and latest_checkpoint(cfg.run_dir / CHECKPOINTS) is not None:
+        raise CheckpointError(
+            f"{cfg.run_dir} already holds checkpoints; pass --resume to continue that run, or choose another "
+            "run_name (or delete the folder) to start over"
+        )
     check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
     if cfg.student is not None:
         check_seq_len(cfg.student, cfg.data.seq_len, "student")

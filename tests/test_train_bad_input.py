@@ -95,6 +95,8 @@ def test_resume_refuses_an_incompatible_config_and_a_missing_checkpoint(tiny_dir
     changed = load_recipe_config(None, base + ["loss.logits.temperature=2.0", "train.max_steps=4"])
     with pytest.raises(CheckpointError, match=r"config differs in loss\.logits\.temperature \(e\.g\. loss\.logits\.temperature: checkpoint 1\.0, now 2\.0\)"):
         run_prune_distill(changed, resume=True)
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints; pass --resume"):
+        run_prune_distill(load_recipe_config(None, base))
     # max_steps may grow on resume: the run continues from step 2 to 4.
     result = run_prune_distill(load_recipe_config(None, base + ["train.max_steps=4"]), resume=True)
     assert result.train.steps == 4

@@ -28,8 +28,11 @@ def tiny_dirs(tmp_path_factory):
 @pytest.mark.slow
 def test_saved_model_reloads_with_the_logged_perplexity(tiny_dirs, tmp_path):
     teacher, student = tiny_dirs
-    cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"loss.attention.weight": 0.5}))
+    cfg = load_recipe_config(
+        None, tiny_overrides(tmp_path, teacher, student, **{"loss.attention.weight": 0.5, "train.log_with": "[tensorboard]"})
+    )
     result = run_prune_distill(cfg)
+    assert list((cfg.run_dir / "tb").rglob("events.out.tfevents*"))
     model_dir = result.model_dir
     assert sorted(p.name for p in tmp_path.joinpath("tiny").iterdir() if p.name.startswith(".")) == []
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prune_map.json", "training_metadata.json"):

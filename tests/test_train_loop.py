@@ -189,3 +189,16 @@ def test_in_process_resume_reproduces_the_uninterrupted_losses(tmp_path):
     ref = [(r["step"], r["loss"], r["loss/hidden"], r["weight/hidden"]) for r in _records(tmp_path / "full")]
     got = [(r["step"], r["loss"], r["loss/hidden"], r["weight/hidden"]) for r in _records(tmp_path / "part")]
     assert got == ref
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path):
+    states = []
+    for gc in (False, True):
+        d = make_distiller(tmp_path / f"gc{gc}", train={"gradient_checkpointing": gc}, loss={"hidden": {"weight": 1.0}, "attention": {"weight": 1.0}})
+        record = d.train_step(0)
+        states.append((record, {k: v.detach().clone() for k, v in d.module.state_dict().items()}))
+    (r1, s1), (r2, s2) = states
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-6)

@@ -129,7 +129,10 @@ class Distiller:
         if train.lora is not None:
             self.peft_model, student = _apply_lora(student, train)
         if train.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(student, "activation_checkpointing_enable"):
+                student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.config.use_cache = False
         if train.compile:
             for layer in get_adapter(student).decoder_layers(student):
@@ -248,6 +251,8 @@ class Distiller:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_partial_checkpoints(ckpt_root)
+            if resume is None:
+                truncate_log(self.run_dir / "log.jsonl", -1)  # a fresh run starts a fresh log
         acc.wait_for_everyone()
         if resume is not None:
             state = load_checkpoint(acc, resume)
