@@ -25,6 +25,9 @@ Training details:
   ZeRO-3 gathers parameters inside the module forward. Both hand the hooks and the attention function
   ordinary activations, so capture works unchanged under either.
 - Pass ``use_cache=False`` to the forward: with a cache the recorded keys/values are the cache contents.
+- The recorded :class:`AttentionLayout` (scaling, sliding window, causal) is what the losses need to rebuild
+  a layer's mask. Sequences packed into one row (flash attention with ``position_ids`` restarts) are not
+  described by it: the losses treat each row as one causal sequence.
 - Nothing is kept across steps beyond the last forward's tensors; :meth:`FeatureCapture.clear` drops them.
 """
 
@@ -198,7 +201,7 @@ class FeatureCapture:
             if reentrant:
                 raise CaptureError(
                     f"decoder layers {reentrant} use reentrant gradient checkpointing, which runs the forward "
-                    "without a graph; enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
+                    "without a graph; enable it with model.activation_checkpointing_enable({'use_reentrant': False})"
                 )
         try:
             if self.spec.hidden:
