@@ -90,7 +90,8 @@ def chunked_softmax_kl(
     device = student_q.device
     valid = padding if padding is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
     rows = valid.sum() * heads
-    use_checkpoint = torch.is_grad_enabled() and (student_q.requires_grad or student_k.requires_grad)
+    # Both sides may be trainable (mutual learning); checkpoint whenever any input needs a gradient.
+    use_checkpoint = torch.is_grad_enabled() and any(x.requires_grad for x in (student_q, student_k, teacher_q, teacher_k))
     total = student_q.new_zeros((), dtype=torch.promote_types(student_q.dtype, torch.float32))
     for start in range(0, length, chunk_queries):
         stop = min(start + chunk_queries, length)
