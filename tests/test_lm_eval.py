@@ -314,3 +314,22 @@ def test_evaluate_cli_on_saved_folder(bundled_tokenizer, tmp_path, capsys):
     ours = rolling_perplexity(model, bundled_tokenizer, docs)
     assert row["metrics"][HELDOUT_PPL_TASK]["word_perplexity"] == pytest.approx(ours["word_perplexity"], rel=1e-4)
     assert recipe.main is main
+
+
+@pytest.mark.slow
+def test_lastword_few_shot_prompt(bundled_tokenizer, tmp_path):
+    """num_fewshot=1 prefixes each item with the (single) few-shot example and a blank line."""
+    example_doc = "The old ship sailed slowly into the harbour at dawn."
+    task_dir = write_local_tasks(tmp_path / "tasks", TEXTS, fewshot_texts=[example_doc], max_lastword_items=3)
+    (example,) = lastword_items([example_doc])
+    model = tiny_model("llama", vocab_size=49152)
+    cfg = LmEvalConfig(tasks=[LASTWORD_TASK], num_fewshot=1, limit=3, batch_size=3)
+    table = run_lm_eval({"m": (model, bundled_tokenizer)}, cfg, task_dir=task_dir)
+    items = [json.loads(line) for line in (task_dir / "lastword.jsonl").read_text().splitlines()][:3]
+    shot = example["context"] + example["target"] + "\n\n"
+    prompted = [{"context": shot + it["context"], "target": it["target"]} for it in items]
+    acc, ppl = _lastword_reference(model, bundled_tokenizer, prompted)
+    assert table.row("m").metrics[LASTWORD_TASK]["perplexity"] == pytest.approx(ppl, rel=1e-4)
+    assert table.row("m").metrics[LASTWORD_TASK]["acc"] == pytest.approx(acc)
+    _, zero_shot_ppl = _lastword_reference(model, bundled_tokenizer, items)
+    assert zero_shot_ppl != pytest.approx(ppl, rel=1e-4)  # the prompt really changed
