@@ -90,9 +90,10 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _modeling_attribute(module: nn.Module, name: str) -> Any:
-    """``name`` from the modeling file that defines ``module``'s class (or a base class), else None."""
-    for cls in type(module).__mro__:
+@functools.lru_cache(maxsize=None)
+def _modeling_attribute(module_class: type, name: str) -> Any:
+    """``name`` from the modeling file that defines ``module_class`` (or a base class), else None."""
+    for cls in module_class.__mro__:
         value = getattr(sys.modules.get(cls.__module__), name, None)
         if value is not None:
             return value
@@ -101,8 +102,8 @@ def _modeling_attribute(module: nn.Module, name: str) -> Any:
 
 def _original_attention(module: nn.Module, implementation: str) -> Callable:
     """What the module itself would call for ``implementation`` (its modeling file's interface and eager code)."""
-    eager = _modeling_attribute(module, "eager_attention_forward")
-    interface = _modeling_attribute(module, "ALL_ATTENTION_FUNCTIONS") or ALL_ATTENTION_FUNCTIONS
+    eager = _modeling_attribute(type(module), "eager_attention_forward")
+    interface = _modeling_attribute(type(module), "ALL_ATTENTION_FUNCTIONS") or ALL_ATTENTION_FUNCTIONS
     if implementation == "eager":
         if eager is None:
             raise CaptureError(f"no eager_attention_forward found for {type(module).__name__}")
