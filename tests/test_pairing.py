@@ -102,3 +102,10 @@ def test_pair_heads_follows_kept_query_heads():
     assert pair_heads(pm, 1) == [0, 1]
     with pytest.raises(PairingError, match="outside"):
         pair_heads(pm, 3)
+
+
+def test_prune_map_with_out_of_range_layers_is_rejected():
+    pm = _prune_map()
+    pm.kept_layers = [0, 2, 6]  # not validated: points past the teacher's last layer
+    with pytest.raises(PairingError, match="outside the teacher"):
+        pair_layers(3, 6, prune_map=pm)
