@@ -259,6 +259,7 @@ def test_prepare_local_tasks_from_data_config(tmp_path):
     for name in (HELDOUT_PPL_TASK, LASTWORD_TASK):
         spec = yaml.safe_load((folder / f"{name}.yaml").read_text())
         assert spec["task"] == name
+        assert spec.get("num_fewshot") == (0 if name == HELDOUT_PPL_TASK else None)
         for path in spec["dataset_kwargs"]["data_files"].values():
             assert path.startswith("/") and (folder / path.rsplit("/", 1)[1]).is_file()
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary folder was renamed into place

@@ -66,6 +66,7 @@ def _task_yamls(folder: Path, has_fewshot: bool) -> dict[str, dict]:
         "dataset_kwargs": {"data_files": {"test": str(folder / "heldout.jsonl")}},
         "test_split": "test",
         "output_type": "loglikelihood_rolling",
+        "num_fewshot": 0,  # whole-document perplexity: lm-eval leaves a 0 set here unchanged by --num_fewshot
         "doc_to_text": "",
         "doc_to_target": "{{text}}",
         "metric_list": [
