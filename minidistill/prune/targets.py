@@ -339,8 +339,10 @@ def kl_to_teacher(
         dummy = torch.zeros(ids.shape, dtype=torch.long)
         for (sh, _), (th, _) in zip(iter_token_chunks(s_hidden, dummy, chunk_tokens),
                                    iter_token_chunks(t_hidden, dummy, chunk_tokens)):
-            s_logp = F.log_softmax(s_head(sh).float(), dim=-1)
-            t_logp = F.log_softmax(t_head(th).float(), dim=-1)
+            s_logits, t_logits = s_head(sh), t_head(th)
+            dtype = torch.promote_types(s_logits.dtype, torch.float32)
+            s_logp = F.log_softmax(s_logits.to(dtype), dim=-1)
+            t_logp = F.log_softmax(t_logits.to(dtype), dim=-1)
             total += F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").item()
             count += sh.shape[0]
     return total / count
