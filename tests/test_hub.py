@@ -217,3 +217,10 @@ def test_push_recipe(stub, run_folder, monkeypatch, capsys):
     monkeypatch.setattr(hub_module, "get_token", lambda: None)
     assert recipe.main([str(run_folder), "--repo_id", REPO, "--endpoint", stub.url]) == 1
     assert "HF_TOKEN" in capsys.readouterr().err
+
+
+def test_transient_lfs_upload_error_is_retried_by_the_client(stub, run_folder):
+    stub.fail("lfs_upload", "500", times=1)
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    assert sum(1 for m, _ in stub.requests if m == "PUT") == 3  # one failed, two succeeded
+    assert stub.files(REPO)["model.safetensors"] == (run_folder / "model.safetensors").read_bytes()
