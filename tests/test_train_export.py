@@ -77,3 +77,29 @@ def test_lora_run_saves_merged_plain_weights(tiny_dirs, tmp_path):
     data = build_text_data(cfg.data, tok)
     measured = heldout_loss(model, data.heldout.batches(cfg.eval.batch_size, limit_blocks=cfg.eval.max_blocks))
     assert measured["loss"] == pytest.approx(result.train.final_eval["heldout_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_pruning_path_saves_the_student_with_its_map_and_resumes_from_it(tiny_dirs, tmp_path):
+    """student=null: the teacher is pruned to an explicit shape, distilled, and the run resumes without re-pruning."""
+    pytest.importorskip("minidistill.prune.save")
+    teacher, _ = tiny_dirs
+    overrides = tiny_overrides(tmp_path, teacher, "x", **{"train.max_steps": 2, "train.save_every": 1, "eval.max_blocks": 2})
+    overrides = [o for o in overrides if not o.startswith("student.source=")] + [
+        "student=null",
+        "prune.target.num_layers=2",
+        "prune.target.hidden_size=48",
+        "prune.target.intermediate_size=64",
+        "prune.calib_blocks=4",
+        "prune.show_progress=false",
+    ]
+    cfg = load_recipe_config(None, overrides)
+    result = run_prune_distill(cfg)
+    init_dir = cfg.run_dir / "student_init"
+    pmap = PruneMap.load(init_dir)
+    assert pmap.student_shape["num_layers"] == 2 and pmap.student_shape["hidden_size"] == 48
+    assert PruneMap.load(result.model_dir).to_dict() == pmap.to_dict()
+    before = (init_dir / "model.safetensors").stat().st_mtime_ns
+    resumed = run_prune_distill(load_recipe_config(None, [o for o in overrides if "max_steps" not in o] + ["train.max_steps=3"]), resume=True)
+    assert resumed.train.steps == 3
+    assert (init_dir / "model.safetensors").stat().st_mtime_ns == before  # not pruned again
