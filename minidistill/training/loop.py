@@ -126,6 +126,11 @@ class Distiller:
         self.sampler = ResumableBlockSampler(len(data.train), self.micro_batch * acc.num_processes, seed=train.seed)
 
         self.peft_model = None
+        if train.lora is not None and _teacher_sharded(acc):
+            raise ValueError(
+                "train.lora is supported on a single process, DDP and ZeRO-0/1/2; under FSDP2 and ZeRO-3 train all "
+                "weights (train.lora=null) or launch with launch/ddp.yaml / launch/zero2.yaml"
+            )
         if train.lora is not None:
             self.peft_model, student = _apply_lora(student, train)
         if train.gradient_checkpointing:
