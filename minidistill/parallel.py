@@ -135,8 +135,13 @@ def local_rows(accelerator, global_batch: torch.Tensor) -> torch.Tensor:
 def _causal_lm(model: nn.Module) -> nn.Module:
     """``model`` itself, or the first submodule with a model config (e.g. the student inside a wrapper)."""
     for module in model.modules():
-        if getattr(module, "config", None) is not None and hasattr(module.config, "model_type"):
-            return module
+        if getattr(getattr(module, "config", None), "model_type", None) is None:
+            continue
+        try:
+            module.get_submodule(get_adapter(module).layers)
+        except (AttributeError, ValueError):  # a wrapper exposing the inner model's config
+            continue
+        return module
     raise ParallelConfigError(f"{type(model).__name__} holds no Hugging Face model (no submodule has a .config)")
 
 
@@ -215,8 +220,27 @@ def prepare_student(
         student, optimizer = accelerator.prepare(student, optimizer)
     else:
         student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    if kind == "deepspeed" and zero_stage(accelerator) == 3:
+        _register_head_as_external(student.module)
     logger.info("student prepared for %s", kind if kind != "deepspeed" else f"deepspeed zero-{zero_stage(accelerator)}")
     return student, optimizer, scheduler
+
+
+def _register_head_as_external(root: nn.Module) -> None:
+    """ZeRO-3: keep the final norm and lm_head gathered for the whole forward of ``root``.
+
+    Chunked logit losses apply the head weight to hidden-state chunks after the lm_head module's own
+    forward has returned, when ZeRO-3 would already have released it; registering the weights as
+    external parameters of the root module keeps them gathered until the root's forward ends (and
+    gathers them again for backward).
+    """
+    import deepspeed
+
+    model = _causal_lm(root)
+    adapter = get_adapter(model)
+    for path in (adapter.final_norm, adapter.lm_head):
+        for p in model.get_submodule(path).parameters():
+            deepspeed.zero.register_external_parameter(root, p)
 
 
 # ---------------------------------------------------------------------------------------------- teacher

@@ -106,6 +106,10 @@ def test_decoder_layer_class_name_from_adapter(model_type):
             self.proj = nn.Linear(2, 2)
             self.student = inner
 
+        @property
+        def config(self):  # wrappers may expose the inner model's config
+            return self.student.config
+
     assert parallel.decoder_layer_class_name(Wrapper(model)) == name
     with pytest.raises(ParallelConfigError, match="no Hugging Face model"):
         parallel.decoder_layer_class_name(nn.Linear(2, 2))
