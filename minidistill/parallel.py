@@ -371,7 +371,7 @@ def _zero3_full_state_dict(accelerator, engine) -> dict[str, torch.Tensor] | Non
     """Gather a ZeRO-3 engine's parameters group by group; the main process keeps CPU copies."""
     import deepspeed
 
-    module = engine.module
+    module = getattr(engine, "module", engine)
     names_by_param: dict[int, list[str]] = {}
     params: list[nn.Parameter] = []
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -413,7 +413,9 @@ def _zero3_full_state_dict(accelerator, engine) -> dict[str, torch.Tensor] | Non
 def unwrap_full_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
     """The model's full (unsharded) state dict as CPU tensors on the main process, None on the others.
 
-    A collective under FSDP2 and ZeRO-3: every rank must call it. Keys are those of the unwrapped model.
+    A collective under FSDP2 and ZeRO-3: every rank must call it. Keys are those of the unwrapped model
+    (tied weights under each of their names). Under DeepSpeed with bf16/fp16 the values are the engine's
+    16-bit weights, as DeepSpeed's own 16-bit export gives them.
     """
     kind = distributed_kind(accelerator)
     if kind == "fsdp2":
