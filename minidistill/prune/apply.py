@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 

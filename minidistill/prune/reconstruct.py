@@ -147,7 +147,7 @@ def capture_layer_inputs(teacher: nn.Module, batches: Iterable[torch.Tensor], la
     return captured
 
 
-def _refit_plan(teacher: nn.Module, pmap: PruneMap, cfg: ReconstructionConfig) -> dict[int, list[tuple[str, int, torch.Tensor]]]:
+def _refit_plan(pmap: PruneMap, cfg: ReconstructionConfig) -> dict[int, list[tuple[str, int, torch.Tensor]]]:
     """Teacher layer -> [(target, student layer, kept input columns)] of the projections to re-fit."""
     t = pmap.teacher["shape"]
     plan: dict[int, list[tuple[str, int, torch.Tensor]]] = {}
@@ -179,7 +179,7 @@ def reconstruct(
     if not cfg.enabled:
         return []
     a = get_adapter(teacher)
-    plan = _refit_plan(teacher, pmap, cfg)
+    plan = _refit_plan(pmap, cfg)
     if not plan:
         logger.info("reconstruction: no block lost input units; nothing to re-fit")
         return []
