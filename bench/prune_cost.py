@@ -78,6 +78,8 @@ def main() -> None:
     t_shape = get_adapter(teacher).shape(teacher.config)
 
     cost = cost_rows(teacher, calib, args.base_blocks, args.batch_size)
+    for r in cost:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
 
     shapes = {
         "MLP halved": {**t_shape, "intermediate_size": t_shape["intermediate_size"] // 2},
