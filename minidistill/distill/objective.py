@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -230,6 +231,7 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
     The root forward runs with an empty ``logits_to_keep`` so that sharding wrappers see their usual
     call, while hooks on the final norm and the lm_head pick up what the logit loss needs. ``copy_head``
     clones the head weight (needed when a sharded model frees its gathered weights after forward).
+    Final-logit soft-capping (a gemma config option, off in gemma3_text) is not applied.
     """
     inner = unwrap_module(model)
     adapter = get_adapter(inner)
@@ -247,22 +249,21 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
         inner.get_submodule(adapter.lm_head).register_forward_hook(head_hook),
     ]
     capture = None
-    try:
-        if request.layers:
-            from .capture import CaptureSpec, FeatureCapture
+    if request.layers:
+        from .capture import CaptureSpec, FeatureCapture
 
-            spec = CaptureSpec(
-                layers=request.layers,
-                hidden=bool(request.hidden),
-                queries=bool(request.qk),
-                keys=bool(request.qk),
-                values=bool(request.values),
-            )
-            capture = FeatureCapture(inner, spec)
-            with capture:
-                model(input_ids=input_ids, logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device), use_cache=False)
-        else:
-            model(input_ids=input_ids, logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device), use_cache=False)
+        spec = CaptureSpec(
+            layers=request.layers,
+            hidden=bool(request.hidden),
+            queries=bool(request.qk),
+            keys=bool(request.qk),
+            values=bool(request.values),
+        )
+        capture = FeatureCapture(inner, spec)
+    no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    try:
+        with capture if capture is not None else nullcontext():
+            model(input_ids=input_ids, logits_to_keep=no_logits, use_cache=False)
     finally:
         for h in handles:
             h.remove()
