@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
+from . import parallel
 from .config import ConfigError
 from .data import build_text_data
 from .distill.objective import DistillLossConfig, DistillObjective
@@ -199,7 +200,8 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         check_seq_len(cfg.student, cfg.data.seq_len, "student")
     run_dir = cfg.run_dir
     accelerator = build_accelerator(cfg.train, run_dir)
-    teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
+    with parallel.full_weights_init(accelerator):  # ZeRO-3 would otherwise partition at load
+        teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
         student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)
@@ -215,7 +217,8 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
             )
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
     data = build_text_data(cfg.data, tokenizer)
-    student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
+    with parallel.full_weights_init(accelerator):
+        student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
     check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     check_pairing_possible(cfg.loss, prune_map)
     distiller = Distiller(

@@ -162,22 +162,16 @@ class Distiller:
             min_lr_ratio=train.min_lr_ratio,
             decay_fraction=train.decay_fraction,
         )
-        self.module, self.optimizer, self.scheduler = self._prepare(module, optimizer, scheduler, student)
+        self.module, self.optimizer, self.scheduler = self._prepare(module, optimizer, scheduler)
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_sharded = _teacher_sharded(acc)
         self.run_name = run_name
 
     # ------------------------------------------------------------------ placement
-    def _prepare(self, module, optimizer, scheduler, student):
+    def _prepare(self, module, optimizer, scheduler):
         from .. import parallel
 
         acc = self.accelerator
-        if parallel.distributed_kind(acc) == "fsdp2":
-            from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-            plugin = acc.state.fsdp_plugin
-            plugin.transformer_cls_names_to_wrap = [parallel.decoder_layer_class_name(student)]
-            plugin.auto_wrap_policy = transformer_auto_wrap_policy
         return parallel.prepare_student(
             acc, module, optimizer, scheduler, micro_batch_size=self.micro_batch, max_grad_norm=self.train_cfg.max_grad_norm
         )
@@ -338,6 +332,8 @@ class Distiller:
                 if acc.sync_gradients:
                     max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
                     grad_norm = acc.clip_grad_norm_(self.module.parameters(), max_norm)
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                        grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 if acc.sync_gradients:
                     self.scheduler.step()
