@@ -122,7 +122,9 @@ def render(cost, quality, base_ppl, args, ne_full) -> str:
     lines = [
         SECTION,
         "",
-        f"`python bench/prune_cost.py` on {datetime.date.today().isoformat()}, {device}. Bundled teacher "
+        f"`python bench/prune_cost.py --seq_len {args.seq_len} --base_blocks {args.base_blocks} --calib_blocks "
+        f"{args.calib_blocks} --eval_blocks {args.eval_blocks} --batch_size {args.batch_size}` on "
+        f"{datetime.date.today().isoformat()}, {device}. Bundled teacher "
         f"SmolLM2-135M-Instruct (float32, {ne_full:,} non-embedding parameters), bundled corpus, blocks of {args.seq_len} tokens, "
         f"batch {args.batch_size}.",
         "",
