@@ -20,7 +20,7 @@ from minidistill.prune.select import select_units
 pytestmark = pytest.mark.slow
 
 # About 50% of the teacher's non-embedding parameters (the budget search's pick for target.params=0.5, non_embedding).
-HALF_SHAPE = {"num_layers": 23, "hidden_size": 512, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1152}
+HALF_SHAPE = {"num_layers": 27, "hidden_size": 384, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1344}
 
 
 @pytest.fixture(scope="module")

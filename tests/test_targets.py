@@ -18,6 +18,7 @@ from minidistill.prune.targets import (
     TargetConfig,
     TargetError,
     budget_params,
+    config_rejects_shape,
     enumerate_candidates,
     explicit_shape,
     format_rows,
@@ -193,3 +194,16 @@ def test_score_candidates_ranks_by_heldout_loss_and_keeps_the_best(caplog):
     assert "budget search" in caplog.text and "| rank |" in caplog.text
     table = format_rows(res.rows)
     assert table.count("\n") == 3 and "100" in table
+
+
+def test_candidates_only_shapes_transformers_can_save():
+    # LlamaConfig refuses hidden sizes that are not a multiple of the head count (even with head_dim set),
+    # so a pruned checkpoint of such a shape could not be saved or reloaded.
+    model = tiny_model("llama", hidden_size=96, num_heads=6, num_kv_heads=3, num_layers=2, intermediate_size=96)
+    counter = ParamCounter(model.config)
+    assert config_rejects_shape(model.config, {"hidden_size": 64, "num_heads": 6, "num_kv_heads": 3})
+    assert config_rejects_shape(model.config, {"hidden_size": 64, "num_heads": 4, "num_kv_heads": 2}) is None
+    search = SearchConfig(multiple_of=32, tolerance=0.5, max_candidates=1000, max_layer_drop=0.0)
+    cands = enumerate_candidates(counter, int(counter.count(counter.teacher_shape) * 0.7), search)
+    assert cands and all(config_rejects_shape(model.config, c.shape) is None for c in cands)
+    assert all(c.shape["hidden_size"] % c.shape["num_heads"] == 0 for c in cands)

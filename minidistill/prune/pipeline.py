@@ -32,7 +32,9 @@ from .targets import (
     ParamCounter,
     SearchConfig,
     TargetConfig,
+    TargetError,
     budget_params,
+    config_rejects_shape,
     enumerate_candidates,
     explicit_shape,
     format_rows,
@@ -156,6 +158,9 @@ def prune_model(
                     " (non-embedding)" if cfg.target.non_embedding else "", len(candidates))
     else:
         shape = explicit_shape(teacher_shape, cfg.target)
+        rejection = config_rejects_shape(teacher.config, shape)
+        if rejection:
+            raise TargetError(f"target shape {shape} cannot be saved as a {teacher.config.model_type} checkpoint: {rejection}")
     timings["checks_s"] = time.perf_counter() - t_start
 
     # ---- calibration (one forward for activation importance and layer statistics)

@@ -12,6 +12,7 @@ and the best one wins.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -131,6 +132,25 @@ def check_shape(teacher_shape: dict[str, int], shape: dict[str, int]) -> None:
             f"target keeps {heads // kv} query heads per KV group but the teacher's groups have {group}; "
             f"with num_kv_heads={kv} keep at most {group * kv} heads, or keep more KV groups"
         )
+
+
+def config_rejects_shape(config, shape: dict[str, int]) -> str | None:
+    """transformers' own objection to a config of ``config``'s type at ``shape`` (None when accepted).
+
+    Config classes validate their architecture when saved (e.g. LlamaConfig requires hidden_size to
+    be a multiple of num_attention_heads even with an explicit head_dim); a pruned shape that fails
+    it could not be saved as a plain checkpoint.
+    """
+    cfg = copy.copy(config)
+    get_adapter(cfg).set_shape(cfg, {**get_adapter(config).shape(config), **shape})
+    validate = getattr(cfg, "validate_architecture", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def explicit_shape(teacher_shape: dict[str, int], target: TargetConfig) -> dict[str, int]:
@@ -293,6 +313,12 @@ def enumerate_candidates(
          "head_dim": t["head_dim"]}
         for L, D, (H, K), I in itertools.product(range(min_layers, t["num_layers"] + 1), hidden, heads, mlp)
     ]
+    # Architecture validation depends on widths and head counts only; ask once per combination.
+    accepted = {
+        (D, H, K): config_rejects_shape(counter.config, {"hidden_size": D, "num_heads": H, "num_kv_heads": K}) is None
+        for D in hidden for H, K in heads
+    }
+    shapes = [s for s in shapes if accepted[(s["hidden_size"], s["num_heads"], s["num_kv_heads"])]]
     counts = counter.count_many(shapes)
     low = budget * (1 - search.tolerance)
     inside = [Candidate(s, p, _balance_cost(t, s, p, budget)) for s, p in zip(shapes, counts) if low <= p <= budget]
