@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		recipes/prune_distill.py --config recipes/configs/demo.yaml
+		recipes/prune_distill.py --config recipes/configs/demo.yaml --resume auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

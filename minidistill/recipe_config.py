@@ -63,6 +63,12 @@ class PruneDistillConfig(ConfigBase):
     """Where the distilled model is pushed (with push_to_hub)."""
     push_to_hub: bool = False
     """Push ``<run_dir>/model`` to the Hub at the end."""
+    report: bool = False
+    """Write ``metrics.json``, ``report.md`` and ``loss.png`` (teacher / pruned / distilled side by side) at the end."""
+    report_new_tokens: int = 24
+    """Tokens generated greedily per fixed prompt for the report."""
+    config_file: str | None = None
+    """The YAML file this config was loaded from (set by the recipe; shown in the report's reproduce command)."""
 
     @property
     def run_dir(self) -> Path:
@@ -101,6 +107,9 @@ RESUMABLE_CHANGES = (
     "hub",
     "push_to_hub",
     "data.num_proc",
+    "report",
+    "report_new_tokens",
+    "config_file",
 )
 
 

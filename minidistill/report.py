@@ -17,6 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +166,48 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], *, log_file: str 
     report.write_text(render_report(metrics, plot_name=plot.name if plot else None))
     logger.info("report written to %s", report)
     return report
+
+
+class StageTimer:
+    """Wall time of named stages of a run, logged as each one ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+            logger.info("stage %-16s %7.1f s", name, took)
+
+
+def model_entry(model, *, heldout: dict[str, Any] | None, agreement: float | None,
+                generations: list[dict[str, str]] | None) -> dict[str, Any]:
+    """One ``models`` entry of metrics.json: shape, parameter counts, held-out numbers, generations."""
+    from .adapters import count_parameters, get_adapter
+
+    return {
+        "shape": get_adapter(model).shape(model.config),
+        "params": count_parameters(model),
+        "non_embedding_params": count_parameters(model, non_embedding=True),
+        "heldout": heldout,
+        "agreement": agreement,
+        "generations": generations,
+    }
+
+
+def eval_records(records: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first (step 0: teacher and pruned student) and last (distilled student) eval records of a run log."""
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not evals:
+        raise ValueError("the run log holds no evaluation record")
+    return evals[0], evals[-1]
+
+
+def heldout_of(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"loss", "perplexity", "tokens"}`` of an eval record's ``<prefix>_*`` fields."""
+    return {k: record.get(f"{prefix}_{k}") for k in ("loss", "perplexity", "tokens")}

@@ -186,21 +186,55 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
     return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
 
 
+def finished(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a finished run (its exported model)."""
+    return (run_dir / MODEL_DIR / "training_metadata.json").is_file()
+
+
+def resolve_auto_resume(cfg: PruneDistillConfig) -> tuple[PruneDistillConfig, str | None]:
+    """``--resume auto``: continue an unfinished run, start a fresh one, never overwrite a finished one.
+
+    A finished run keeps its folder; the new run gets the next free name ``<run_name>-2``, ``-3``, ...
+    """
+    if finished(cfg.run_dir):
+        n = 2
+        while (Path(cfg.output_root) / f"{cfg.run_name}-{n}").exists():
+            n += 1
+        new = cfg.replace(run_name=f"{cfg.run_name}-{n}")
+        logger.warning("%s holds a finished run and is kept; this run writes to %s", cfg.run_dir, new.run_dir)
+        return new, None
+    if latest_checkpoint(cfg.run_dir / CHECKPOINTS) is not None:
+        logger.info("resuming the unfinished run in %s from its latest checkpoint", cfg.run_dir)
+        return cfg, "latest"
+    return cfg, None
+
+
 def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = None) -> RecipeResult:
-    """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, hub push."""
+    """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, report, hub push.
+
+    ``resume``: None (fresh run), ``"latest"`` / True, a checkpoint path, or ``"auto"``
+    (:func:`resolve_auto_resume`).
+    """
+    from .report import StageTimer
+
     cfg.validate()
+    if resume == "auto":
+        cfg, resume = resolve_auto_resume(cfg)
     resume_path = resolve_resume(cfg, resume)
     if resume_path is None and latest_checkpoint(cfg.run_dir / CHECKPOINTS) is not None:
         raise CheckpointError(
             f"{cfg.run_dir} already holds checkpoints; pass --resume to continue that run, or choose another "
             "run_name (or delete the folder) to start over"
         )
+    if resume_path is None and finished(cfg.run_dir):
+        raise CheckpointError(f"{cfg.run_dir} holds a finished run; choose another run_name (or pass --resume auto)")
     check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
     if cfg.student is not None:
         check_seq_len(cfg.student, cfg.data.seq_len, "student")
     run_dir = cfg.run_dir
+    timer = StageTimer()
     accelerator = build_accelerator(cfg.train, run_dir)
-    with parallel.full_weights_init(accelerator):  # ZeRO-3 would otherwise partition at load
+    with timer.stage("load teacher"), parallel.full_weights_init(accelerator):  # ZeRO-3 would partition at load
         teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
@@ -216,9 +250,11 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
                 "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
             )
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
-    data = build_text_data(cfg.data, tokenizer)
-    with parallel.full_weights_init(accelerator):
-        student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
+    with timer.stage("data"):
+        data = build_text_data(cfg.data, tokenizer)
+    with timer.stage("prune" if cfg.student is None and resume_path is None else "load student"):
+        with parallel.full_weights_init(accelerator):
+            student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
     check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     check_pairing_possible(cfg.loss, prune_map)
     distiller = Distiller(
@@ -234,7 +270,8 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         accelerator=accelerator,
         run_name=cfg.run_name,
     )
-    result = distiller.run(resume=resume_path)
+    with timer.stage("distill"):
+        result = distiller.run(resume=resume_path)
     metadata = {
         "teacher": cfg.teacher.source,
         "steps": result.steps,
@@ -247,25 +284,36 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         "config": cfg.to_dict(),
     }
     model_dir = run_dir / MODEL_DIR
-    export_student(
-        accelerator, result.module, model_dir, tokenizer=tokenizer, prune_map=prune_map, metadata=metadata,
-        peft_model=distiller.peft_model,
-    )
+    with timer.stage("export"):
+        export_student(
+            accelerator, result.module, model_dir, tokenizer=tokenizer, prune_map=prune_map, metadata=metadata,
+            peft_model=distiller.peft_model,
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata)
+        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
     accelerator.wait_for_everyone()
     return RecipeResult(run_dir=run_dir, model_dir=model_dir, train=result)
 
 
-def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict) -> None:
-    """Main process: lm-eval tasks (when configured) and the Hub push (when asked for)."""
+def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict,
+                    result: TrainResult, timer) -> None:
+    """Main process: resolved config, lm-eval tasks and report (when configured), the Hub push (when asked for)."""
+    from .config import save_config
+
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    distilled = None
     if cfg.eval.lm_eval is not None:
         from .evaluation.lm_eval_runner import run_lm_eval
 
-        distilled = load_model(ModelConfig(source=str(model_dir)))
-        table = run_lm_eval({"teacher": (teacher, tokenizer), "distilled": (distilled, tokenizer)}, cfg.eval.lm_eval, data=data)
-        table.save(cfg.run_dir / "lm_eval")
+        with timer.stage("lm-eval"):
+            distilled = load_model(ModelConfig(source=str(model_dir)))
+            table = run_lm_eval({"teacher": (teacher, tokenizer), "distilled": (distilled, tokenizer)}, cfg.eval.lm_eval, data=data)
+            table.save(cfg.run_dir / "lm_eval")
+    if cfg.report:
+        with timer.stage("report"):
+            distilled = distilled or load_model(ModelConfig(source=str(model_dir)))
+            _write_run_report(cfg, model_dir, teacher, distilled, tokenizer, result, timer)
     if cfg.push_to_hub:
         from .hub import push_to_hub
         from .model_card import build_model_card, run_info_from_folder
@@ -273,3 +321,54 @@ def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer
         card = build_model_card(run_info_from_folder(model_dir, teacher_source=cfg.teacher.source))
         url = push_to_hub(model_dir, cfg.hub, card=card)
         logger.info("pushed to %s", url)
+
+
+def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distilled, tokenizer, result: TrainResult, timer) -> None:
+    """metrics.json, report.md and loss.png: teacher, pruned and distilled models measured the same way."""
+    import platform
+    import time
+
+    import torch
+
+    from .evaluation.generation import greedy_generations
+    from .report import eval_records, heldout_of, model_entry, read_log, write_report
+
+    first, last = eval_records(read_log(cfg.run_dir / "log.jsonl"))
+    pruned_dir = Path(resolve_source(cfg.student.source)) if cfg.student is not None else student_init_dir(cfg)
+    pruned = load_model(ModelConfig(source=str(pruned_dir)))
+    pmap = PruneMap.load(model_dir) if (model_dir / PRUNE_MAP_FILENAME).is_file() else None
+    device = next(distilled.parameters()).device
+    models = {}
+    for name, model, heldout, agreement in (
+        ("teacher", teacher, heldout_of(first, "teacher_heldout"), None),
+        ("pruned", pruned, heldout_of(first, "heldout"), first.get("top1_agreement")),
+        ("distilled", distilled, heldout_of(last, "heldout"), last.get("top1_agreement")),
+    ):
+        gens = greedy_generations(model.to(device), tokenizer, max_new_tokens=cfg.report_new_tokens)
+        models[name] = model_entry(model, heldout=heldout, agreement=agreement, generations=gens)
+    overrides = f" run_name={cfg.run_name}" if cfg.run_name != "demo" else ""
+    metrics = {
+        "run_name": cfg.run_name,
+        "created": time.strftime("%Y-%m-%d %H:%M"),
+        "device": f"{torch.cuda.get_device_name()}" if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "models": models,
+        "candidates": (pmap.notes.get("search", {}).get("candidates") if pmap is not None else None) or [],
+        "training": {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 1),
+            "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
+            "losses": cfg.loss.weights(),
+        },
+        "stage_seconds": {k: round(v, 1) for k, v in timer.seconds.items()},
+        "commands": {
+            "reproduce": f"accelerate launch recipes/prune_distill.py --config {cfg.config_file or '<config.yaml>'}{overrides}",
+            "load": (
+                "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                f"model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})\n"
+                f"tokenizer = AutoTokenizer.from_pretrained({str(model_dir)!r})"
+            ),
+        },
+    }
+    write_report(cfg.run_dir, metrics)
