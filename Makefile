@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		--num_cpu_threads_per_process $(shell nproc) \
 		recipes/prune_distill.py --config recipes/configs/demo.yaml --resume auto
 
 test: $(STAMP)
