@@ -153,10 +153,11 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 def token_aggregate(values: torch.Tensor, token_agg: str) -> torch.Tensor:
     """[B, T, U] per-token unit values -> [B, U] per-sequence scores."""
     values = _wide(values)
+    # vector_norm reduces in one pass, without an abs() / pow() copy of the activations.
     if token_agg == "mean_abs":
-        return values.abs().mean(1)
+        return torch.linalg.vector_norm(values, ord=1, dim=1) / values.shape[1]
     if token_agg == "l2":
-        return values.pow(2).sum(1).sqrt()
+        return torch.linalg.vector_norm(values, ord=2, dim=1)
     raise ValueError(f"unknown token_agg {token_agg!r}")
 
 
@@ -170,12 +171,10 @@ def head_token_aggregate(
     b, t, _ = values.shape
     per_head = _wide(values).reshape(b, t, num_heads, -1)
     if gram is None:
-        sq = per_head.pow(2).sum(-1)  # [B, T, H]
+        norms = torch.linalg.vector_norm(per_head, dim=-1)  # [B, T, H]
     else:
-        sq = torch.einsum("bthd,hde,bthe->bth", per_head, gram.to(per_head.dtype), per_head).clamp_min(0.0)
-    if token_agg == "l2":
-        return sq.sum(1).sqrt()
-    return token_aggregate(sq.sqrt(), token_agg)
+        norms = torch.einsum("bthd,hde,bthe->bth", per_head, gram.to(per_head.dtype), per_head).clamp_min(0.0).sqrt()
+    return token_aggregate(norms, token_agg)
 
 
 def o_proj_head_gram(o_proj: nn.Module, num_heads: int) -> torch.Tensor:
