@@ -16,8 +16,8 @@ from minidistill.prune.apply import apply_prune_map
 from minidistill.prune.prune_map import PRUNE_MAP_FILENAME, PruneMap, PruneMapError
 from minidistill.prune.reconstruct import ReconstructionConfig, reconstruct
 from minidistill.prune.save import rebuild_student, save_student
+from minidistill.prune.importance import random_importance
 from minidistill.prune.select import select_units
-from minidistill.prune.types import UnitImportance
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +27,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
-def random_importance(model, seed: int = 0) -> UnitImportance:
-    t = get_adapter(model).shape(model.config)
-    g = torch.Generator().manual_seed(seed)
-    L = t["num_layers"]
-    return UnitImportance(
-        heads=torch.rand(L, t["num_heads"], generator=g),
-        kv_groups=torch.rand(L, t["num_kv_heads"], generator=g),
-        neurons=torch.rand(L, t["intermediate_size"], generator=g),
-        hidden=torch.rand(t["hidden_size"], generator=g),
-        layers=torch.rand(L, generator=g),
-    )
 
 
 def pruned_student(model_type: str, ratio: int, tied: bool):
