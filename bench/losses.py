@@ -24,14 +24,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from results_file import write_section  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "Distillation losses"
 ALL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_kl")
 
@@ -176,16 +176,6 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {os.cpu_count()} cores"
 
 
-def _write_section(text: str) -> None:
-    """Replace (or append) only the "Distillation losses" section of bench/RESULTS.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(RESULTS)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -238,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(header + rows) + f"\n\nTotal bench wall time: {time.time() - started:.0f} s.\n"
     print(text)
     if args.write:
-        _write_section(text)
+        write_section(text)
 
 
 if __name__ == "__main__":

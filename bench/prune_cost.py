@@ -14,9 +14,7 @@ import argparse
 import datetime
 import logging
 import platform
-import re
 import time
-from pathlib import Path
 
 import torch
 
@@ -29,9 +27,9 @@ from minidistill.prune.importance import ImportanceConfig, compute_importance, i
 from minidistill.prune.pipeline import units_for_shape
 from minidistill.prune.reconstruct import ReconstructionConfig, reconstruct
 from minidistill.prune.select import select_units
+from results_file import write_section  # bench/ is on sys.path when run as a script
 
 SECTION = "## Pruning cost and quality"
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # ~50% of SmolLM2-135M's non-embedding parameters (found by the budget search: target.params=0.5, non_embedding).
 HALF_SHAPE = {"num_layers": 23, "hidden_size": 512, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1152}
 
@@ -152,17 +150,6 @@ def render(cost, quality, base_ppl, args, ne_full) -> str:
         )
     lines.append(f"\n~50% shape: {HALF_SHAPE}.")
     return "\n".join(lines) + "\n"
-
-
-def write_section(table: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections as they are."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _m: table + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + table
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

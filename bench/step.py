@@ -9,16 +9,18 @@ chunk by chunk from the final hidden states.
 Each variant runs in a fresh subprocess so that peak memory is its own (CPU: peak RSS above the
 memory held after set-up; CUDA: ``max_memory_allocated``).
 
-    python bench/step.py                      # bundled teacher and a ~50% student, CPU
-    python bench/step.py --device cuda --teacher llama1b --batch 8 --seq 2048 --max-batch
+    python bench/step.py --write              # bundled teacher and a ~50% student, CPU, 4x256 and 2x1024
+    python bench/step.py --device cuda --teacher llama1b --shapes 8x2048 --max-batch --write
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -29,6 +31,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_file import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+SECTION = "## Distillation step"
 
 # Dense bf16 peak of the GPU named by torch, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -210,52 +216,93 @@ def max_batch(args) -> int:
     return best
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"4x256,2x1024"`` -> [(4, 256), (2, 1024)]."""
+    try:
+        return [(int(b), int(t)) for b, t in (item.lower().split("x") for item in text.split(","))]
+    except ValueError:
+        raise SystemExit(f"--shapes {text!r}: give BATCHxSEQ items separated by commas, e.g. 4x256,2x1024") from None
+
+
+def measure(args, batch: int, seq: int) -> dict:
+    """Both variants (and their largest batch with ``--max-batch``) at ``batch`` x ``seq``, one subprocess each."""
+    results = {}
+    for variant in ("naive", "minidistill"):
+        for find_max in ((False, True) if args.max_batch else (False,)):
+            cmd = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--teacher", args.teacher,
+                   "--batch", str(batch), "--seq", str(seq), "--steps", str(args.steps)] + (["--max-batch"] if find_max else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{variant} at {batch}x{seq} failed:\n{out.stderr[-3000:]}")
+            results[(variant, find_max)] = json.loads(line[7:])
+    return results
+
+
+def render(args, measured: dict) -> str:
+    cuda = args.device == "cuda"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    gib = 2**30
+    first = next(iter(measured.values()))[("naive", False)]
+    lines = [
+        SECTION,
+        "",
+        f"`python bench/step.py --device {args.device} --teacher {args.teacher} --shapes {args.shapes} --steps {args.steps}"
+        f"{' --max-batch' if args.max_batch else ''}` on {datetime.date.today().isoformat()}, {device}, torch {torch.__version__}"
+        f"{', bf16 autocast' if cuda else ', float32'}. Teacher {first['teacher_params']:,} parameters, student "
+        f"{first['student_params']:,}. A step: teacher forward, student forward + backward, logit KL + hidden-state "
+        "(every student layer) + attention-map (last layer) losses, AdamW step; tokens/s over "
+        f"{args.steps} steps after a warm-up step, each variant in a fresh process. Peak memory: "
+        + ("`max_memory_allocated`" if cuda else "peak RSS (VmHWM)") + "; above set-up: minus the memory held after the warm-up step "
+        "(weights, gradients, optimizer state).",
+        "",
+        "| batch x seq | variant | tokens/s | peak memory (GiB) | peak above set-up (GiB) |" + (" MFU |" if cuda else ""),
+        "|---|---|---:|---:|---:|" + ("---:|" if cuda else ""),
+    ]
+    ratios = []
+    for (batch, seq), res in measured.items():
+        naive, ours = res[("naive", False)], res[("minidistill", False)]
+        for r in (naive, ours):
+            lines.append(f"| {batch}x{seq} | {r['variant']} | {r['tokens_per_s']:.1f} | {r['peak_bytes'] / gib:.2f} "
+                         f"| {r['activation_peak_bytes'] / gib:.2f} |" + (f" {r['mfu']:.1%} |" if cuda else ""))
+        ratios.append(
+            f"- {batch}x{seq}: minidistill / naive tokens/s x{ours['tokens_per_s'] / naive['tokens_per_s']:.2f}, "
+            f"peak memory x{ours['peak_bytes'] / naive['peak_bytes']:.2f}, peak above set-up "
+            f"x{ours['activation_peak_bytes'] / max(naive['activation_peak_bytes'], 1):.2f}"
+            + (f"; largest batch at seq {seq}: naive {res[('naive', True)]}, minidistill {res[('minidistill', True)]}"
+               if args.max_batch else "")
+        )
+    lines += ["", "Ratios (goal: tokens/s >= 1.1x, peak memory <= 0.6x):", "", *ratios]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--teacher", default="bundled", choices=["bundled", "llama1b"])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--shapes", default="4x256,2x1024", help="BATCHxSEQ list, e.g. 4x256,2x1024")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--max-batch", action="store_true", help="also find the largest batch each variant fits (CUDA)")
+    p.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
     p.add_argument("--variant", choices=["naive", "minidistill"], help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if args.variant:  # child process
-        result = max_batch(args) if args.json and args.max_batch else run_variant(args)
+        result = max_batch(args) if args.max_batch else run_variant(args)
         print("RESULT " + json.dumps(result))
         return
-    results = {}
-    for variant in ("naive", "minidistill"):
-        for what in ((False, True) if args.max_batch else (False,)):
-            cmd = [sys.executable, __file__, "--variant", variant, "--json", "--device", args.device, "--teacher", args.teacher,
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)] + (["--max-batch"] if what else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
-            results[(variant, what)] = json.loads(line[7:])
-    naive, ours = results[("naive", False)], results[("minidistill", False)]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    gib = 2**30
-    rows = [
-        "| variant | tokens/s | peak memory (GiB) | peak above set-up (GiB) |" + (" MFU |" if args.device == "cuda" else ""),
-        "|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
-    ]
-    for r in (naive, ours):
-        rows.append(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['peak_bytes'] / gib:.2f} | {r['activation_peak_bytes'] / gib:.2f} |"
-                    + (f" {r['mfu']:.1%} |" if args.device == "cuda" else ""))
-    print(f"## Distillation step: {args.teacher} teacher, batch {args.batch} x {args.seq}, {device}, {time.strftime('%Y-%m-%d')}")
-    print(f"teacher {naive['teacher_params']:,} params, student {naive['student_params']:,} params; {args.steps} timed steps after one warm-up\n")
-    print("\n".join(rows))
-    print(f"\nminidistill / naive: tokens/s x{ours['tokens_per_s'] / naive['tokens_per_s']:.2f}, "
-          f"peak memory x{ours['peak_bytes'] / naive['peak_bytes']:.2f}, "
-          f"peak above set-up x{ours['activation_peak_bytes'] / max(naive['activation_peak_bytes'], 1):.2f}")
-    if args.max_batch:
-        print(f"largest batch at seq {args.seq}: naive {results[('naive', True)]}, minidistill {results[('minidistill', True)]}")
-    if not math.isfinite(ours["loss"]):
-        sys.exit("minidistill loss is not finite")
+    measured = {}
+    for batch, seq in parse_shapes(args.shapes):
+        measured[(batch, seq)] = measure(args, batch, seq)
+        ours = measured[(batch, seq)][("minidistill", False)]
+        if not math.isfinite(ours["loss"]):
+            sys.exit(f"minidistill loss is not finite at {batch}x{seq}")
+    table = render(args, measured)
+    print(table)
+    if args.write:
+        write_section(table)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ class LogitLossSettings(ConfigBase):
     """Restrict the teacher distribution to its top-p nucleus (None: full vocabulary)."""
     ce_weight: float = 0.0
     """Weight of the next-token cross-entropy on the data mixed into the logit term."""
-    chunk_tokens: int = 1024
-    """Token positions projected to the vocabulary at once."""
+    chunk_tokens: int = 256
+    """Token positions projected to the vocabulary at once (extra memory ~ 4 x chunk_tokens x vocab floats)."""
 
     def validate(self) -> None:
         if self.weight <= 0:

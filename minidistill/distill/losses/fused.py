@@ -140,7 +140,7 @@ class FusedLogitKDLoss(nn.Module):
         ce_weight: float = 0.0,
         ignore_index: int = -100,
         reduction: Literal["mean", "sum"] = "mean",
-        chunk_tokens: int = 1024,
+        chunk_tokens: int = 256,
     ):
         super().__init__()
         if chunk_tokens < 1:

@@ -1,0 +1,277 @@
+"""Quality study on the bundled teacher at ~50% of its non-embedding parameters: what recovers quality.
+
+Four comparisons, each row scored the same way (held-out perplexity on the project's held-out blocks,
+and the offline lm-eval tasks ``minidistill_heldout_ppl`` / ``minidistill_lastword``):
+
+1. importance method before any retraining: activation vs magnitude vs Taylor vs random (each
+   method's own layer scores; least-squares reconstruction on, as in the library's default);
+2. retraining objective at equal tokens, from the activation-pruned student: LM loss only vs logit KD
+   vs logit KD + hidden + attention vs that + relations;
+3. width-only vs depth-only vs both at equal parameters (logit KD + hidden + attention);
+4. pruned-then-distilled vs the same shape randomly initialised and distilled, at equal tokens.
+
+    python bench/quality.py --write            # ~1 hour on 2 CPU cores; table into bench/RESULTS.md
+    python bench/quality.py --quick            # CI-sized run of every row (a couple of minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from results_file import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+
+from minidistill.adapters import count_parameters, get_adapter  # noqa: E402
+from minidistill.data import DataConfig, TextData, build_text_data  # noqa: E402
+from minidistill.distill.objective import DistillLossConfig  # noqa: E402
+from minidistill.evaluation.lm_eval_runner import LmEvalConfig, run_lm_eval  # noqa: E402
+from minidistill.evaluation.perplexity import heldout_loss  # noqa: E402
+from minidistill.evaluation.tasks import prepare_local_tasks  # noqa: E402
+from minidistill.models import ModelConfig, load_model_and_tokenizer  # noqa: E402
+from minidistill.prune.importance import ImportanceConfig  # noqa: E402
+from minidistill.prune.pipeline import PruneConfig, prune_model  # noqa: E402
+from minidistill.prune.targets import ParamCounter, SearchConfig, TargetConfig, enumerate_candidates  # noqa: E402
+from minidistill.training.config import EvalConfig, TrainConfig  # noqa: E402
+from minidistill.training.loop import Distiller  # noqa: E402
+
+SECTION = "## Quality study"
+METHODS = ("activation", "magnitude", "taylor", "random")
+# ~50% of SmolLM2-135M's non-embedding parameters, found by the budget search (target.params=0.5).
+BOTH_SHAPE = {"num_layers": 23, "hidden_size": 512, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1152}
+FEATURES = {
+    "hidden": {"weight": 1.0, "kind": "nmse", "pairing": {"strategy": "prune_map"}},
+    "attention": {"weight": 1.0, "pairing": {"strategy": "prune_map"}},
+}
+OBJECTIVES = {
+    "LM loss only": {"logits": {"ce_weight": 1.0}},
+    "logit KD": {},
+    "KD + hidden + attention": {**FEATURES, "balance": "auto"},
+    "KD + hidden + attention + relations": {**FEATURES, "relations": {"weight": 1.0}, "balance": "auto"},
+}
+MAIN_OBJECTIVE = "KD + hidden + attention"
+
+logger = logging.getLogger("bench.quality")
+
+
+@dataclass
+class Sizes:
+    """Run sizes; ``quick()`` is the CI-sized variant."""
+
+    seq_len: int = 256
+    calib_blocks: int = 32
+    eval_blocks: int = 16
+    batch_size: int = 4
+    steps: int = 32
+    warmup_steps: int = 3
+    lr: float = 2e-4
+    lm_eval_limit: int | None = 40
+    lastword_items: int = 100
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(seq_len=64, calib_blocks=4, eval_blocks=2, batch_size=2, steps=2, warmup_steps=1,
+                   lm_eval_limit=4, lastword_items=8)
+
+
+@dataclass
+class Row:
+    """One measured model."""
+
+    group: str
+    name: str
+    shape: dict[str, int]
+    non_embedding_fraction: float
+    tokens: int
+    seconds: float
+    perplexity: float
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Study:
+    """Holds the teacher, data, task folder and sizes; measures and records rows."""
+
+    def __init__(self, sizes: Sizes, work_dir: Path):
+        self.sizes = sizes
+        self.work_dir = work_dir
+        self.teacher, self.tokenizer = load_model_and_tokenizer(ModelConfig())
+        self.teacher.eval()
+        self.data_cfg = DataConfig(seq_len=sizes.seq_len)
+        self.data: TextData = build_text_data(self.data_cfg, self.tokenizer)
+        self.heldout = list(self.data.heldout.batches(sizes.batch_size, sizes.eval_blocks))
+        self.task_dir = prepare_local_tasks(self.data_cfg, work_dir / "tasks", max_lastword_items=sizes.lastword_items)
+        self.teacher_shape = get_adapter(self.teacher).shape(self.teacher.config)
+        self.full_ne = count_parameters(self.teacher, non_embedding=True)
+        self.rows: list[Row] = []
+
+    # ------------------------------------------------------------------ measuring
+    def score(self, group: str, name: str, model, *, tokens: int, seconds: float, **extra) -> Row:
+        model.eval()
+        ppl = heldout_loss(model, self.heldout)["perplexity"]
+        cfg = LmEvalConfig(limit=self.sizes.lm_eval_limit, batch_size=self.sizes.batch_size,
+                           max_lastword_items=self.sizes.lastword_items)
+        table = run_lm_eval({name: (model, self.tokenizer)}, cfg, task_dir=self.task_dir)
+        row = Row(group=group, name=name, shape=dict(get_adapter(model).shape(model.config)),
+                  non_embedding_fraction=count_parameters(model, non_embedding=True) / self.full_ne,
+                  tokens=tokens, seconds=seconds, perplexity=ppl, lm_eval=table.rows[0].metrics, extra=extra)
+        self.rows.append(row)
+        logger.warning("%s | %s: ppl %.2f, lm-eval %s (%.0f s, %d tokens)", group, name, ppl, row.lm_eval, seconds, tokens)
+        return row
+
+    def prune(self, method: str, shape: dict[str, int], layer_method: str):
+        cfg = PruneConfig(
+            importance=ImportanceConfig(method=method, batch_size=self.sizes.batch_size, cache=False),
+            layer_method=layer_method,
+            calib_blocks=self.sizes.calib_blocks,
+            target=TargetConfig(**shape),
+            show_progress=False,
+        )
+        t0 = time.perf_counter()
+        result = prune_model(self.teacher, self.tokenizer, self.data, cfg, teacher_source="bundled")
+        return result.student, result.prune_map, time.perf_counter() - t0
+
+    def distill(self, student, pmap, objective: str, name: str):
+        """Train a copy of ``student`` for ``sizes.steps`` steps; (trained student, tokens, seconds)."""
+        s = self.sizes
+        loss = DistillLossConfig.from_dict(OBJECTIVES[objective])
+        train = TrainConfig(max_steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
+                            schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
+        distiller = Distiller(
+            student=copy.deepcopy(student), teacher=self.teacher, data=self.data, prune_map=pmap, loss=loss, train=train,
+            eval=EvalConfig(max_blocks=1, batch_size=s.batch_size), run_dir=self.work_dir / name.replace(" ", "_"),
+            config_dict={"objective": objective},
+        )
+        result = distiller.run()
+        trained = result.accelerator.unwrap_model(result.module).student
+        shutil.rmtree(distiller.run_dir, ignore_errors=True)  # its checkpoint (weights + optimizer state)
+        return trained, result.tokens, result.seconds
+
+    # ------------------------------------------------------------------ the four comparisons
+    def run(self) -> None:
+        self.score("teacher", "teacher", self.teacher, tokens=0, seconds=0.0)
+        pruned = {}
+        for method in METHODS:
+            student, pmap, seconds = self.prune(method, BOTH_SHAPE, layer_method="unit")
+            tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
+            self.score("1. importance (no retraining)", method, student, tokens=tokens, seconds=seconds)
+            pruned[method] = (student, pmap)
+
+        student, pmap = pruned["activation"]
+        del pruned
+        main = None
+        for objective in OBJECTIVES:
+            model, tokens, seconds = self.distill(student, pmap, objective, f"objective {objective}")
+            self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds)
+            if objective == MAIN_OBJECTIVE:
+                main = (model, tokens, seconds)
+            del model
+        shapes = {"width only": self.width_only_shape(), "depth only": {"num_layers": self.teacher_shape["num_layers"] // 2}}
+        for label, shape in shapes.items():
+            s, p, _ = self.prune("activation", shape, layer_method="block_influence")
+            model, tokens, seconds = self.distill(s, p, MAIN_OBJECTIVE, label)
+            self.score("3. width vs depth (equal params)", label, model, tokens=tokens, seconds=seconds)
+            del s, p, model
+        model, tokens, seconds = main
+        self.score("3. width vs depth (equal params)", "width + depth", model, tokens=tokens, seconds=seconds)
+        self.score("4. initialisation (equal tokens)", "pruned, distilled", model, tokens=tokens, seconds=seconds)
+        random_student = self.random_init(student)
+        model, tokens, seconds = self.distill(random_student, pmap, MAIN_OBJECTIVE, "random init")
+        self.score("4. initialisation (equal tokens)", "random init, distilled", model, tokens=tokens, seconds=seconds)
+
+    def width_only_shape(self) -> dict[str, int]:
+        """The most balanced all-layers shape within 2% under half the non-embedding parameters."""
+        counter = ParamCounter(self.teacher.config, non_embedding=True)
+        best = enumerate_candidates(counter, self.full_ne // 2, SearchConfig(max_layer_drop=0.0, max_candidates=1))[0]
+        return {k: v for k, v in best.shape.items() if k != "head_dim"}
+
+    @staticmethod
+    def random_init(student):
+        """A model of ``student``'s config with freshly initialised weights (seed 0)."""
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(student.config, dtype=next(student.parameters()).dtype)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _shape_str(shape: dict[str, int]) -> str:
+    return f"L{shape['num_layers']} D{shape['hidden_size']} H{shape['num_heads']}/KV{shape['num_kv_heads']} I{shape['intermediate_size']}"
+
+
+def _metric(row: Row, task: str, metric: str) -> str:
+    value = row.lm_eval.get(task, {}).get(metric)
+    return "n/a" if value is None else f"{value:.3f}" if metric == "acc" else f"{value:.2f}"
+
+
+def render(study: Study, args, wall: float) -> str:
+    s = study.sizes
+    device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = [
+        SECTION,
+        "",
+        f"`python bench/quality.py{' --quick' if args.quick else ''}` on {datetime.date.today().isoformat()}, {device}, "
+        f"torch {torch.__version__}, {wall / 60:.0f} min in all. Bundled teacher SmolLM2-135M-Instruct "
+        f"({study.full_ne:,} non-embedding parameters), bundled corpus in blocks of {s.seq_len} tokens. Pruning: "
+        f"{s.calib_blocks} calibration blocks, reconstruction on. Retraining: {s.steps} steps of {s.batch_size} x "
+        f"{s.seq_len} tokens, AdamW lr {s.lr:g}, {s.warmup_steps} warm-up steps, cosine to 10%. Perplexity: "
+        f"{s.eval_blocks} held-out blocks. lm-eval (offline, local tasks from the held-out documents): "
+        f"`minidistill_heldout_ppl` word perplexity and `minidistill_lastword` accuracy, "
+        f"{s.lm_eval_limit or 'all'} items each. Tokens and seconds: calibration (importance and reconstruction) "
+        "for group 1, training for the others. Rows repeated across comparisons are the same model.",
+        "",
+        "| comparison | model | shape | non-emb. kept | tokens | seconds | held-out ppl | lm-eval word ppl | last-word acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in study.rows:
+        lines.append(
+            f"| {r.group} | {r.name} | {_shape_str(r.shape)} | {r.non_embedding_fraction:.1%} | {r.tokens:,} | "
+            f"{r.seconds:.0f} | {r.perplexity:.2f} | {_metric(r, 'minidistill_heldout_ppl', 'word_perplexity')} | "
+            f"{_metric(r, 'minidistill_lastword', 'acc')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized run: tiny blocks, 2 steps, few lm-eval items")
+    p.add_argument("--steps", type=int, help="retraining steps per row (default 32; 2 with --quick)")
+    p.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--work-dir", type=Path, help="folder for run files (default: a temporary folder)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(os.cpu_count() or 1)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.steps:
+        sizes.steps = args.steps
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="minidistill-quality-") as tmp:
+        study = Study(sizes, args.work_dir or Path(tmp))
+        study.run()
+    wall = time.perf_counter() - started
+    table = render(study, args, wall)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in study.rows], indent=1))
+    if args.write:
+        write_section(table)
+
+
+if __name__ == "__main__":
+    main()
