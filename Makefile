@@ -32,9 +32,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Benchmarks and the quality study (about 1.5 hours on 2 CPU cores); each rewrites its section of bench/RESULTS.md.
 bench: $(STAMP)
+	$(PY) bench/step.py --write
+	$(PY) bench/losses.py --write
 	$(PY) bench/prune_cost.py
-	$(PY) bench/losses.py
+	$(PY) bench/quality.py --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

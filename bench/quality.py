@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -46,14 +47,13 @@ from minidistill.evaluation.tasks import prepare_local_tasks  # noqa: E402
 from minidistill.models import ModelConfig, load_model_and_tokenizer  # noqa: E402
 from minidistill.prune.importance import ImportanceConfig  # noqa: E402
 from minidistill.prune.pipeline import PruneConfig, prune_model  # noqa: E402
-from minidistill.prune.targets import ParamCounter, SearchConfig, TargetConfig, enumerate_candidates  # noqa: E402
+from minidistill.prune.targets import SearchConfig, TargetConfig  # noqa: E402
 from minidistill.training.config import EvalConfig, TrainConfig  # noqa: E402
 from minidistill.training.loop import Distiller  # noqa: E402
 
 SECTION = "## Quality study"
 METHODS = ("activation", "magnitude", "taylor", "random")
-# ~50% of SmolLM2-135M's non-embedding parameters, found by the budget search (target.params=0.5).
-BOTH_SHAPE = {"num_layers": 23, "hidden_size": 512, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 1152}
+HALF = TargetConfig(params=0.5, non_embedding=True)
 FEATURES = {
     "hidden": {"weight": 1.0, "kind": "nmse", "pairing": {"strategy": "prune_map"}},
     "attention": {"weight": 1.0, "pairing": {"strategy": "prune_map"}},
@@ -80,7 +80,7 @@ class Sizes:
     steps: int = 32
     warmup_steps: int = 3
     lr: float = 2e-4
-    lm_eval_limit: int | None = 40
+    lm_eval_limit: int | None = 30
     lastword_items: int = 100
 
     @classmethod
@@ -134,12 +134,21 @@ class Study:
         logger.warning("%s | %s: ppl %.2f, lm-eval %s (%.0f s, %d tokens)", group, name, ppl, row.lm_eval, seconds, tokens)
         return row
 
-    def prune(self, method: str, shape: dict[str, int], layer_method: str):
+    def repeat(self, row: Row, group: str, name: str) -> Row:
+        """``row``'s model listed again under another comparison (not scored twice)."""
+        again = dataclasses.replace(row, group=group, name=name)
+        self.rows.append(again)
+        return again
+
+    def prune(self, method: str, target: TargetConfig | dict[str, int], layer_method: str,
+              search: SearchConfig | None = None):
+        """(student, prune map, seconds) from the library's pruning pipeline; ``target``: a budget or a shape."""
         cfg = PruneConfig(
             importance=ImportanceConfig(method=method, batch_size=self.sizes.batch_size, cache=False),
             layer_method=layer_method,
             calib_blocks=self.sizes.calib_blocks,
-            target=TargetConfig(**shape),
+            target=target if isinstance(target, TargetConfig) else TargetConfig(**target),
+            search=search or SearchConfig(),
             show_progress=False,
         )
         t0 = time.perf_counter()
@@ -165,40 +174,35 @@ class Study:
     # ------------------------------------------------------------------ the four comparisons
     def run(self) -> None:
         self.score("teacher", "teacher", self.teacher, tokens=0, seconds=0.0)
-        pruned = {}
-        for method in METHODS:
-            student, pmap, seconds = self.prune(method, BOTH_SHAPE, layer_method="unit")
-            tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
-            self.score("1. importance (no retraining)", method, student, tokens=tokens, seconds=seconds)
-            pruned[method] = (student, pmap)
-
-        student, pmap = pruned["activation"]
-        del pruned
-        main = None
+        # The budget search picks the width + depth shape with activation importance; the other
+        # methods prune to that same shape, each with its own layer scores.
+        tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
+        student, pmap, seconds = self.prune("activation", HALF, layer_method="block_influence")
+        self.score("1. importance (no retraining)", "activation", student, tokens=tokens, seconds=seconds)
+        both = {k: v for k, v in pmap.student_shape.items() if k != "head_dim"}
+        for method in METHODS[1:]:
+            other, _, seconds = self.prune(method, both, layer_method="unit")
+            self.score("1. importance (no retraining)", method, other, tokens=tokens, seconds=seconds)
+            del other
+        main_row = None
         for objective in OBJECTIVES:
             model, tokens, seconds = self.distill(student, pmap, objective, f"objective {objective}")
-            self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds)
+            row = self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds)
             if objective == MAIN_OBJECTIVE:
-                main = (model, tokens, seconds)
+                main_row = row
             del model
-        shapes = {"width only": self.width_only_shape(), "depth only": {"num_layers": self.teacher_shape["num_layers"] // 2}}
-        for label, shape in shapes.items():
-            s, p, _ = self.prune("activation", shape, layer_method="block_influence")
+        # Width only: the budget search restricted to all layers; depth only: half the layers, full width.
+        targets = {"width only": (HALF, SearchConfig(max_layer_drop=0.0)),
+                   "depth only": ({"num_layers": self.teacher_shape["num_layers"] // 2}, SearchConfig())}
+        for label, (target, search) in targets.items():
+            s, p, _ = self.prune("activation", target, layer_method="block_influence", search=search)
             model, tokens, seconds = self.distill(s, p, MAIN_OBJECTIVE, label)
             self.score("3. width vs depth (equal params)", label, model, tokens=tokens, seconds=seconds)
             del s, p, model
-        model, tokens, seconds = main
-        self.score("3. width vs depth (equal params)", "width + depth", model, tokens=tokens, seconds=seconds)
-        self.score("4. initialisation (equal tokens)", "pruned, distilled", model, tokens=tokens, seconds=seconds)
-        random_student = self.random_init(student)
-        model, tokens, seconds = self.distill(random_student, pmap, MAIN_OBJECTIVE, "random init")
+        self.repeat(main_row, "3. width vs depth (equal params)", "width + depth")
+        self.repeat(main_row, "4. initialisation (equal tokens)", "pruned, distilled")
+        model, tokens, seconds = self.distill(self.random_init(student), pmap, MAIN_OBJECTIVE, "random init")
         self.score("4. initialisation (equal tokens)", "random init, distilled", model, tokens=tokens, seconds=seconds)
-
-    def width_only_shape(self) -> dict[str, int]:
-        """The most balanced all-layers shape within 2% under half the non-embedding parameters."""
-        counter = ParamCounter(self.teacher.config, non_embedding=True)
-        best = enumerate_candidates(counter, self.full_ne // 2, SearchConfig(max_layer_drop=0.0, max_candidates=1))[0]
-        return {k: v for k, v in best.shape.items() if k != "head_dim"}
 
     @staticmethod
     def random_init(student):
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         sizes.steps = args.steps
     started = time.perf_counter()
+    if args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="minidistill-quality-") as tmp:
         study = Study(sizes, args.work_dir or Path(tmp))
         study.run()

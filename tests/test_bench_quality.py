@@ -1,0 +1,83 @@
+"""bench/quality.py --quick: every comparison of the quality study runs and measures what it says."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("quality")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--json", str(out / "rows.json"),
+         "--work-dir", str(out / "work")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Quality study" in proc.stdout
+    return json.loads((out / "rows.json").read_text())
+
+
+def _by_group(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    groups: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], {})[r["name"]] = r
+    return groups
+
+
+def test_every_comparison_has_its_rows(rows):
+    g = _by_group(rows)
+    assert set(g["1. importance (no retraining)"]) == {"activation", "magnitude", "taylor", "random"}
+    assert set(g["2. objective (equal tokens)"]) == {
+        "LM loss only", "logit KD", "KD + hidden + attention", "KD + hidden + attention + relations"}
+    assert set(g["3. width vs depth (equal params)"]) == {"width only", "depth only", "width + depth"}
+    assert set(g["4. initialisation (equal tokens)"]) == {"pruned, distilled", "random init, distilled"}
+    for r in rows:
+        assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1, r
+        assert set(r["lm_eval"]) == {"minidistill_heldout_ppl", "minidistill_lastword"}, r
+
+
+def test_shapes_and_budgets_are_what_the_comparisons_claim(rows):
+    g = _by_group(rows)
+    teacher = g["teacher"]["teacher"]["shape"]
+    both = g["1. importance (no retraining)"]["activation"]["shape"]
+    for r in list(g["1. importance (no retraining)"].values()) + list(g["2. objective (equal tokens)"].values()):
+        assert r["shape"] == both  # one shape for every method and objective
+        assert 0.48 <= r["non_embedding_fraction"] <= 0.5
+    width, depth = g["3. width vs depth (equal params)"]["width only"], g["3. width vs depth (equal params)"]["depth only"]
+    assert width["shape"]["num_layers"] == teacher["num_layers"]
+    assert width["shape"]["hidden_size"] < teacher["hidden_size"] or width["shape"]["intermediate_size"] < teacher["intermediate_size"]
+    assert {k: v for k, v in depth["shape"].items() if k != "num_layers"} == {k: v for k, v in teacher.items() if k != "num_layers"}
+    assert depth["shape"]["num_layers"] == teacher["num_layers"] // 2
+    assert both["num_layers"] < teacher["num_layers"] and both["hidden_size"] < teacher["hidden_size"]
+    fractions = [r["non_embedding_fraction"] for r in g["3. width vs depth (equal params)"].values()]
+    assert max(fractions) - min(fractions) <= 0.021  # equal parameters, within the search tolerance
+
+
+def test_training_rows_see_equal_tokens(rows):
+    trained = [r for r in rows if r["group"][0] in "234"]
+    tokens = {r["tokens"] for r in trained}
+    assert tokens == {2 * 2 * 64}  # --quick: 2 steps of 2 x 64 tokens each
+
+
+def test_measurements_separate_informed_from_uninformed_choices(rows):
+    """Gaps of orders of magnitude, far beyond what 2 steps or 4 calibration blocks can blur."""
+    g = _by_group(rows)
+    imp = g["1. importance (no retraining)"]
+    assert imp["activation"]["perplexity"] * 100 < imp["random"]["perplexity"]
+    init = g["4. initialisation (equal tokens)"]
+    assert init["pruned, distilled"]["perplexity"] * 3 < init["random init, distilled"]["perplexity"]
+    # Retraining from the pruned weights moves the model (it is not the group-1 row again).
+    assert g["2. objective (equal tokens)"]["logit KD"]["perplexity"] != imp["activation"]["perplexity"]
+    assert g["teacher"]["teacher"]["perplexity"] < min(r["perplexity"] for r in rows if r["group"] != "teacher")
