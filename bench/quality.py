@@ -42,6 +42,7 @@ from minidistill.adapters import count_parameters, get_adapter  # noqa: E402
 from minidistill.data import DataConfig, TextData, build_text_data  # noqa: E402
 from minidistill.distill.objective import DistillLossConfig  # noqa: E402
 from minidistill.evaluation.lm_eval_runner import LmEvalConfig, run_lm_eval  # noqa: E402
+from minidistill.evaluation.metrics import top1_agreement  # noqa: E402
 from minidistill.evaluation.perplexity import heldout_loss  # noqa: E402
 from minidistill.evaluation.tasks import prepare_local_tasks  # noqa: E402
 from minidistill.models import ModelConfig, load_model_and_tokenizer  # noqa: E402
@@ -124,6 +125,8 @@ class Study:
     def score(self, group: str, name: str, model, *, tokens: int, seconds: float, **extra) -> Row:
         model.eval()
         ppl = heldout_loss(model, self.heldout)["perplexity"]
+        if model is not self.teacher:
+            extra["top1_agreement"] = top1_agreement(model, self.teacher, self.heldout)
         cfg = LmEvalConfig(limit=self.sizes.lm_eval_limit, batch_size=self.sizes.batch_size,
                            max_lastword_items=self.sizes.lastword_items)
         table = run_lm_eval({name: (model, self.tokenizer)}, cfg, task_dir=self.task_dir)
@@ -156,8 +159,9 @@ class Study:
         return result.student, result.prune_map, time.perf_counter() - t0
 
     def distill(self, student, pmap, objective: str, name: str):
-        """Train a copy of ``student`` for ``sizes.steps`` steps; (trained student, tokens, seconds)."""
+        """Train a copy of ``student`` for ``sizes.steps`` steps; (trained student, tokens, seconds, start ppl)."""
         s = self.sizes
+        start_ppl = heldout_loss(student.eval(), self.heldout)["perplexity"]
         loss = DistillLossConfig.from_dict(OBJECTIVES[objective])
         train = TrainConfig(max_steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
                             schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
@@ -169,7 +173,7 @@ class Study:
         result = distiller.run()
         trained = result.accelerator.unwrap_model(result.module).student
         shutil.rmtree(distiller.run_dir, ignore_errors=True)  # its checkpoint (weights + optimizer state)
-        return trained, result.tokens, result.seconds
+        return trained, result.tokens, result.seconds, start_ppl
 
     # ------------------------------------------------------------------ the four comparisons
     def run(self) -> None:
@@ -186,8 +190,9 @@ class Study:
             del other
         main_row = None
         for objective in OBJECTIVES:
-            model, tokens, seconds = self.distill(student, pmap, objective, f"objective {objective}")
-            row = self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds)
+            model, tokens, seconds, start = self.distill(student, pmap, objective, f"objective {objective}")
+            row = self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds,
+                             start_perplexity=start)
             if objective == MAIN_OBJECTIVE:
                 main_row = row
             del model
@@ -196,13 +201,15 @@ class Study:
                    "depth only": ({"num_layers": self.teacher_shape["num_layers"] // 2}, SearchConfig())}
         for label, (target, search) in targets.items():
             s, p, _ = self.prune("activation", target, layer_method="block_influence", search=search)
-            model, tokens, seconds = self.distill(s, p, MAIN_OBJECTIVE, label)
-            self.score("3. width vs depth (equal params)", label, model, tokens=tokens, seconds=seconds)
+            model, tokens, seconds, start = self.distill(s, p, MAIN_OBJECTIVE, label)
+            self.score("3. width vs depth (equal params)", label, model, tokens=tokens, seconds=seconds,
+                       start_perplexity=start)
             del s, p, model
         self.repeat(main_row, "3. width vs depth (equal params)", "width + depth")
         self.repeat(main_row, "4. initialisation (equal tokens)", "pruned, distilled")
-        model, tokens, seconds = self.distill(self.random_init(student), pmap, MAIN_OBJECTIVE, "random init")
-        self.score("4. initialisation (equal tokens)", "random init, distilled", model, tokens=tokens, seconds=seconds)
+        model, tokens, seconds, start = self.distill(self.random_init(student), pmap, MAIN_OBJECTIVE, "random init")
+        self.score("4. initialisation (equal tokens)", "random init, distilled", model, tokens=tokens, seconds=seconds,
+                   start_perplexity=start)
 
     @staticmethod
     def random_init(student):
@@ -237,16 +244,21 @@ def render(study: Study, args, wall: float) -> str:
         f"{s.eval_blocks} held-out blocks. lm-eval (offline, local tasks from the held-out documents): "
         f"`minidistill_heldout_ppl` word perplexity and `minidistill_lastword` accuracy, "
         f"{s.lm_eval_limit or 'all'} items each. Tokens and seconds: calibration (importance and reconstruction) "
-        "for group 1, training for the others. Rows repeated across comparisons are the same model.",
+        "for group 1, training for the others. Top-1 agreement: fraction of held-out positions where the model's "
+        "greedy next token is the teacher's. Rows repeated across comparisons are the same model.",
         "",
-        "| comparison | model | shape | non-emb. kept | tokens | seconds | held-out ppl | lm-eval word ppl | last-word acc |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| comparison | model | shape | non-emb. kept | tokens | seconds | ppl before retraining | held-out ppl "
+        "| top-1 agreement | lm-eval word ppl | last-word acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in study.rows:
+        start = r.extra.get("start_perplexity")
+        agreement = r.extra.get("top1_agreement")
         lines.append(
             f"| {r.group} | {r.name} | {_shape_str(r.shape)} | {r.non_embedding_fraction:.1%} | {r.tokens:,} | "
-            f"{r.seconds:.0f} | {r.perplexity:.2f} | {_metric(r, 'minidistill_heldout_ppl', 'word_perplexity')} | "
-            f"{_metric(r, 'minidistill_lastword', 'acc')} |"
+            f"{r.seconds:.0f} | {'-' if start is None else f'{start:.2f}'} | {r.perplexity:.2f} | "
+            f"{'-' if agreement is None else f'{agreement:.3f}'} | "
+            f"{_metric(r, 'minidistill_heldout_ppl', 'word_perplexity')} | {_metric(r, 'minidistill_lastword', 'acc')} |"
         )
     return "\n".join(lines) + "\n"
 

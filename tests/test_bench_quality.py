@@ -78,6 +78,12 @@ def test_measurements_separate_informed_from_uninformed_choices(rows):
     assert imp["activation"]["perplexity"] * 100 < imp["random"]["perplexity"]
     init = g["4. initialisation (equal tokens)"]
     assert init["pruned, distilled"]["perplexity"] * 3 < init["random init, distilled"]["perplexity"]
-    # Retraining from the pruned weights moves the model (it is not the group-1 row again).
-    assert g["2. objective (equal tokens)"]["logit KD"]["perplexity"] != imp["activation"]["perplexity"]
+    # Every objective starts from the activation-pruned student of group 1, and training moves it.
+    for r in g["2. objective (equal tokens)"].values():
+        assert r["extra"]["start_perplexity"] == pytest.approx(imp["activation"]["perplexity"], rel=1e-6)
+        assert r["perplexity"] != pytest.approx(r["extra"]["start_perplexity"], rel=1e-6)
+    assert "top1_agreement" not in g["teacher"]["teacher"]["extra"]
+    for r in rows:
+        if r["group"] != "teacher":
+            assert 0.0 <= r["extra"]["top1_agreement"] <= 1.0
     assert g["teacher"]["teacher"]["perplexity"] < min(r["perplexity"] for r in rows if r["group"] != "teacher")
