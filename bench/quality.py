@@ -158,10 +158,14 @@ class Study:
         result = prune_model(self.teacher, self.tokenizer, self.data, cfg, teacher_source="bundled")
         return result.student, result.prune_map, time.perf_counter() - t0
 
-    def distill(self, student, pmap, objective: str, name: str):
-        """Train a copy of ``student`` for ``sizes.steps`` steps; (trained student, tokens, seconds, start ppl)."""
+    def distill(self, student, pmap, objective: str, name: str, start_ppl: float | None = None):
+        """Train a copy of ``student`` for ``sizes.steps`` steps; (trained student, tokens, seconds, start ppl).
+
+        ``start_ppl``: ``student``'s held-out perplexity when already measured (else it is measured here).
+        """
         s = self.sizes
-        start_ppl = heldout_loss(student.eval(), self.heldout)["perplexity"]
+        if start_ppl is None:
+            start_ppl = heldout_loss(student.eval(), self.heldout)["perplexity"]
         loss = DistillLossConfig.from_dict(OBJECTIVES[objective])
         train = TrainConfig(max_steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
                             schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
@@ -182,7 +186,7 @@ class Study:
         # methods prune to that same shape, each with its own layer scores.
         tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
         student, pmap, seconds = self.prune("activation", HALF, layer_method="block_influence")
-        self.score("1. importance (no retraining)", "activation", student, tokens=tokens, seconds=seconds)
+        pruned_row = self.score("1. importance (no retraining)", "activation", student, tokens=tokens, seconds=seconds)
         both = {k: v for k, v in pmap.student_shape.items() if k != "head_dim"}
         for method in METHODS[1:]:
             other, _, seconds = self.prune(method, both, layer_method="unit")
@@ -190,7 +194,8 @@ class Study:
             del other
         main_row = None
         for objective in OBJECTIVES:
-            model, tokens, seconds, start = self.distill(student, pmap, objective, f"objective {objective}")
+            model, tokens, seconds, start = self.distill(student, pmap, objective, f"objective {objective}",
+                                                         start_ppl=pruned_row.perplexity)
             row = self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds,
                              start_perplexity=start)
             if objective == MAIN_OBJECTIVE:

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from minidistill.adapters import get_adapter
 from minidistill.models import state_dict_sha256
 from minidistill.prune.apply import apply_prune_map
+from minidistill.prune.importance import random_importance
 from minidistill.prune.prune_map import PRUNE_MAP_FILENAME, PruneMap, PruneMapError
 from minidistill.prune.reconstruct import ReconstructionConfig, reconstruct
 from minidistill.prune.save import rebuild_student, save_student
-from minidistill.prune.importance import random_importance
 from minidistill.prune.select import select_units
 
 
