@@ -23,7 +23,7 @@ from .distill.objective import DistillLossConfig, DistillObjective
 from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
 from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
-from .training.checkpoint import CheckpointError, latest_checkpoint, read_trainer_state
+from .training.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoint, verify_checkpoint
 from .training.export import export_student
 from .training.loop import CHECKPOINTS, Distiller, NonFiniteLossError, TrainResult, build_accelerator
 
@@ -119,16 +119,18 @@ def _prune_map_for(student_dir: str, teacher) -> PruneMap | None:
 
 
 def resolve_resume(cfg: PruneDistillConfig, resume: str | bool | None) -> Path | None:
-    """The checkpoint to resume from (``True``/``"latest"``: the newest of the run), checked against ``cfg``."""
+    """The checkpoint to resume from, verified and checked against ``cfg``.
+
+    ``True`` / ``"latest"``: the newest complete checkpoint of the run (damaged newer ones are skipped
+    with a warning naming what is wrong); a path: that checkpoint, refused when it is damaged.
+    """
     if resume in (None, False):
         return None
     if resume is True or resume == "latest":
-        path = latest_checkpoint(cfg.run_dir / CHECKPOINTS)
-        if path is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {cfg.run_dir / CHECKPOINTS}")
+        path = resumable_checkpoint(cfg.run_dir / CHECKPOINTS)  # skips damaged ones with a warning
     else:
         path = Path(resume)
-    saved = read_trainer_state(path).get("config", {})
+    saved = verify_checkpoint(path).get("config", {})
     bad = incompatible_fields(saved, cfg.to_dict())
     if bad:
         raise CheckpointError(
