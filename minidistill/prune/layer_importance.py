@@ -1,5 +1,15 @@
 """Layer importance: block influence (ShortGPT), angular distance of layer blocks (Gromov et al.), LM-loss increase.
 
+Methods (``prune.layer_method``):
+
+- ``block_influence``: one-shot ShortGPT score of each layer from the calibration forward.
+- ``contiguous`` (alias ``angular``): drop the contiguous block of ``n`` layers whose input and output
+  are closest in angular distance (Gromov et al.); the rest is ordered by block influence.
+- ``lm_loss``: one-shot increase of the calibration LM loss when each layer alone is skipped.
+- ``iterative``: greedy removal that re-measures the LM loss after each removal
+  (:func:`iterative_layer_removal`): the layer whose removal raises the loss least, given the layers
+  already removed, goes next.
+
 Block influence of layer ``l`` is ``1 - cos(h_l, h_{l+1})`` averaged over tokens, where ``h_l`` is the
 input of layer ``l`` (``h_L`` the output of the last layer). The angular distance of the block of ``n``
 layers starting at ``l`` is ``arccos(cos(h_l, h_{l+n})) / pi`` averaged over tokens (all tokens, not
@@ -10,8 +20,11 @@ token-averaged cosine and angular distance between every pair of layer inputs.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +32,11 @@ from torch import nn
 from ..adapters import get_adapter
 from ..evaluation.perplexity import heldout_loss
 
-LAYER_METHODS = ("block_influence", "angular", "lm_loss")
+LAYER_METHODS = ("block_influence", "angular", "contiguous", "lm_loss", "iterative")
+SIMILARITY_METHODS = ("block_influence", "angular", "contiguous")
+"""Methods scored from the calibration forward's layer statistics."""
+LOSS_METHODS = ("lm_loss", "iterative")
+"""Methods scored by evaluating the LM loss with layers removed."""
 
 
 class LayerSimilarity:
@@ -151,6 +168,178 @@ def layer_drop_loss_increase(model: nn.Module, batches: Sequence[torch.Tensor], 
     return torch.tensor(out, dtype=torch.float64)
 
 
+class _PassThrough(nn.Module):
+    """A removed decoder layer: returns its input hidden states (nothing is computed)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Replay(nn.Module):
+    """Returns cached hidden states, one tensor per call in batch order, instead of its input."""
+
+    def __init__(self, states: list[torch.Tensor]):
+        super().__init__()
+        self.states = states
+        self.calls = 0
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.states[self.calls]
+        self.calls += 1
+        return out
+
+
+@contextmanager
+def replaced_layers(model: nn.Module, replacements: dict[int, nn.Module]):
+    """Swap decoder layers ``{index: module}`` in place for the duration of the block."""
+    layers = get_adapter(model).decoder_layers(model)
+    saved = {i: layers[i] for i in replacements}
+    try:
+        for i, module in replacements.items():
+            layers[i] = module
+        yield
+    finally:
+        for i, module in saved.items():
+            layers[i] = module
+
+
+def loss_without_layers(model: nn.Module, batches: Sequence[torch.Tensor], removed: Iterable[int], *,
+                        chunk_tokens: int = 2048) -> float:
+    """LM loss (nats) over ``batches`` with the decoder layers ``removed`` taken out (not run at all)."""
+    with replaced_layers(model, {i: _PassThrough() for i in removed}):
+        return heldout_loss(model, batches, chunk_tokens=chunk_tokens)["loss"]
+
+
+@dataclass
+class LayerRemoval:
+    """Result of greedy layer removal."""
+
+    order: list[int]
+    """Teacher layer indices in the order they were removed."""
+    losses: list[float]
+    """LM loss after each removal (``losses[k]``: with ``order[: k + 1]`` removed)."""
+    base_loss: float
+    """LM loss of the full model."""
+    last_increase: torch.Tensor
+    """[L] loss increase of removing each still-kept layer at the last step (NaN for removed layers)."""
+    evaluations: int
+    """Loss evaluations run (one per remaining layer per step)."""
+    seconds: float
+    """Wall time of the whole removal."""
+
+    def scores(self) -> torch.Tensor:
+        """[L] layer scores (higher = keep): the ``n`` lowest are ``order[:n]`` for every ``n <= len(order)``.
+
+        Removed layers score ``k - len(order)`` (the first removed lowest); kept layers score
+        ``>= 0``, ordered by their loss increase at the last step.
+        """
+        num_layers = self.last_increase.numel()
+        scores = torch.zeros(num_layers, dtype=torch.float64)
+        kept = [i for i in range(num_layers) if i not in self.order]
+        if kept:
+            inc = self.last_increase[kept]
+            scores[kept] = inc - inc.min()
+        for k, layer in enumerate(self.order):
+            scores[layer] = float(k - len(self.order))
+        return scores
+
+
+@torch.no_grad()
+def iterative_layer_removal(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    num_drop: int,
+    *,
+    chunk_tokens: int = 2048,
+    cache_prefix: bool = True,
+) -> LayerRemoval:
+    """Greedily remove ``num_drop`` decoder layers, re-measuring the LM loss over ``batches`` after each.
+
+    Step ``k`` evaluates every remaining layer: the loss with it removed on top of ``order[:k]``, and
+    removes the argmin. One loss evaluation per remaining layer per step (``sum_k (L - k)`` in all).
+    ``cache_prefix``: each step runs the current model once and keeps the input of every remaining
+    layer; a candidate then runs only the layers above it, starting from that cached input
+    (memory: one [tokens, hidden] tensor per layer; about half the compute of full evaluations).
+    Greedy removals are nested, so one run with the largest ``num_drop`` serves every smaller one.
+    """
+    t0 = time.perf_counter()
+    batches = list(batches)
+    layers = get_adapter(model).decoder_layers(model)
+    num_layers = len(layers)
+    if not 0 <= num_drop < num_layers:
+        raise ValueError(f"num_drop={num_drop} must be in [0, {num_layers})")
+    order: list[int] = []
+    losses: list[float] = []
+    base_loss = None
+    last = torch.full((num_layers,), float("nan"), dtype=torch.float64)
+    evaluations = 0
+    for _ in range(num_drop):
+        remaining = [i for i in range(num_layers) if i not in order]
+        states: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
+        handles = []
+        if cache_prefix:
+            for i in remaining:
+                handles.append(layers[i].register_forward_pre_hook(
+                    lambda _m, args, kwargs, i=i: states[i].append(_hidden_arg(args, kwargs).detach()), with_kwargs=True))
+        try:
+            current = loss_without_layers(model, batches, order, chunk_tokens=chunk_tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        if base_loss is None:
+            base_loss = current
+        trial = {}
+        for i in remaining:
+            if cache_prefix:  # layers below i pass through; i replays its cached input; order stays removed
+                replacements = {j: _PassThrough() for j in range(i)}
+                replacements.update({j: _PassThrough() for j in order})
+                replacements[i] = _Replay(states[i])
+                with replaced_layers(model, replacements):
+                    trial[i] = heldout_loss(model, batches, chunk_tokens=chunk_tokens)["loss"]
+            else:
+                trial[i] = loss_without_layers(model, batches, [*order, i], chunk_tokens=chunk_tokens)
+            evaluations += 1
+        del states
+        best = min(remaining, key=lambda i: (trial[i], i))
+        last = torch.full((num_layers,), float("nan"), dtype=torch.float64)
+        for i in remaining:
+            last[i] = trial[i] - current
+        order.append(best)
+        losses.append(trial[best])
+    if base_loss is None:
+        base_loss = heldout_loss(model, batches, chunk_tokens=chunk_tokens)["loss"]
+    return LayerRemoval(order=order, losses=losses, base_loss=base_loss, last_increase=last,
+                        evaluations=evaluations, seconds=time.perf_counter() - t0)
+
+
+def layer_loss_scores(
+    method: str,
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    *,
+    max_drop: int,
+    chunk_tokens: int = 2048,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """[L] scores of a loss-based ``method`` (``lm_loss`` or ``iterative``) and a record for the prune map.
+
+    ``max_drop``: the most layers any target drops (``iterative`` removes that many greedily).
+    """
+    t0 = time.perf_counter()
+    batches = list(batches)
+    record: dict[str, Any] = {"layer_loss_blocks": sum(int(b.shape[0]) for b in batches)}
+    if method == "lm_loss":
+        scores = layer_drop_loss_increase(model, batches, chunk_tokens=chunk_tokens)
+    elif method == "iterative":
+        removal = iterative_layer_removal(model, batches, max_drop, chunk_tokens=chunk_tokens)
+        scores = removal.scores()
+        record.update(layer_removal_order=removal.order, layer_removal_losses=[round(v, 6) for v in removal.losses],
+                      layer_base_loss=round(removal.base_loss, 6), layer_loss_evaluations=removal.evaluations)
+    else:
+        raise ValueError(f"layer method {method!r} is not loss-based; choose one of {LOSS_METHODS}")
+    record["layer_loss_seconds"] = round(time.perf_counter() - t0, 2)
+    return scores, record
+
+
 def layer_scores(
     method: str,
     *,
@@ -160,22 +349,23 @@ def layer_scores(
 ) -> torch.Tensor:
     """[L] layer scores (higher = keep) for dropping ``num_drop`` layers with ``method``.
 
-    ``angular`` ranks the best contiguous block of ``num_drop`` layers last (block influence orders the
-    rest); the other methods are independent of ``num_drop``.
+    ``contiguous`` / ``angular`` rank the best contiguous block of ``num_drop`` layers last (block
+    influence orders the rest). ``lm_loss`` and ``iterative`` take their scores from
+    ``loss_increase`` (:func:`layer_loss_scores`); ``block_influence`` is independent of ``num_drop``.
     """
-    if method == "lm_loss":
+    if method in LOSS_METHODS:
         if loss_increase is None:
-            raise ValueError("layer method 'lm_loss' needs loss_increase")
+            raise ValueError(f"layer method {method!r} needs loss_increase (see layer_loss_scores)")
         return loss_increase.double()
+    if method not in SIMILARITY_METHODS:
+        raise ValueError(f"unknown layer importance method {method!r}; choose one of {LAYER_METHODS}")
     if similarity is None:
         raise ValueError(f"layer method {method!r} needs the layer similarity statistics")
     bi = similarity.block_influence()
     if method == "block_influence":
         return bi
-    if method == "angular":
-        scores = bi.clone()
-        if num_drop > 0:
-            start, _ = similarity.best_block(num_drop)
-            scores[start : start + num_drop] = bi.min() - 1.0
-        return scores
-    raise ValueError(f"unknown layer importance method {method!r}; choose one of {LAYER_METHODS}")
+    scores = bi.clone()
+    if num_drop > 0:
+        start, _ = similarity.best_block(num_drop)
+        scores[start : start + num_drop] = bi.min() - 1.0
+    return scores
