@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import MinidistillError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(MinidistillError, ValueError):
     """The model type has no adapter (or is a mixture-of-experts model)."""
 
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import MinidistillError
+
 T = TypeVar("T", bound="ConfigBase")
 
 
-class ConfigError(ValueError):
+class ConfigError(MinidistillError, ValueError):
     """A config key or value is invalid; the message names the key."""
 
 
@@ -112,14 +115,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads exponents without a dot (1e-4) as strings
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads exponents without a dot (1e-4) as strings
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -144,7 +152,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: empty key; write key=value (e.g. train.max_steps=100)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"override {item!r}: the value {raw!r} is not valid YAML; quote it (key='...') or fix the brackets"
+            ) from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -171,13 +186,38 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping at the top level")
+        data = read_yaml_file(path)
     data = merge_dicts(data, parse_overrides(overrides or []))
     return cls.from_dict(data)
+
+
+def read_yaml_file(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ConfigError naming the file (and line) when it is missing or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file (e.g. recipes/configs/demo.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file (e.g. recipes/configs/demo.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the YAML syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping at the top level (key: value lines), not a {type(data).__name__}"
+        )
+    return data
 
 
 def save_config(cfg: ConfigBase, path: str | Path) -> None:
@@ -216,5 +256,6 @@ __all__ = [
     "load_config",
     "merge_dicts",
     "parse_overrides",
+    "read_yaml_file",
     "save_config",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigBase, ConfigError
+from .errors import MinidistillError
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ BUNDLED = "bundled"
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(MinidistillError, ValueError):
     """The data cannot serve the request (missing column, too little text)."""
 
 
@@ -72,8 +74,118 @@ def bundled_corpus_path() -> Path:
     return path
 
 
+def _looks_like_path(source: str) -> bool:
+    return Path(source).suffix.lower() in _LOCAL_BUILDERS or source.startswith(("/", ".", "~")) or source.count("/") > 1
+
+
+def check_data_source(cfg: DataConfig) -> None:
+    """DataError naming the file when a local source is missing, empty, unreadable, not UTF-8 or malformed JSON.
+
+    Cheap next to loading a model (one sequential read of the file); run before the teacher is loaded.
+    Every ``data.mix`` source is checked the same way.
+    """
+    for source in cfg.mix:
+        check_data_source(replace(cfg, source=source, mix=[]))
+    if is_bundled(cfg.source):
+        try:
+            gensim_test_data(NEWS_FILE if bundled_name(cfg.source) == "news" else WIKI_FILE)
+        except FileNotFoundError as e:
+            raise DataError(str(e)) from None
+        return
+    path = Path(cfg.source).expanduser()
+    if not path.exists():
+        if _looks_like_path(cfg.source):
+            raise DataError(f"data file {cfg.source} does not exist; give an existing .txt/.json/.jsonl/.parquet file or 'bundled'")
+        if os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true") or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true"):
+            raise DataError(
+                f"data source {cfg.source!r} is no local file, and offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) "
+                "forbids fetching it as a Hub dataset; give a local file or 'bundled'"
+            )
+        return
+    if path.is_dir():
+        raise DataError(f"data source {path} is a folder; give one .txt/.json/.jsonl/.parquet file")
+    suffix = path.suffix.lower()
+    if suffix not in _LOCAL_BUILDERS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(sorted(_LOCAL_BUILDERS))}")
+    try:
+        with path.open("rb") as fh:
+            if suffix == ".parquet":
+                head = fh.read(4)
+                if head != b"PAR1":
+                    raise DataError(f"data file {path} is not a parquet file (it does not start with PAR1)")
+                return
+            _check_text_file(path, fh, json_lines=_LOCAL_BUILDERS[suffix] == "json")
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read: {e.strerror or e}; check its permissions") from None
+
+
+def _check_text_file(path: Path, fh, *, json_lines: bool) -> None:
+    import codecs
+    import json
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, has_text, line_no, pending = 0, False, 0, ""
+    lines: list[str] = []
+    while True:
+        chunk = fh.read(1 << 20)
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"data file {path} is not UTF-8 text (invalid byte at offset {offset + e.start}); convert it to UTF-8"
+            ) from None
+        offset += len(chunk)
+        has_text = has_text or bool(text.strip())
+        if json_lines:
+            pending += text
+            *done, pending = pending.split("\n")
+            lines += done
+            if len(lines) > 1000 or not chunk:
+                for line in lines + ([pending] if not chunk else []):
+                    line_no += 1
+                    if line.strip():
+                        try:
+                            json.loads(line)
+                        except ValueError as e:
+                            if line_no == 1 and path.suffix.lower() == ".json":
+                                _check_json_document(path)
+                                return
+                            raise DataError(f"data file {path} line {line_no} is not valid JSON ({e.msg}); one JSON object per line") from None
+                lines = []
+        if not chunk:
+            break
+    if offset == 0:
+        raise DataError(f"data file {path} is empty; need at least 2 documents (one train, one held-out)")
+    if not has_text:
+        raise DataError(f"data file {path} holds no non-empty document (only whitespace); need at least 2 documents (one train, one held-out)")
+
+
+def _check_json_document(path: Path) -> None:
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"data file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+
+
+def is_bundled(source: str) -> bool:
+    """True for ``bundled`` and ``bundled:<corpus>`` sources."""
+    return source == BUNDLED or source.startswith(BUNDLED + ":")
+
+
+def bundled_name(source: str) -> str:
+    """The corpus a bundled source names (``bundled`` alone is the news corpus); DataError for an unknown one."""
+    name = source.partition(":")[2] or "news"
+    if name not in BUNDLED_CORPORA:
+        raise DataError(f"data source {source!r}: no bundled corpus {name!r}; choose one of "
+                        f"{', '.join(BUNDLED + ':' + n for n in BUNDLED_CORPORA)}")
+    return name
+
+
 def load_documents(cfg: DataConfig) -> Dataset:
     """All documents of the source as a Dataset with one ``text`` column (empty ones dropped)."""
+    check_data_source(cfg)
     if cfg.source == BUNDLED:
         ds = load_dataset("text", data_files=str(bundled_corpus_path()), split="train")
     else:

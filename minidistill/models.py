@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,12 +22,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .adapters import get_adapter
 from .config import ConfigBase, ConfigError
+from .errors import MinidistillError
 
 logger = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class ModelError(MinidistillError, ValueError):
+    """A model source cannot be used: no such folder, not a model folder, a Hub id while offline, a tokenizer that does not fit."""
 
 
 @dataclass
@@ -99,9 +106,41 @@ def _bundled_plain_dir() -> Path:
     return target
 
 
-def resolve_source(source: str) -> str:
-    """A loadable ``from_pretrained`` argument for ``source`` (``bundled`` becomes the cached folder)."""
-    return str(_bundled_plain_dir()) if source == BUNDLED else source
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_source(source: str, *, require_config: bool = True) -> str:
+    """A loadable ``from_pretrained`` argument for ``source`` (``bundled`` becomes the cached folder).
+
+    A local path must be a model folder (with ``config.json`` when ``require_config``); a name that
+    cannot be a Hub id, or any Hub id while offline, raises :class:`ModelError` naming the source.
+    """
+    if source == BUNDLED:
+        return str(_bundled_plain_dir())
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{source} is a file, not a model folder; give the folder holding config.json and the weights")
+        if require_config and not (path / "config.json").is_file():
+            raise ModelError(
+                f"{source} is not a model folder (no config.json); give a saved Hugging Face model folder, a Hub id or 'bundled'"
+            )
+        return str(path)
+    if not _HUB_ID.match(source) or source.startswith((".", "~")) or ".." in source or "--" in source:
+        raise ModelError(f"no such folder: {source}; give an existing model folder, a Hub id (user/name) or 'bundled'")
+    if _offline():
+        raise ModelError(
+            f"no such folder: {source}, and it cannot be fetched as a Hub id because offline mode is on "
+            "(HF_HUB_OFFLINE=1); give an existing model folder or 'bundled', or unset HF_HUB_OFFLINE"
+        )
+    return source
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_model(cfg: ModelConfig | str, **overrides) -> PreTrainedModel:
@@ -110,20 +149,26 @@ def load_model(cfg: ModelConfig | str, **overrides) -> PreTrainedModel:
         cfg = ModelConfig(source=cfg, **overrides)
     cfg.validate()
     source = resolve_source(cfg.source)
-    config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"{cfg.source}: cannot read the model config: {_first_line(err)}") from err
     get_adapter(config)  # fail before loading weights
     kwargs = {}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        revision=cfg.revision,
-        dtype=_DTYPES[cfg.dtype],
-        trust_remote_code=cfg.trust_remote_code,
-        **kwargs,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=cfg.revision,
+            dtype=_DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as err:
+        raise ModelError(f"{cfg.source}: cannot load the model weights: {_first_line(err)}") from err
     if getattr(model, "is_quantized", False):
-        raise ValueError(
+        raise ModelError(
             f"{cfg.source} loads as a quantized model; minidistill needs float weights "
             "(de-quantize it, or point at a float checkpoint)"
         )
@@ -132,7 +177,16 @@ def load_model(cfg: ModelConfig | str, **overrides) -> PreTrainedModel:
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer; a pad token is set to EOS when the tokenizer has none."""
-    tok = AutoTokenizer.from_pretrained(resolve_source(source), revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            resolve_source(source, require_config=False), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, MinidistillError):
+            raise
+        raise ModelError(
+            f"{source}: cannot load a tokenizer: {_first_line(err)}; pass a tokenizer source (--tokenizer, *.tokenizer=...)"
+        ) from err
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
@@ -150,7 +204,7 @@ def check_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     """Refuse a tokenizer whose ids do not fit the model's embedding table."""
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
-        raise ValueError(
+        raise ModelError(
             f"tokenizer has {len(tokenizer)} tokens but the model's embedding table has {vocab} rows; "
             "pass the tokenizer the model was trained with (--tokenizer)"
         )

@@ -20,7 +20,7 @@ from . import parallel
 from .config import ConfigError
 from .data import build_text_data
 from .distill.objective import DistillLossConfig, DistillObjective
-from .models import ModelConfig, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
+from .models import ModelConfig, ModelError, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
 from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
 from .training.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoint, verify_checkpoint
@@ -78,12 +78,12 @@ def check_same_vocabulary(teacher, teacher_tok, student, student_tok) -> None:
     t_rows = teacher.get_output_embeddings().weight.shape[0]
     s_rows = student.get_output_embeddings().weight.shape[0]
     if t_rows != s_rows:
-        raise ValueError(
+        raise ModelError(
             f"teacher and student vocabularies differ: the teacher's lm_head has {t_rows} rows, the student's {s_rows}; "
             "logit distillation needs the same vocabulary (prune the student from this teacher)"
         )
     if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise ValueError(
+        raise ModelError(
             "teacher and student tokenizers differ (their vocabularies do not match token for token); "
             "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
         )
@@ -211,6 +211,54 @@ def resolve_auto_resume(cfg: PruneDistillConfig) -> tuple[PruneDistillConfig, st
     return cfg, None
 
 
+def check_outputs_and_inputs(cfg: PruneDistillConfig, resume_path: Path | None) -> None:
+    """Checks of the run's folders, data and Hub settings that need no model: run before the teacher is loaded.
+
+    The run folder must be writable and apart from the model folders read; a ``prune.output_dir``
+    that is not empty must hold this run's own saved student (same teacher, same prune settings),
+    else the user's files there are kept and the run is refused; the data file must be readable;
+    ``push_to_hub`` needs a token and online mode.
+    """
+    from .data import check_data_source
+    from .errors import OutputError
+    from .prune.pipeline import check_output_dir, check_writable
+
+    sources = tuple(m.source for m in (cfg.teacher, cfg.student) if m is not None)
+    check_output_dir(cfg.run_dir, True, sources=sources)
+    if cfg.student is None and resume_path is None:
+        init_dir = student_init_dir(cfg)
+        check_output_dir(init_dir, True, sources=sources)
+        if init_dir.is_dir() and any(init_dir.iterdir()) and not _own_student_init(cfg, init_dir):
+            raise OutputError(
+                f"prune.output_dir={init_dir} is not empty and does not hold this run's pruned student; its files "
+                "are kept: choose an empty or new folder for prune.output_dir (or unset it to use "
+                f"{cfg.run_dir / STUDENT_INIT})"
+            )
+        check_writable(init_dir)
+    check_data_source(cfg.data)
+    if cfg.push_to_hub:
+        from huggingface_hub import constants
+
+        from .hub import HubError, resolve_token
+
+        resolve_token()
+        if constants.is_offline_mode():
+            raise HubError("push_to_hub=true but HF_HUB_OFFLINE is set: unset it, or set push_to_hub=false and push later with recipes/push.py")
+
+
+def _own_student_init(cfg: PruneDistillConfig, init_dir: Path) -> bool:
+    """True when ``init_dir`` holds a student this recipe saved from this teacher with these prune settings."""
+    import json
+
+    try:
+        saved_prune = json.loads((init_dir / "prune_config.json").read_text())
+        saved_teacher = json.loads((init_dir / PRUNE_MAP_FILENAME).read_text()).get("teacher", {}).get("source")
+    except (OSError, ValueError, AttributeError):
+        return False
+    expected = cfg.prune.replace(output_dir=str(init_dir), overwrite=True).to_dict()
+    return saved_prune == json.loads(json.dumps(expected)) and saved_teacher == cfg.teacher.source
+
+
 def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = None) -> RecipeResult:
     """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, report, hub push.
 
@@ -230,6 +278,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         )
     if resume_path is None and finished(cfg.run_dir):
         raise CheckpointError(f"{cfg.run_dir} holds a finished run; choose another run_name (or pass --resume auto)")
+    check_outputs_and_inputs(cfg, resume_path)
     check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
     if cfg.student is not None:
         check_seq_len(cfg.student, cfg.data.seq_len, "student")
@@ -242,12 +291,12 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
         student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)
         if getattr(student_cfg_only, "vocab_size", None) != getattr(teacher.config, "vocab_size", None):
-            raise ValueError(
+            raise ModelError(
                 f"teacher and student vocabularies differ: teacher vocab_size={teacher.config.vocab_size}, "
                 f"student vocab_size={student_cfg_only.vocab_size}; logit distillation needs the same vocabulary"
             )
         if student_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
+            raise ModelError(
                 "teacher and student tokenizers differ (their vocabularies do not match token for token); "
                 "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
             )

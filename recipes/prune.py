@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_candidates", type=int, default=None, help="budget search: candidate shapes scored")
     p.add_argument("--multiple_of", type=int, default=None, help="budget search: hidden / MLP widths are multiples of this")
     p.add_argument("--eval_blocks", type=int, default=16, help="held-out blocks for the perplexity summary")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("overrides", nargs="*", help="PruneConfig overrides key=value, e.g. search.score=kl")
     return p
 
@@ -72,17 +73,20 @@ def prune_config_from_args(args):
 def run(args) -> dict:
     """Prune as the options say; returns the summary written to ``prune_summary.json``."""
     from minidistill.adapters import get_adapter
-    from minidistill.data import DataConfig, build_text_data
+    from minidistill.data import DataConfig, build_text_data, check_data_source
     from minidistill.evaluation.perplexity import heldout_loss
     from minidistill.models import ModelConfig, load_model_and_tokenizer
     from minidistill.prune.pipeline import check_output_dir, prune_model
     from minidistill.prune.save import save_student
 
-    check_output_dir(args.output, args.overwrite)
     cfg = prune_config_from_args(args)
-    data_cfg = DataConfig(source=args.calib_data, text_column=args.text_column, seq_len=args.seq_len,
-                          max_documents=args.max_documents)
-    data_cfg.validate()
+    data_cfg = DataConfig.from_dict(
+        {"source": args.calib_data, "text_column": args.text_column, "seq_len": args.seq_len,
+         "max_documents": args.max_documents}
+    )
+    # Everything that can fail on the input fails here, before the teacher is loaded.
+    check_output_dir(args.output, args.overwrite, sources=tuple(s for s in (args.model, args.tokenizer) if s))
+    check_data_source(data_cfg)
     teacher, tokenizer = load_model_and_tokenizer(
         ModelConfig(source=args.model, tokenizer=args.tokenizer, trust_remote_code=args.trust_remote_code)
     )
@@ -141,22 +145,18 @@ def _log_summary(s: dict, out) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from minidistill.adapters import UnsupportedArchitectureError
-    from minidistill.config import ConfigError
-    from minidistill.data import DataError
-    from minidistill.prune.prune_map import PruneMapError
-    from minidistill.prune.targets import TargetError
-
-    try:
-        run(args)
-    except (ConfigError, DataError, TargetError, PruneMapError, UnsupportedArchitectureError, FileExistsError) as e:
-        logger.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command: a bad input prints one ``error [...]`` line and returns its exit code (see README)."""
+    from minidistill.errors import run_cli
+
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

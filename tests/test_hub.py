@@ -215,7 +215,7 @@ def test_push_recipe(stub, run_folder, monkeypatch, capsys):
     assert stub.repos[REPO]["private"] is True and stub.commits[-1]["message"] == "cli push"
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(hub_module, "get_token", lambda: None)
-    assert recipe.main([str(run_folder), "--repo_id", REPO, "--endpoint", stub.url]) == 1
+    assert recipe.main([str(run_folder), "--repo_id", REPO, "--endpoint", stub.url]) == 9  # hub error
     assert "HF_TOKEN" in capsys.readouterr().err
 
 

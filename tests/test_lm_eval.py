@@ -291,7 +291,7 @@ def test_perplexity_metric_agrees_with_rolling_perplexity(bos_tokenizer):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_saved_folder(bundled_tokenizer, tmp_path, capsys):
-    """recipes/evaluate.py scores a saved model folder on the local tasks built from the bundled corpus."""
+    """eval/run_lm_eval.py scores a saved model folder on the local tasks built from the bundled corpus."""
     import importlib.util
     from pathlib import Path
 
@@ -299,7 +299,7 @@ def test_evaluate_cli_on_saved_folder(bundled_tokenizer, tmp_path, capsys):
     model = tiny_model("llama", vocab_size=49152)
     model.save_pretrained(folder)
     bundled_tokenizer.save_pretrained(folder)
-    spec = importlib.util.spec_from_file_location("evaluate_recipe", Path(__file__).parents[1] / "recipes" / "evaluate.py")
+    spec = importlib.util.spec_from_file_location("run_lm_eval", Path(__file__).parents[1] / "eval" / "run_lm_eval.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     out = tmp_path / "eval"

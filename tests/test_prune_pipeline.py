@@ -247,6 +247,11 @@ def test_recipe_explicit_shape_without_reconstruction(teacher_dir, tmp_path):
     assert pm["refit"] == [] and pm["importance"]["method"] == "magnitude"
 
 
+# exit code of each error kind (minidistill.errors.EXIT_CODES): target 4, data 3, config 2
+RECIPE_EXIT_CODES = {"exceeds the teacher": 4, "not a multiple": 4, "no column 'body'": 3, "non-empty document": 3,
+                     "exclude each other": 2, "did you mean": 2}
+
+
 @pytest.mark.parametrize(
     "extra,match",
     [
@@ -268,7 +273,7 @@ def test_recipe_bad_input_fails_clearly(teacher_dir, tmp_path, capsys, extra, ma
     extra = [e.format(jsonl=jsonl, empty=empty) for e in extra]
     out = tmp_path / "student"
     rc = _recipe().main(["--model", str(teacher_dir), "--output", str(out), *extra, *RECIPE_FAST])
-    assert rc == 2
+    assert rc == RECIPE_EXIT_CODES[match]
     assert match in capsys.readouterr().err
     assert not out.exists()
 
@@ -278,5 +283,5 @@ def test_recipe_refuses_non_empty_output_before_loading(tmp_path, capsys):
     out.mkdir()
     (out / "model.safetensors").write_text("keep")
     rc = _recipe().main(["--model", str(tmp_path / "does-not-exist"), "--output", str(out), "--target_params", "0.5"])
-    assert rc == 2 and "not empty" in capsys.readouterr().err
+    assert rc == 11 and "not empty" in capsys.readouterr().err
     assert (out / "model.safetensors").read_text() == "keep"

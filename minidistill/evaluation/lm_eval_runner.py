@@ -21,8 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import count_parameters
 from ..config import ConfigBase, ConfigError
-from ..data import DataConfig, TextData
-from ..models import ModelConfig, load_model_and_tokenizer
+from ..data import DataConfig, TextData, check_data_source
+from ..models import ModelConfig, load_model_and_tokenizer, resolve_source
 from .tasks import LOCAL_PREFIX, LOCAL_TASKS, prepare_local_tasks
 
 logger = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ def _task_manager_for(other: list[str], include_paths: list[str]):
 def _resolve_entry(entry: ModelEntry) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(entry, (str, Path)):
         folder = Path(entry)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: not a saved model folder (no config.json)")
+        resolve_source(str(folder))  # ModelError naming the folder when it is missing or holds no config.json
         return load_model_and_tokenizer(ModelConfig(source=str(folder)))
     if not (isinstance(entry, tuple) and len(entry) == 2):
         raise TypeError("each model must be a (model, tokenizer) pair or a saved model folder")
@@ -316,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--output_dir", default=None, help="writes lm_eval.md and lm_eval.json here")
     parser.add_argument("--data_source", default="bundled", help="corpus whose held-out split feeds the local tasks")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
     cfg = LmEvalConfig(
@@ -331,7 +331,17 @@ def main(argv: list[str] | None = None) -> int:
         name, sep, source = spec.partition("=")
         if not sep or not name or not source:
             parser.error(f"--model {spec!r}: expected NAME=SOURCE")
-        models[name] = load_model_and_tokenizer(ModelConfig(source=source)) if source == "bundled" else source
-    table = run_lm_eval(models, cfg, data_config=DataConfig(source=args.data_source))
+        if source != "bundled":
+            resolve_source(source)  # every model folder is checked before the first one is scored
+        models[name] = source
+    cfg.validate()
+    data_config = DataConfig(source=args.data_source)
+    check_data_source(data_config)
+    if args.output_dir:
+        from ..prune.pipeline import check_writable
+
+        check_writable(args.output_dir)
+    models = {n: load_model_and_tokenizer(ModelConfig(source=s)) if s == "bundled" else s for n, s in models.items()}
+    table = run_lm_eval(models, cfg, data_config=data_config)
     print(table.to_markdown())
     return 0

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..adapters import count_parameters, count_parameters_for_shape, get_adapter
 from ..config import ConfigBase, ConfigError
+from ..errors import MinidistillError
 from ..evaluation.perplexity import heldout_loss, iter_token_chunks
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ SHAPE_TARGET_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "
 SCORES = ("loss", "kl")
 
 
-class TargetError(ValueError):
+class TargetError(MinidistillError, ValueError):
     """A pruning target cannot be reached from the teacher (the message says what can)."""
 
 
@@ -73,6 +74,10 @@ class TargetConfig(ConfigBase):
             raise ConfigError(f"target.params and target shape fields {sorted(shape)} exclude each other; set one")
         if self.params is not None and (self.params <= 0 or not math.isfinite(self.params)):
             raise ConfigError(f"target.params={self.params}: must be a fraction in (0, 1] or a count > 1")
+        if self.params is not None and self.params > 1 and not float(self.params).is_integer():
+            raise ConfigError(
+                f"target.params={self.params}: a parameter count must be a whole number (or a fraction in (0, 1])"
+            )
         for k, v in shape.items():
             if v < 1:
                 raise ConfigError(f"target.{k}={v}: must be >= 1")

@@ -22,6 +22,7 @@ from torch import nn
 from ..adapters import get_adapter
 from ..data import TextData
 from ..distill.objective import DistillationModule, DistillLossConfig, DistillObjective, teacher_features
+from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MinidistillError, RuntimeError):
     """A loss component became NaN or infinite; training stopped without saving."""
 
 

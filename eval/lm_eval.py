@@ -1,8 +1,0 @@
-"""Score saved models side by side on lm-eval tasks: see eval/README.md."""
-
-import sys
-
-from minidistill.evaluation.lm_eval_runner import main
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Score saved models side by side on lm-eval tasks: see eval/README.md.
+
+    python eval/run_lm_eval.py --model teacher=bundled --model distilled=runs/demo/model
+
+(Not named ``lm_eval.py``: a script's folder comes first on ``sys.path``, so that name would shadow the
+``lm_eval`` package it runs.)
+"""
+
+import sys
+
+from minidistill.errors import run_cli
+from minidistill.evaluation.lm_eval_runner import main
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
