@@ -104,18 +104,18 @@ def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) 
 
 
 def _prune_map_for(student_dir: str, teacher) -> PruneMap | None:
-    """The student's prune map when it has one and it was made from a teacher of this shape."""
-    from .adapters import get_adapter
+    """The student's prune map, verified against this teacher and the student's folder; None when it has none.
 
-    path = Path(resolve_source(student_dir)) / PRUNE_MAP_FILENAME
-    if not path.is_file():
+    A map that does not fit (another teacher, edited indices, a shape the student's config.json
+    contradicts, weights that are not its slices) is a PruneMapError naming the file and the fix
+    (:func:`minidistill.prune.save.verify_student_map`).
+    """
+    from .prune.save import verify_student_map
+
+    folder = Path(resolve_source(student_dir))
+    if not (folder / PRUNE_MAP_FILENAME).is_file():
         return None
-    pmap = PruneMap.load(path)
-    shape = get_adapter(teacher).shape(teacher.config)
-    if pmap.teacher.get("shape") != shape:
-        logger.warning("%s was made from a teacher of shape %s, not %s; it is ignored", path, pmap.teacher.get("shape"), shape)
-        return None
-    return pmap
+    return verify_student_map(teacher, folder)
 
 
 def resolve_resume(cfg: PruneDistillConfig, resume: str | bool | None) -> Path | None:

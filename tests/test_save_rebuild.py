@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,3 +138,30 @@ def test_rebuild_requires_the_refit_tensors(tokenizer, tmp_path):
     out = save_student(student, None, pmap, tmp_path / "s")
     with pytest.raises(PruneMapError, match="up_proj.bias"):
         rebuild_student(teacher, out)
+
+
+def _trained_copy(student):
+    """``student`` after a few optimiser steps' worth of change (seeded noise on every weight)."""
+    trained = copy.deepcopy(student)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return trained
+
+
+def test_rebuild_refuses_a_trained_models_map(tmp_path):
+    """The exported map (student_weights='trained') is never rebuilt into teacher slices + trained tensors."""
+    teacher, student, pmap = pruned_student("llama", 2, False)
+    trained = _trained_copy(student)
+    out = save_student(trained, None, replace(pmap, student_weights="trained"), tmp_path / "model")
+    with pytest.raises(PruneMapError, match=r"initial student of a trained model .*from_pretrained"):
+        rebuild_student(teacher, out)
+    # An unmarked map next to trained weights (an export written before the field existed) is caught too.
+    unmarked = save_student(trained, None, pmap, tmp_path / "old_export")
+    with pytest.raises(PruneMapError, match="not the teacher slices the map names"):
+        rebuild_student(teacher, unmarked)
+    # The untrained student's folder still rebuilds bit-exactly.
+    rebuilt = rebuild_student(teacher, save_student(student, None, pmap, tmp_path / "init"))
+    for name, value in student.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name

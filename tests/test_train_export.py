@@ -37,7 +37,7 @@ def test_saved_model_reloads_with_the_logged_perplexity(tiny_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.joinpath("tiny").iterdir() if p.name.startswith(".")) == []
     for name in ("config.json", "model.safetensors", "tokenizer.json", "prune_map.json", "training_metadata.json"):
         assert (model_dir / name).is_file(), name
-    assert PruneMap.load(model_dir).to_dict() == PruneMap.load(student).to_dict()
+    assert PruneMap.load(model_dir).to_dict() == {**PruneMap.load(student).to_dict(), "student_weights": "trained"}
     meta = json.loads((model_dir / "training_metadata.json").read_text())
     assert meta["steps"] == 6 and meta["final_eval"] == result.train.final_eval
 
@@ -98,7 +98,7 @@ def test_pruning_path_saves_the_student_with_its_map_and_resumes_from_it(tiny_di
     init_dir = cfg.run_dir / "student_init"
     pmap = PruneMap.load(init_dir)
     assert pmap.student_shape["num_layers"] == 2 and pmap.student_shape["hidden_size"] == 48
-    assert PruneMap.load(result.model_dir).to_dict() == pmap.to_dict()
+    assert PruneMap.load(result.model_dir).to_dict() == {**pmap.to_dict(), "student_weights": "trained"}
     before = (init_dir / "model.safetensors").stat().st_mtime_ns
     resumed = run_prune_distill(load_recipe_config(None, [o for o in overrides if "max_steps" not in o] + ["train.max_steps=3"]), resume=True)
     assert resumed.train.steps == 3

@@ -19,21 +19,34 @@ Schema (version 1), all indices refer to the teacher and are sorted ascending:
   from the student checkpoint.
 - ``importance``: the importance settings used (method, aggregation, calibration data, tokens).
 - ``notes``: free-form dict (e.g. search results summary).
+- ``student_weights``: ``"pruned"`` (the folder's weights are the teacher slices the map names, plus
+  the ``refit`` tensors: :func:`~minidistill.prune.save.rebuild_student` reproduces them) or
+  ``"trained"`` (the map of the *initial* student of a model whose weights were trained afterwards, as in
+  a distilled run's ``model/``: the architecture and the teacher origin of every layer, head, neuron and
+  channel still hold, so feature pairing uses it, but rebuilding from the teacher is refused). Absent
+  in maps written before this field: ``"pruned"``.
+
+Loading (:meth:`PruneMap.load`) names the file in every parse or consistency error;
+:func:`minidistill.prune.save.verify_student_map` checks a map against its teacher and student folder.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from ..errors import MinidistillError
 
 PRUNE_MAP_VERSION = 1
 PRUNE_MAP_FILENAME = "prune_map.json"
+STUDENT_WEIGHTS = ("pruned", "trained")
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
-class PruneMapError(ValueError):
+class PruneMapError(MinidistillError, ValueError):
     """A prune map is malformed or does not fit the model it is applied to."""
 
 
@@ -59,6 +72,7 @@ class PruneMap:
     importance: dict[str, Any] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     version: int = PRUNE_MAP_VERSION
+    student_weights: Literal["pruned", "trained"] = "pruned"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,10 +96,17 @@ class PruneMap:
         """Check internal consistency (counts, ranges, GQA grouping); raise PruneMapError."""
         if self.version != PRUNE_MAP_VERSION:
             raise PruneMapError(f"prune map version {self.version} is not supported (expected {PRUNE_MAP_VERSION})")
+        if self.student_weights not in STUDENT_WEIGHTS:
+            raise PruneMapError(f"student_weights={self.student_weights!r}: expected one of {STUDENT_WEIGHTS}")
+        if not isinstance(self.teacher, dict) or not isinstance(self.student_shape, dict):
+            raise PruneMapError("teacher and student_shape must be JSON objects")
         t = self.teacher.get("shape")
         s = self.student_shape
-        if not t or any(k not in t for k in SHAPE_KEYS) or any(k not in s for k in SHAPE_KEYS):
+        if not isinstance(t, dict) or any(k not in t for k in SHAPE_KEYS) or any(k not in s for k in SHAPE_KEYS):
             raise PruneMapError(f"teacher.shape and student_shape need the keys {SHAPE_KEYS}")
+        bad = [k for k in SHAPE_KEYS for d in (t, s) if not _is_int(d[k]) or d[k] < 1]
+        if bad:
+            raise PruneMapError(f"shape entries {sorted(set(bad))} must be positive integers")
         if s["head_dim"] != t["head_dim"]:
             raise PruneMapError("head_dim cannot change under pruning")
         _check_indices("kept_layers", self.kept_layers, t["num_layers"], s["num_layers"])
@@ -114,10 +135,14 @@ class PruneMap:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneMap":
+        if not isinstance(data, dict):
+            raise PruneMapError(f"malformed prune map: a JSON object is expected, not {type(data).__name__}")
         try:
             layers = [LayerMap(**lm) for lm in data["layers"]]
             obj = cls(**{**data, "layers": layers})
-        except (KeyError, TypeError) as e:
+        except KeyError as e:
+            raise PruneMapError(f"malformed prune map: the key {e} is missing") from None
+        except TypeError as e:
             raise PruneMapError(f"malformed prune map: {e}") from None
         obj.validate()
         return obj
@@ -129,12 +154,23 @@ class PruneMap:
 
     @classmethod
     def load(cls, folder_or_file: str | Path) -> "PruneMap":
+        """Read and validate a ``prune_map.json`` (or the one in a folder); PruneMapError naming the file."""
         path = Path(folder_or_file)
         if path.is_dir():
             path = path / PRUNE_MAP_FILENAME
         if not path.is_file():
             raise PruneMapError(f"{path} not found: the student has no prune map (was it pruned by minidistill?)")
-        return cls.from_dict(json.loads(path.read_text()))
+        fix = "re-create it by pruning again (recipes/prune.py), or delete it to use the student without a map"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise PruneMapError(f"{path} is not UTF-8 text: {fix}") from None
+        except json.JSONDecodeError as e:
+            raise PruneMapError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): {fix}") from None
+        try:
+            return cls.from_dict(data)
+        except PruneMapError as e:
+            raise PruneMapError(f"{path}: {e}; the file was edited or damaged: {fix}") from None
 
     # ------------------------------------------------------------------ pairing helpers for the distiller
     def teacher_layer_of(self, student_layer: int) -> int:
@@ -147,10 +183,20 @@ class PruneMap:
             return None
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_indices(name: str, idx: list[int], upper: int, count: int) -> None:
+    if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
+        raise PruneMapError(f"{name} must be a list of integers")
     if len(idx) != count:
         raise PruneMapError(f"{name} has {len(idx)} entries, expected {count}")
-    if any(not 0 <= i < upper for i in idx):
-        raise PruneMapError(f"{name} has indices outside [0, {upper})")
-    if any(a >= b for a, b in zip(idx, idx[1:])):
-        raise PruneMapError(f"{name} must be strictly increasing")
+    outside = [i for i in idx if not 0 <= i < upper]
+    if outside:
+        raise PruneMapError(f"{name} has indices outside [0, {upper}): {outside[:5]}")
+    if len(set(idx)) != len(idx):
+        repeated = sorted(i for i, n in Counter(idx).items() if n > 1)
+        raise PruneMapError(f"{name} repeats the indices {repeated[:5]}")
+    if any(a > b for a, b in zip(idx, idx[1:])):
+        raise PruneMapError(f"{name} must be sorted ascending")

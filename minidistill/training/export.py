@@ -2,6 +2,11 @@
 
 ``<run_dir>/model/`` holds ``config.json``, safetensors weights, the tokenizer, ``prune_map.json`` (when
 the student has one) and ``training_metadata.json``. LoRA adapters are merged into the weights.
+
+The exported ``prune_map.json`` is the map of the *initial* student, marked ``"student_weights":
+"trained"``: its layer / head / neuron / channel origins still pair the model with its teacher, but
+:func:`minidistill.prune.save.rebuild_student` refuses it (the weights are no longer teacher slices;
+the run's ``student_init/`` keeps the rebuildable map).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +66,7 @@ def export_student(
         student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if prune_map is not None:
-            prune_map.save(tmp)
+            replace(prune_map, student_weights="trained").save(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str) + "\n")
         if out_dir.exists():
             old = out_dir.with_name(f".old-{out_dir.name}")
