@@ -1,7 +1,8 @@
 """Push a finished run folder to the Hugging Face Hub in one commit, with a generated model card.
 
 The folder is checked (a ``config.json`` and safetensors weights, no pickles) and a token is found
-before any network call. The token comes from the ``token`` argument, else ``HF_TOKEN``, else the
+before any network call; only regular files inside the folder are uploaded (a symlink is followed
+only when its target is a regular file inside the folder, a link out of it is refused). The token comes from the ``token`` argument, else ``HF_TOKEN``, else the
 login cache (``huggingface_hub.get_token()``); it is never printed or logged. The model card is
 uploaded as ``README.md`` through the commit itself; the local folder is never written to.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get
 from huggingface_hub.errors import HfHubHTTPError
 
 from .config import ConfigBase, ConfigError
+from .errors import MinidistillError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HubError(RuntimeError):
+class HubError(MinidistillError, RuntimeError):
     """A push could not start or did not complete; the message says why and what to do."""
 
 
@@ -56,23 +60,56 @@ class HubConfig(ConfigBase):
             raise ConfigError(f"hub.endpoint={self.endpoint!r}: must be an http(s) URL")
 
 
+def _regular_files(folder: Path) -> list[Path]:
+    """Relative paths of the regular files under ``folder`` (hidden entries skipped), symlinks checked.
+
+    A symlink to a regular file inside ``folder`` is kept (its content is uploaded under the link's
+    name); a symlink that leaves the folder, a symlinked folder, or a special file is a HubError.
+    """
+    root = folder.resolve()
+    out: list[Path] = []
+    for dirpath, dirs, names in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for d in dirs:
+            if (here / d).is_symlink():
+                raise HubError(
+                    f"{here / d} is a symlink to a folder ({os.readlink(here / d)}); the push uploads only regular "
+                    "files inside the folder: replace it with a real folder"
+                )
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = here / name
+            rel = path.relative_to(folder)
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(root):
+                    raise HubError(
+                        f"{path} is a symlink to {target}, outside {folder}; the push never follows a link out of the "
+                        "folder it publishes: replace the link with a copy of the file (or remove it)"
+                    )
+                if not target.is_file():
+                    raise HubError(f"{path} is a symlink to {target}, which is not a regular file: remove it")
+            elif not stat.S_ISREG(path.lstat().st_mode):
+                raise HubError(f"{path} is not a regular file (a FIFO, socket or device): remove it")
+            out.append(rel)
+    return sorted(out)
+
+
 def run_folder_files(folder: str | Path) -> list[Path]:
     """Files of a finished run folder to upload (relative paths, sorted); refuses anything else.
 
     Requires ``config.json`` and at least one ``*.safetensors`` file (every shard named by a
-    ``*.safetensors.index.json`` must exist), refuses pickle checkpoints and half-written
-    (``.tmp-*``) entries, and skips hidden files and folders.
+    ``*.safetensors.index.json`` must exist), refuses pickle checkpoints, half-written (``.tmp-*``)
+    entries and symlinks that leave the folder, and skips hidden files and folders.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"{folder} is not a folder; pass the run's output folder (the one holding config.json)")
     if not (folder / "config.json").is_file():
         raise HubError(f"{folder} has no config.json: not a finished run (point at the folder the run saved the model to)")
-    files = sorted(
-        p.relative_to(folder)
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files = _regular_files(folder)
     pickles = [str(p) for p in files if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise HubError(f"{folder} holds pickle files {pickles}; only safetensors weights are pushed (remove them)")
@@ -148,8 +185,8 @@ def push_to_hub(folder: str | Path, cfg: HubConfig, *, card: ModelCard | None = 
         card = default_card(folder, cfg.repo_id)
     if constants.is_offline_mode():
         raise HubError("HF_HUB_OFFLINE is set: unset it (and HF_DATASETS_OFFLINE if needed) to push to the Hub")
-    operations = [
-        CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=str(folder / rel))
+    operations = [  # resolved: a link inside the folder uploads its (checked) target
+        CommitOperationAdd(path_in_repo=rel.as_posix(), path_or_fileobj=str((folder / rel).resolve()))
         for rel in files
         if not (card is not None and rel.as_posix() == "README.md")
     ]

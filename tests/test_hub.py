@@ -224,3 +224,78 @@ def test_transient_lfs_upload_error_is_retried_by_the_client(stub, run_folder):
     push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
     assert sum(1 for m, _ in stub.requests if m == "PUT") == 3  # one failed, two succeeded
     assert stub.files(REPO)["model.safetensors"] == (run_folder / "model.safetensors").read_bytes()
+
+
+def test_symlink_out_of_the_folder_is_refused_before_any_request(stub, run_folder, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub\n")
+    (run_folder / "notes.txt").symlink_to(secret)
+    with pytest.raises(HubError, match=r"notes\.txt is a symlink to .*secret\.txt, outside .*replace the link with a copy"):
+        push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    (run_folder / "notes.txt").unlink()
+    (run_folder / "extra" / "up.txt").symlink_to(Path("..") / ".." / "secret.txt")  # relative, climbing out
+    with pytest.raises(HubError, match=r"up\.txt is a symlink to .*secret\.txt, outside"):
+        run_folder_files(run_folder)
+    (run_folder / "extra" / "up.txt").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (run_folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(HubError, match=r"linked is a symlink to a folder"):
+        run_folder_files(run_folder)
+    assert stub.requests == []
+
+
+def test_symlink_inside_the_folder_uploads_its_target(stub, run_folder):
+    (run_folder / "alias.json").symlink_to("tokenizer.json")
+    (run_folder / "dangling.json").symlink_to("no-such-file.json")
+    with pytest.raises(HubError, match=r"dangling\.json is a symlink to .*no-such-file\.json, which is not a regular file"):
+        run_folder_files(run_folder)
+    (run_folder / "dangling.json").unlink()
+    push_to_hub(run_folder, HubConfig(repo_id=REPO, endpoint=stub.url), token=TOKEN)
+    remote = stub.files(REPO)
+    assert remote["alias.json"] == (run_folder / "tokenizer.json").read_bytes()
+    assert sorted(remote) == sorted([*PUSHED, "alias.json", "README.md"])
+
+
+def test_sigkill_during_a_push_then_the_same_command_completes(stub, run_folder):
+    """recipes/push.py killed mid-upload (SIGKILL), then run again: the second push completes byte for byte."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    reached, release = threading.Event(), threading.Event()
+    real_take = stub._take_failure
+
+    def hold_first_upload(kind):  # keep the first LFS upload in flight until the client is dead
+        if kind == "lfs_upload" and not reached.is_set():
+            reached.set()
+            release.wait(60)
+            return "drop"
+        return real_take(kind)
+
+    stub._take_failure = hold_first_upload
+    repo_root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+               PYTHONPATH=str(repo_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(repo_root / "recipes" / "push.py"), str(run_folder), "--repo_id", REPO, "--endpoint", stub.url]
+    before = folder_digest(run_folder)
+    proc = subprocess.Popen(cmd, env=env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert reached.wait(120), "the push never reached the LFS upload"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        release.set()
+        if proc.poll() is None:
+            proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert stub.commits == [] and folder_digest(run_folder) == before
+    retry = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stderr[-2000:]
+    assert retry.stdout.strip().startswith(f"{stub.url}/{REPO}/commit/")
+    assert "Traceback" not in retry.stderr and TOKEN not in retry.stdout + retry.stderr
+    remote = stub.files(REPO)
+    for rel in PUSHED:
+        assert remote[rel] == (run_folder / rel).read_bytes()
+    assert len(stub.commits) == 1 and folder_digest(run_folder) == before
