@@ -12,19 +12,25 @@ from conftest import tiny_model
 from minidistill.adapters import count_parameters, count_parameters_for_shape, get_adapter
 from minidistill.config import ConfigError
 from minidistill.prune.targets import (
+    AXES,
     Candidate,
     ParamCounter,
     SearchConfig,
+    ShapeSpace,
     TargetConfig,
     TargetError,
+    balance_cost,
     budget_params,
     config_rejects_shape,
     enumerate_candidates,
     explicit_shape,
+    family_of,
     format_rows,
     head_options,
     kl_to_teacher,
     score_candidates,
+    select_candidates,
+    spearman,
     teacher_hidden_states,
     width_options,
 )
@@ -120,16 +126,22 @@ def test_candidates_are_hardware_friendly_and_within_budget():
     cands = enumerate_candidates(counter, budget, search)
     assert len(cands) > 5
     group = 2
+    t = counter.teacher_shape
     for c in cands:
         s = c.shape
-        assert 0.98 * budget <= c.params <= budget
+        if c.in_band:
+            assert 0.98 * budget <= c.params <= budget and c.eligible
+        else:  # the nearest single-axis shape outside the band, kept so that the axis is scored
+            assert c.family in AXES and family_of(t, s) == c.family
+            assert c.eligible == (0.97 * budget <= c.params <= 1.01 * budget)
         assert c.params == count_parameters_for_shape(model.config, s)
         assert s["hidden_size"] % 16 == 0 and s["intermediate_size"] % 16 == 0
         assert s["num_heads"] % s["num_kv_heads"] == 0 and s["num_heads"] // s["num_kv_heads"] <= group
         assert 3 <= s["num_layers"] <= 6
     assert [c.cost for c in cands] == sorted(c.cost for c in cands)
+    in_band = [c for c in cands if c.in_band]
     capped = enumerate_candidates(counter, budget, search.replace(max_candidates=3))
-    assert [c.shape for c in capped] == [c.shape for c in cands[:3]]
+    assert [c.shape for c in in_band[:3]] == [c.shape for c in capped if c.in_band][:3]
     width_only = enumerate_candidates(counter, budget, search.replace(max_layer_drop=0.0))
     assert all(c.shape["num_layers"] == 6 for c in width_only)
 
@@ -148,7 +160,8 @@ def test_budget_errors_name_what_is_reachable():
         enumerate_candidates(counter, smallest - 1, search)
     # Widths in steps of 64 leave gaps that a 0.1% window cannot hit.
     with pytest.raises(TargetError, match="no candidate shape"):
-        enumerate_candidates(counter, int(0.5 * full), SearchConfig(multiple_of=64, tolerance=0.001, max_layer_drop=0.0))
+        enumerate_candidates(counter, int(0.5 * full), SearchConfig(multiple_of=64, tolerance=0.001, max_layer_drop=0.0,
+                                                                   single_axis_slack=0.0))
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -207,3 +220,156 @@ def test_candidates_only_shapes_transformers_can_save():
     cands = enumerate_candidates(counter, int(counter.count(counter.teacher_shape) * 0.7), search)
     assert cands and all(config_rejects_shape(model.config, c.shape) is None for c in cands)
     assert all(c.shape["hidden_size"] % c.shape["num_heads"] == 0 for c in cands)
+
+
+# ---------------------------------------------------------------------------- lazy enumeration over every axis
+def _brute_force_band(model, search, low, high):
+    """Every shape of the full product whose exact count lies in [low, high] (the reference)."""
+    import itertools
+
+    counter = ParamCounter(model.config)
+    t = counter.teacher_shape
+    min_layers = max(1, t["num_layers"] - int(t["num_layers"] * search.max_layer_drop))
+    out = {}
+    for L, D, (H, K), I in itertools.product(range(min_layers, t["num_layers"] + 1),
+                                             width_options(t["hidden_size"], search.multiple_of), head_options(t),
+                                             width_options(t["intermediate_size"], search.multiple_of)):
+        shape = {"num_layers": L, "hidden_size": D, "num_heads": H, "num_kv_heads": K, "intermediate_size": I,
+                 "head_dim": t["head_dim"]}
+        if config_rejects_shape(model.config, shape) is None:
+            p = counter.count(shape)
+            if low <= p <= high:
+                out[(L, D, H, K, I)] = p
+    return out
+
+
+@pytest.mark.parametrize("model_type,fraction", [("llama", 0.55), ("qwen3", 0.4), ("gemma3_text", 0.7)])
+def test_lazy_enumeration_equals_brute_force_filter_of_the_product(model_type, fraction):
+    model = tiny_model(model_type, num_layers=5, hidden_size=128, num_heads=8, num_kv_heads=4, intermediate_size=96)
+    search = SearchConfig(multiple_of=16, tolerance=0.05, max_layer_drop=0.6)
+    counter = ParamCounter(model.config)
+    budget = int(fraction * counter.count(counter.teacher_shape))
+    low, high = budget * (1 - search.tolerance), budget
+    want = _brute_force_band(model, search, low, high)
+    space = ShapeSpace(counter, search)
+    got = {tuple(s[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")): p
+           for s, p in space.iter_band(low, high)}
+    assert got == want and len(got) >= 5
+    for key in list(got)[:3]:  # the closed form is exact: check against meta-device builds
+        shape = dict(zip(("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"), key))
+        assert got[key] == count_parameters_for_shape(model.config, {**counter.teacher_shape, **shape})
+    assert space.shapes_built == len(got) < space.product_size
+
+
+def test_8b_enumeration_is_lazy_fast_and_bounded(monkeypatch):
+    import inspect
+    import time
+    import tracemalloc
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256)
+    counter = ParamCounter(cfg, non_embedding=True)
+    assert counter.coefficients is not None
+
+    def no_bulk_count(*a, **k):
+        raise AssertionError("the enumeration counted shapes in bulk")
+
+    monkeypatch.setattr(ParamCounter, "count_many", no_bulk_count)
+    monkeypatch.setattr(ParamCounter, "build_count", no_bulk_count)
+    search = SearchConfig(multiple_of=64, max_candidates=6)
+    space = ShapeSpace(counter, search)
+    budget = budget_params(counter.count(counter.teacher_shape), 0.5)
+    assert inspect.isgenerator(space.iter_band(0, budget))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    sel = select_candidates(space, budget)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert space.product_size == 17 * 64 * 32 * 224
+    assert sel.in_band > 1000 and sel.shapes_built < space.product_size / 100
+    assert seconds < 30 and peak < 64 * 2**20
+    families = {c.family for c in sel.candidates}
+    assert {"depth", "heads", "mlp", "hidden", "mix"} <= families
+    depth = [c for c in sel.candidates if c.family == "depth"]
+    # depth-only cannot hit 50% exactly: its nearest shape (16 layers) is scored, flagged outside the band
+    assert any(c.shape["num_layers"] == 16 and not c.in_band and c.eligible for c in depth)
+
+
+def test_scored_set_holds_the_best_prescored_shape_of_every_family():
+    model = tiny_model("llama", num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=96)
+    counter = ParamCounter(model.config)
+    budget = int(0.7 * counter.count(counter.teacher_shape))
+    search = SearchConfig(multiple_of=16, tolerance=0.04, max_layer_drop=0.5, max_candidates=2)
+    t = counter.teacher_shape
+
+    def prescore(shape, params):  # balance-like: favours mixes, the old pre-rank that hid single axes
+        return balance_cost(t, shape, params, budget)
+
+    low = budget * (1 - search.tolerance)
+    every = [(s, p) for s, p in ShapeSpace(counter, search).iter_band(low, budget)]
+    best = {}
+    for s, p in every:
+        f = family_of(t, s)
+        if f not in best or prescore(s, p) < prescore(*best[f]):
+            best[f] = (s, p)
+    sel = select_candidates(ShapeSpace(counter, search), budget, prescore)
+    shapes = [c.shape for c in sel.candidates]
+    assert best and all(s in shapes for s, _ in best.values())
+    top2 = sorted(every, key=lambda sp: prescore(*sp))[:2]
+    assert all(s in shapes for s, _ in top2)
+    for axis in AXES:  # every axis is scored: in the band, or its nearest shapes either side
+        assert any(c.family == axis for c in sel.candidates), axis
+        if axis not in best:
+            assert all(not c.in_band for c in sel.candidates if c.family == axis)
+    assert sel.per_family == {f: sum(family_of(t, s) == f for s, _ in every) for f in ("depth", "heads", "mlp", "hidden", "mix")}
+
+
+def test_no_candidate_names_the_limiting_axis_and_nearest_budget():
+    model = tiny_model("llama", num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=96)
+    counter = ParamCounter(model.config, non_embedding=True)
+    full = counter.count(counter.teacher_shape)
+    search = SearchConfig(multiple_of=64, tolerance=0.001, max_layer_drop=0.0, single_axis_slack=0.0)
+    with pytest.raises(TargetError) as e:
+        enumerate_candidates(counter, int(0.5 * full), search)
+    msg = str(e.value)
+    assert "nearest below:" in msg and "nearest above:" in msg and "nearest reachable budget is" in msg
+    # the reference: the sizes of the full product nearest the band on each side
+    space = ShapeSpace(ParamCounter(model.config, non_embedding=True), search)
+    all_sizes = sorted({space.count(L, D, H, K, I) for L, D, H, K in space.triples() for I in space.mlp})
+    budget = int(0.5 * full)
+    below = max(p for p in all_sizes if p < budget * (1 - search.tolerance))
+    above = min(p for p in all_sizes if p > budget)
+    assert f"nearest below: {below:,}" in msg and f"nearest above: {above:,}" in msg
+    nearest = below if budget - below <= above - budget else above
+    assert f"nearest reachable budget is {nearest:,}" in msg
+    assert "finest step near this budget is the heads" in msg and "search.multiple_of" in msg
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, generator=g).tolist()
+    y = [v + 0.3 * float(torch.rand(1, generator=g)) for v in x]
+    y[3] = y[4]  # a tie
+    assert math.isclose(spearman(x, y), stats.spearmanr(x, y).statistic, rel_tol=1e-12)
+    assert spearman([1, 2], [2, 1]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_ineligible_candidates_are_scored_but_never_win():
+    teacher = tiny_model("llama")
+    others = {1: tiny_model("llama", seed=1), 2: tiny_model("llama", seed=2)}
+    heldout = [torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))]
+    from minidistill.evaluation.perplexity import heldout_loss
+
+    losses = {k: heldout_loss(m, heldout)["loss"] for k, m in others.items()}
+    best, worst = min(losses, key=losses.get), max(losses, key=losses.get)
+    t = get_adapter(teacher).shape(teacher.config)
+    cands = [Candidate({**t, "num_layers": best}, 100, 0.0, "depth", in_band=False, eligible=False),
+             Candidate({**t, "num_layers": worst}, 100, 1.0, "depth")]
+    res = score_candidates(teacher, cands, lambda s, r: (others[s["num_layers"]], s["num_layers"]), heldout,
+                           SearchConfig(), full_params=1000)
+    assert res.best_map == worst and res.rows[0]["num_layers"] == worst and res.rows[1]["eligible"] is False
+    assert res.prescore_spearman is None  # two rows: no rank correlation

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,22 +24,29 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..adapters import count_parameters, get_adapter
 from ..config import ConfigBase, ConfigError
 from ..data import DataError, TextData
+from ..errors import OutputError
 from ..models import state_dict_sha256
 from .importance import ImportanceConfig, compute_importance, importance_batches
 from .layer_importance import LAYER_METHODS, LOSS_METHODS, SIMILARITY_METHODS, LayerSimilarity, layer_loss_scores, layer_scores
 from .prune_map import PruneMap
 from .reconstruct import ReconstructionConfig, reconstruct
+from .distill_rank import check_distill_data, distill_rank
+from .sensitivity import SENSITIVITY_MD, SENSITIVITY_PNG, measure_sensitivity, sensitivity_shapes
 from .targets import (
+    SHAPE_TARGET_KEYS,
     ParamCounter,
     SearchConfig,
+    ShapeSpace,
     TargetConfig,
     TargetError,
     budget_params,
+    check_budget,
     config_rejects_shape,
-    enumerate_candidates,
     explicit_shape,
     format_rows,
+    make_score_fn,
     score_candidates,
+    select_candidates,
 )
 from .types import UnitImportance
 
@@ -99,15 +107,56 @@ class PruneResult:
     output_dir: Path | None = None
 
 
-def check_output_dir(output_dir: str | Path | None, overwrite: bool) -> None:
-    """Refuse an existing non-empty output folder unless ``overwrite`` (checked before any computation)."""
+def check_output_dir(
+    output_dir: str | Path | None, overwrite: bool, *, sources: tuple[str | Path, ...] = ()
+) -> None:
+    """Refuse an output folder that cannot take the result, before any computation.
+
+    Refused: an existing non-empty folder unless ``overwrite``; a folder that is, holds or lies
+    inside one of ``sources`` (the model folders read), even with ``overwrite``; a path under a
+    file; a folder that cannot be written.
+    """
     if output_dir is None:
         return
-    path = Path(output_dir)
+    path = Path(output_dir).expanduser()
+    resolved = path.resolve()
+    for source in sources:
+        src = Path(source).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
+            raise OutputError(
+                f"output folder {path} is (or overlaps) the source model folder {source}; it would replace the "
+                "model it reads, so it is refused even with overwrite; choose another output folder"
+            )
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output {path} exists and is not a folder")
+        raise OutputError(f"output {path} exists and is not a folder; choose another output folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {path} exists and is not empty; pass overwrite (--overwrite) to replace it")
+        raise OutputError(f"output folder {path} exists and is not empty; pass overwrite (--overwrite) to replace it")
+    check_writable(path)
+
+
+def check_writable(path: str | Path) -> None:
+    """OutputError when ``path`` (or the nearest existing folder above it) cannot be written."""
+    path = Path(path).expanduser()
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"output {path}: {parent} is a file, not a folder; choose another output folder")
+    probe = None
+    try:
+        if os.access(parent, os.W_OK | os.X_OK):
+            fd, probe = tempfile.mkstemp(prefix=".minidistill-write-test-", dir=parent)
+            os.close(fd)
+        else:
+            raise PermissionError
+    except OSError:
+        raise OutputError(f"output {path}: folder {parent} is not writable; choose a writable output folder") from None
+    finally:
+        if probe is not None:
+            os.unlink(probe)
 
 
 def check_data(data: TextData, cfg: PruneConfig, *, needs_heldout: bool) -> None:
@@ -147,20 +196,25 @@ def prune_model(
     params_before = count_parameters(teacher)
     ne_before = count_parameters(teacher, non_embedding=True)
 
-    candidates = None
+    space = None
     budget = None
     if cfg.target.is_budget:
         counter = ParamCounter(teacher.config, non_embedding=cfg.target.non_embedding)
         full = ne_before if cfg.target.non_embedding else params_before
         budget = budget_params(full, cfg.target.params)
-        candidates = enumerate_candidates(counter, budget, cfg.search)
-        logger.info("budget %s parameters%s: %d candidate shape(s) to score", f"{budget:,}",
-                    " (non-embedding)" if cfg.target.non_embedding else "", len(candidates))
+        space = ShapeSpace(counter, cfg.search)
+        check_budget(space, budget)
+        check_distill_data(cfg.search, len(data.train))
+        layer_drops = [teacher_shape["num_layers"] - space.min_layers]
+        sensitivity_plan = sensitivity_shapes(teacher_shape, cfg.search.sensitivity_ratios, cfg.search.multiple_of,
+                                              min_layers=space.min_layers) if cfg.search.sensitivity else []
+        logger.info("budget %s parameters%s", f"{budget:,}", " (non-embedding)" if cfg.target.non_embedding else "")
     else:
         shape = explicit_shape(teacher_shape, cfg.target)
         rejection = config_rejects_shape(teacher.config, shape)
         if rejection:
             raise TargetError(f"target shape {shape} cannot be saved as a {teacher.config.model_type} checkpoint: {rejection}")
+        layer_drops = [teacher_shape["num_layers"] - shape["num_layers"]]
     timings["checks_s"] = time.perf_counter() - t_start
 
     # ---- calibration (one forward for activation importance and layer statistics)
@@ -172,8 +226,7 @@ def prune_model(
     )
     timings["importance_s"] = time.perf_counter() - t0
     loss_increase, layer_record = None, {}
-    drops = [teacher_shape["num_layers"] - c.shape["num_layers"] for c in candidates] if candidates else [
-        teacher_shape["num_layers"] - shape["num_layers"]]
+    drops = layer_drops
     if cfg.layer_method in LOSS_METHODS and any(drops):
         t0 = time.perf_counter()
         loss_increase, layer_record = layer_loss_scores(
@@ -198,18 +251,12 @@ def prune_model(
         return student, pmap
 
     rows: list[dict[str, Any]] = []
+    extra_files: dict[str, str | bytes] = {}
     t0 = time.perf_counter()
-    if candidates is not None:
-        heldout = list(data.heldout.batches(cfg.search.batch_size, cfg.search.score_blocks))
-        result = score_candidates(teacher, candidates, build, heldout, cfg.search,
-                                  full_params=ne_before if cfg.target.non_embedding else params_before)
-        rows, student, pmap = result.rows, result.best_student, result.best_map
-        timings["search_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if cfg.reconstruction.enabled and not result.best_reconstructed:
-            reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
-        pmap.notes["search"] = {"budget": budget, "non_embedding": cfg.target.non_embedding,
-                                "score": cfg.search.score, "candidates": rows}
+    if space is not None:
+        student, pmap, rows, extra_files = _search(teacher, data, cfg, space, budget, build, calib_batches, timings,
+                                                   full_params=ne_before if cfg.target.non_embedding else params_before)
+        t0 = time.perf_counter() - timings["winner_reconstruction_s"]
     else:
         student, pmap = build(shape, True)
     timings["prune_s"] = time.perf_counter() - t0
@@ -222,7 +269,7 @@ def prune_model(
         if tokenizer is None:
             raise ValueError("saving a student needs its tokenizer")
         out_path = save_student(student, tokenizer, pmap, cfg.output_dir, overwrite=cfg.overwrite,
-                                extra_files={"prune_config.json": _json(cfg.to_dict())})
+                                extra_files={"prune_config.json": _json(cfg.to_dict()), **extra_files})
     timings["total_s"] = time.perf_counter() - t_start
     res = PruneResult(
         student=student, prune_map=pmap, candidates=rows, timings=timings,
@@ -234,6 +281,72 @@ def prune_model(
                 _shape_str(teacher_shape), _shape_str(pmap.student_shape), f"{res.params_before:,}",
                 f"{res.params_after:,}", f"{ne_before:,}", f"{res.non_embedding_params_after:,}")
     return res
+
+
+def _search(
+    teacher: PreTrainedModel,
+    data: TextData,
+    cfg: PruneConfig,
+    space: ShapeSpace,
+    budget: int,
+    build,
+    calib_batches: list[torch.Tensor],
+    timings: dict[str, float],
+    *,
+    full_params: int,
+) -> tuple[nn.Module, PruneMap, list[dict[str, Any]], dict[str, str | bytes]]:
+    """Sensitivity, enumeration, zero-shot scoring, optional short-distillation ranking, winner's reconstruction."""
+    search = cfg.search
+    teacher_shape = space.teacher_shape
+    t0 = time.perf_counter()
+    heldout = list(data.heldout.batches(search.batch_size, search.score_blocks))
+    score_fn = make_score_fn(teacher, heldout, search)
+    sens, prescore, files = None, None, {}
+    if search.sensitivity:
+        base = 0.0 if search.score == "kl" else score_fn(teacher)
+        sens = measure_sensitivity(build, score_fn, teacher_shape, base=base, ratios=search.sensitivity_ratios,
+                                   multiple_of=search.multiple_of, reconstruct=search.reconstruct, score=search.score,
+                                   min_layers=space.min_layers)
+        timings["sensitivity_s"] = time.perf_counter() - t0
+        logger.info("per-axis sensitivity:\n%s", sens.markdown())
+
+        def prescore(shape: dict[str, int], params: int) -> float:
+            return sens.predict(teacher_shape, shape) + 1e-3 * (budget - params) / budget
+
+        files[SENSITIVITY_MD] = sens.markdown()
+        files[SENSITIVITY_PNG] = sens.plot_png()
+    t0 = time.perf_counter()
+    selection = select_candidates(space, budget, prescore)
+    timings["enumerate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = score_candidates(teacher, selection.candidates, build, heldout, search, full_params=full_params,
+                              score_fn=score_fn)
+    rows, student, pmap, reconstructed = result.rows, result.best_student, result.best_map, result.best_reconstructed
+    timings["search_s"] = time.perf_counter() - t0
+    if search.distill_steps > 0:
+        t0 = time.perf_counter()
+        del student
+        rows, winner = distill_rank(teacher, rows, build, data.train.input_ids, score_fn, search)
+        # The short-distilled weights are discarded: the winner's pruned (+ reconstructed) init is returned.
+        student, pmap = build({**{k: winner[k] for k in SHAPE_TARGET_KEYS}, "head_dim": teacher_shape["head_dim"]}, True)
+        reconstructed = True
+        timings["distill_rank_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.reconstruction.enabled and not reconstructed:
+        reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
+    timings["winner_reconstruction_s"] = time.perf_counter() - t0
+    pmap.notes["search"] = {
+        "budget": budget, "non_embedding": cfg.target.non_embedding, "score": search.score,
+        "prescore": "sensitivity" if sens is not None else "balance",
+        "prescore_spearman": result.prescore_spearman,
+        "in_band": selection.in_band, "per_family": selection.per_family,
+        "shapes_built": selection.shapes_built, "product_size": selection.product_size,
+        "enumerate_s": selection.seconds, "distill_steps": search.distill_steps,
+        "candidates": rows,
+    }
+    if sens is not None:
+        pmap.notes["sensitivity"] = sens.to_dict()
+    return student, pmap, rows, files
 
 
 def units_for_shape(

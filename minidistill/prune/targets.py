@@ -4,21 +4,26 @@ A budget is a fraction of the teacher's parameters (``0 < x <= 1``) or a count (
 parameters as model sizes are quoted (tied lm_head counted once) or of non-embedding parameters only.
 Candidate shapes are hardware friendly: hidden and MLP widths are multiples of ``multiple_of`` (or
 the teacher's width), whole KV groups are dropped or the same number of query heads is kept in every
-group, and up to ``max_layer_drop`` of the layers are dropped. Candidates whose size lies in
-``[budget * (1 - tolerance), budget]`` are pre-ranked by a cheap heuristic (balanced pruning across
-axes, closeness to the budget), the first ``max_candidates`` are pruned and scored on held-out data,
-and the best one wins.
+group, up to ``max_layer_drop`` of the layers are dropped, and transformers must accept the shape.
+They are enumerated lazily from the closed-form parameter count (:class:`ShapeSpace`): every mix of
+axes whose size lies in ``[budget * (1 - tolerance), budget]``, single-axis shapes included. A cheap
+pre-score (the per-axis sensitivity model, or balanced pruning when sensitivity is off) orders them;
+the ``max_candidates`` best plus the best of every axis family (depth-only, heads-only, MLP-only,
+hidden-only, mix) are pruned and scored on held-out data, and the best eligible one wins. The rank
+correlation between pre-score and score is recorded, so the pre-score is measured, not assumed.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
-import itertools
+import heapq
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +110,23 @@ class SearchConfig(ConfigBase):
     """Positions projected to the vocabulary at once when scoring."""
     reconstruct: bool = False
     """Reconstruct every candidate before scoring (slower; otherwise only the winner is reconstructed)."""
+    single_axis_slack: float = 0.01
+    """Single-axis shapes (depth-only, MLP-only, heads-only, hidden-only) that cannot land inside the band
+    are scored anyway (the nearest on each side); one within this fraction of the budget outside the band may win."""
+    sensitivity: bool = True
+    """Measure per-axis sensitivity (held-out score when one axis alone is pruned) and pre-score candidates by it."""
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    """Keep ratios at which each axis is pruned alone (the nearest hardware-friendly size is used)."""
+    distill_steps: int = 0
+    """Rank the top ``distill_candidates`` after this many logit-KD steps each (0: zero-shot ranking)."""
+    distill_candidates: int = 3
+    """Candidates (best zero-shot first) distilled briefly when ``distill_steps > 0``."""
+    distill_batch_size: int = 4
+    """Training blocks per short-distillation step (steps x batch must fit in the training blocks)."""
+    distill_lr: float = 2.0e-4
+    """AdamW learning rate of the short distillation (constant, no warm-up)."""
+    seed: int = 0
+    """Seed of each candidate's short distillation (the same for all)."""
 
     def validate(self) -> None:
         if self.multiple_of < 1:
@@ -117,9 +139,17 @@ class SearchConfig(ConfigBase):
             raise ConfigError(f"search.max_candidates={self.max_candidates}: must be >= 1")
         if self.score not in SCORES:
             raise ConfigError(f"search.score={self.score!r}: choose one of {list(SCORES)}")
-        for key in ("score_blocks", "batch_size", "chunk_tokens"):
+        for key in ("score_blocks", "batch_size", "chunk_tokens", "distill_candidates", "distill_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"search.{key}={getattr(self, key)}: must be >= 1")
+        if not 0.0 <= self.single_axis_slack < 1.0:
+            raise ConfigError(f"search.single_axis_slack={self.single_axis_slack}: must be in [0, 1)")
+        if not self.sensitivity_ratios or any(not 0.0 < r < 1.0 for r in self.sensitivity_ratios):
+            raise ConfigError(f"search.sensitivity_ratios={self.sensitivity_ratios}: give keep ratios in (0, 1), e.g. [0.75, 0.5, 0.25]")
+        if self.distill_steps < 0:
+            raise ConfigError(f"search.distill_steps={self.distill_steps}: must be >= 0 (0 = zero-shot ranking)")
+        if not self.distill_lr > 0:
+            raise ConfigError(f"search.distill_lr={self.distill_lr}: must be > 0")
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -266,74 +296,377 @@ def head_options(teacher_shape: dict[str, int]) -> list[tuple[int, int]]:
     return [(kv * per, kv) for kv in range(1, teacher_shape["num_kv_heads"] + 1) for per in range(1, group + 1)]
 
 
+# ---------------------------------------------------------------------------- enumeration
+AXES = ("depth", "heads", "mlp", "hidden")
+"""Prunable axes: decoder layers, attention heads / KV groups, MLP neurons, hidden channels."""
+FAMILIES = (*AXES, "mix")
+"""Axis families of candidate shapes: one axis cut alone, or several cut together (``mix``)."""
+
+
 @dataclass
 class Candidate:
-    """A candidate shape, its parameter count and its pre-ranking cost (lower is tried first)."""
+    """A candidate shape, its parameter count and its pre-score (lower is tried first).
+
+    ``family`` is the single axis it cuts (``depth``, ``heads``, ``mlp``, ``hidden``) or ``mix``;
+    ``in_band`` is False for a single-axis shape just outside the budget band (kept so that every
+    axis is scored); ``eligible`` says whether it may win (inside the band widened by
+    ``search.single_axis_slack``).
+    """
 
     shape: dict[str, int]
     params: int
-    cost: float
+    cost: float = 0.0
+    family: str = "mix"
+    in_band: bool = True
+    eligible: bool = True
 
 
-def _balance_cost(teacher_shape: dict[str, int], shape: dict[str, int], params: int, budget: int) -> float:
+def keep_ratios(teacher_shape: dict[str, int], shape: dict[str, int]) -> dict[str, float]:
+    """Fraction kept on each axis: layers, query heads, MLP neurons, hidden channels."""
+    return {
+        "depth": shape["num_layers"] / teacher_shape["num_layers"],
+        "heads": shape["num_heads"] / teacher_shape["num_heads"],
+        "mlp": shape["intermediate_size"] / teacher_shape["intermediate_size"],
+        "hidden": shape["hidden_size"] / teacher_shape["hidden_size"],
+    }
+
+
+def axes_cut(teacher_shape: dict[str, int], shape: dict[str, int]) -> tuple[str, ...]:
+    """The axes on which ``shape`` is smaller than the teacher (KV groups count as heads)."""
+    cut = {
+        "depth": shape["num_layers"] < teacher_shape["num_layers"],
+        "heads": shape["num_heads"] < teacher_shape["num_heads"] or shape["num_kv_heads"] < teacher_shape["num_kv_heads"],
+        "mlp": shape["intermediate_size"] < teacher_shape["intermediate_size"],
+        "hidden": shape["hidden_size"] < teacher_shape["hidden_size"],
+    }
+    return tuple(a for a in AXES if cut[a])
+
+
+def family_of(teacher_shape: dict[str, int], shape: dict[str, int]) -> str:
+    """``depth`` / ``heads`` / ``mlp`` / ``hidden`` when one axis alone is cut, else ``mix``."""
+    cut = axes_cut(teacher_shape, shape)
+    return cut[0] if len(cut) == 1 else "mix"
+
+
+def balance_cost(teacher_shape: dict[str, int], shape: dict[str, int], params: int, budget: int) -> float:
     """Spread of the per-axis log keep ratios (balanced pruning) plus the relative gap to the budget."""
-    ratios = torch.tensor(
-        [shape[k] / teacher_shape[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")],
-        dtype=torch.float64,
-    ).log()
+    logs = [math.log(shape[k] / teacher_shape[k]) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")]
+    mean = sum(logs) / len(logs)
+    spread = math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs))
     kv_keep = shape["num_kv_heads"] / teacher_shape["num_kv_heads"]
-    return float(ratios.std(unbiased=False)) + (budget - params) / budget + 1e-3 * (1 - kv_keep)
+    return spread + (budget - params) / budget + 1e-3 * (1 - kv_keep)
+
+
+PreScore = Callable[[dict[str, int], int], float]
+"""``(shape, params) -> pre-score``; lower is scored first."""
+
+
+class ShapeSpace:
+    """The hardware-friendly shapes of a search, enumerated lazily from the closed-form parameter count.
+
+    Layers range over ``[min_layers, L]``, hidden and MLP widths over :func:`width_options`, heads over
+    :func:`head_options`, and (hidden, heads) pairs that transformers would refuse to save are skipped.
+    The count is linear in the MLP width ``I`` for fixed (L, D, H, K), so for every such triple the
+    range of ``I`` whose size lands in a band is solved in closed form and only those shapes are built:
+    the Cartesian product is never materialised. ``triples_visited`` and ``shapes_built`` count the
+    work done (tests compare them with :attr:`product_size`).
+    """
+
+    def __init__(self, counter: ParamCounter, search: SearchConfig):
+        self.counter = counter
+        self.search = search
+        t = self.teacher_shape = counter.teacher_shape
+        self.min_layers = max(1, t["num_layers"] - int(math.floor(t["num_layers"] * search.max_layer_drop)))
+        self.layers = list(range(self.min_layers, t["num_layers"] + 1))
+        self.hidden = width_options(t["hidden_size"], search.multiple_of)
+        self.mlp = width_options(t["intermediate_size"], search.multiple_of)
+        self.heads = head_options(t)
+        self._accepted: dict[tuple[int, int, int], bool] = {}
+        self._coef = None if counter.coefficients is None else [float(c) for c in counter.coefficients.tolist()]
+        self.triples_visited = 0
+        self.shapes_built = 0
+
+    @property
+    def product_size(self) -> int:
+        """Number of shapes in the full Cartesian product (never built)."""
+        return len(self.layers) * len(self.hidden) * len(self.heads) * len(self.mlp)
+
+    def shape(self, L: int, D: int, H: int, K: int, I: int) -> dict[str, int]:
+        self.shapes_built += 1
+        return {"num_layers": L, "hidden_size": D, "num_heads": H, "num_kv_heads": K, "intermediate_size": I,
+                "head_dim": self.teacher_shape["head_dim"]}
+
+    def accepted(self, D: int, H: int, K: int) -> bool:
+        """Whether transformers accepts hidden ``D`` with ``H`` heads / ``K`` KV groups (asked once per triple)."""
+        key = (D, H, K)
+        if key not in self._accepted:
+            self._accepted[key] = config_rejects_shape(
+                self.counter.config, {"hidden_size": D, "num_heads": H, "num_kv_heads": K}) is None
+        return self._accepted[key]
+
+    def linear_in_mlp(self, L: int, D: int, H: int, K: int) -> tuple[float, float]:
+        """(a, b) with count(L, D, H, K, I) = a + b * I."""
+        c = self._coef
+        if c is not None:
+            a = c[0] + c[1] * D + L * (c[2] + c[3] * D + c[4] * H + c[5] * K + c[7] * D * H + c[8] * D * K)
+            return a, L * (c[6] + c[9] * D)
+        base = {"num_layers": L, "hidden_size": D, "num_heads": H, "num_kv_heads": K, "head_dim": self.teacher_shape["head_dim"]}
+        i0, i1 = 1, self.teacher_shape["intermediate_size"]
+        p0 = self.counter.build_count({**base, "intermediate_size": i0})
+        if i1 == i0:
+            return float(p0), 0.0
+        p1 = self.counter.build_count({**base, "intermediate_size": i1})
+        b = (p1 - p0) / (i1 - i0)
+        return p0 - b * i0, b
+
+    def count(self, L: int, D: int, H: int, K: int, I: int) -> int:
+        a, b = self.linear_in_mlp(L, D, H, K)
+        return round(a + b * I)
+
+    def triples(self):
+        """Accepted (L, D, H, K) in a fixed order (layers, then hidden, then heads, descending)."""
+        for L in reversed(self.layers):
+            for D in reversed(self.hidden):
+                for H, K in reversed(self.heads):
+                    if self.accepted(D, H, K):
+                        self.triples_visited += 1
+                        yield L, D, H, K
+
+    def iter_band(self, low: float, high: float):
+        """Every shape whose count lies in ``[low, high]``, as (shape, params), lazily."""
+        mlp = self.mlp
+        for L, D, H, K in self.triples():
+            a, b = self.linear_in_mlp(L, D, H, K)
+            if b <= 0:
+                lo_i, hi_i = (0, len(mlp)) if low <= a <= high else (0, 0)
+            else:
+                lo_i = bisect.bisect_left(mlp, math.ceil((low - a) / b - 1e-9))
+                hi_i = bisect.bisect_right(mlp, math.floor((high - a) / b + 1e-9))
+            for I in mlp[max(lo_i - 1, 0): hi_i + 1]:  # one either side absorbs float rounding
+                p = round(a + b * I)
+                if low <= p <= high:
+                    yield self.shape(L, D, H, K, I), p
+
+    def single_axis(self, axis: str):
+        """The shapes that cut ``axis`` alone (the teacher's size on the other axes), as (shape, params)."""
+        t = self.teacher_shape
+        L, D, H, K, I = (t[k] for k in SHAPE_TARGET_KEYS)
+        if axis == "depth":
+            options = [(l, D, H, K, I) for l in self.layers[:-1]]
+        elif axis == "heads":
+            options = [(L, D, h, k, I) for h, k in self.heads if (h, k) != (H, K)]
+        elif axis == "mlp":
+            options = [(L, D, H, K, i) for i in self.mlp[:-1]]
+        elif axis == "hidden":
+            options = [(L, d, H, K, I) for d in self.hidden[:-1]]
+        else:
+            raise ValueError(f"unknown axis {axis!r}; choose one of {AXES}")
+        for dims in options:
+            if self.accepted(dims[1], dims[2], dims[3]):
+                yield self.shape(*dims), self.count(*dims)
+
+    def smallest(self) -> tuple[dict[str, int], int]:
+        """The smallest shape of the space (before architecture validation) and its count."""
+        dims = (self.min_layers, self.hidden[0], 1, 1, self.mlp[0])
+        return self.shape(*dims), self.count(*dims)
+
+
+@dataclass
+class CandidateSet:
+    """The candidates chosen for scoring, and what the enumeration saw."""
+
+    candidates: list[Candidate]
+    in_band: int
+    per_family: dict[str, int]
+    shapes_built: int
+    product_size: int
+    seconds: float
+
+
+def band(budget: int, search: SearchConfig) -> tuple[float, int]:
+    """The budget band ``[budget * (1 - tolerance), budget]``."""
+    return budget * (1 - search.tolerance), budget
+
+
+def widened_band(budget: int, search: SearchConfig) -> tuple[float, float]:
+    """The band single-axis shapes may win in: widened by ``single_axis_slack`` of the budget on each side."""
+    low, high = band(budget, search)
+    return low - search.single_axis_slack * budget, high + search.single_axis_slack * budget
+
+
+def check_budget(space: ShapeSpace, budget: int) -> None:
+    """Raise TargetError unless some shape of ``space`` can be scored for ``budget`` (stops at the first one).
+
+    The message names the limiting axis and the nearest reachable sizes.
+    """
+    counter, search, t = space.counter, space.search, space.teacher_shape
+    full = counter.count(t)
+    what = "non-embedding parameters" if counter.non_embedding else "parameters"
+    if budget > full:
+        raise TargetError(f"target of {budget:,} {what} exceeds the teacher's {full:,}")
+    smallest, smallest_params = space.smallest()
+    if budget < smallest_params:
+        limits = [f"depth stops at {space.min_layers} layers (search.max_layer_drop={search.max_layer_drop})"]
+        limits.append(f"widths stop at {space.hidden[0]} hidden / {space.mlp[0]} MLP (search.multiple_of={search.multiple_of})")
+        raise TargetError(
+            f"target of {budget:,} {what} is below the smallest reachable shape {_fmt_shape(smallest)} "
+            f"with {smallest_params:,} ({smallest_params / full:.1%} of the teacher): {'; '.join(limits)}. "
+            f"The nearest reachable budget is {smallest_params:,}; lower search.multiple_of or raise "
+            "search.max_layer_drop to go smaller"
+        )
+    low, high = band(budget, search)
+    if next(iter(space.iter_band(low, high)), None) is not None:
+        return
+    wlow, whigh = widened_band(budget, search)
+    for axis in AXES:
+        if any(wlow <= p <= whigh for _, p in space.single_axis(axis)):
+            return
+    raise TargetError(no_candidate_message(space, budget))
+
+
+def no_candidate_message(space: ShapeSpace, budget: int) -> str:
+    """Why no shape lands in the band: the nearest sizes below and above, and the axis steps near them."""
+    search, counter = space.search, space.counter
+    what = "non-embedding parameters" if counter.non_embedding else "parameters"
+    low, high = band(budget, search)
+    below: tuple[int, tuple] | None = None
+    above: tuple[int, tuple] | None = None
+    for L, D, H, K in space.triples():
+        a, b = space.linear_in_mlp(L, D, H, K)
+        for I in space.mlp:
+            p = round(a + b * I)
+            if p < low and (below is None or p > below[0]):
+                below = (p, (L, D, H, K, I))
+            if p > high and (above is None or p < above[0]):
+                above = (p, (L, D, H, K, I))
+    near = min((x for x in (below, above) if x is not None), key=lambda x: abs(x[0] - budget))
+    L, D, H, K, I = near[1]
+    p = space.count(L, D, H, K, I)
+    step: dict[str, int] = {}
+    if len(space.mlp) > 1:
+        j = space.mlp.index(I)
+        step["MLP width"] = abs(p - space.count(L, D, H, K, space.mlp[j - 1 if j else 1]))
+    if len(space.layers) > 1:
+        step["depth"] = abs(p - space.count(L - 1 if L > space.min_layers else L + 1, D, H, K, I))
+    if len(space.hidden) > 1:
+        j = space.hidden.index(D)
+        step["hidden width"] = abs(p - space.count(L, space.hidden[j - 1 if j else 1], H, K, I))
+    if len(space.heads) > 1:
+        step["heads"] = min(abs(p - space.count(L, D, h, k, I)) for h, k in space.heads if (h, k) != (H, K))
+    step = {k: v for k, v in step.items() if v} or {"MLP width": 0}
+    finest_axis, finest = min(step.items(), key=lambda kv: kv[1])
+    unit = {"MLP width": f"per step of search.multiple_of={search.multiple_of} neurons",
+            "hidden width": f"per step of search.multiple_of={search.multiple_of} channels",
+            "depth": "per layer", "heads": "per head count"}[finest_axis]
+    parts = [f"no candidate shape has between {int(low):,} and {budget:,} {what}"]
+    if below:
+        parts.append(f"nearest below: {below[0]:,} ({_fmt_shape(space.shape(*below[1]))})")
+    if above:
+        parts.append(f"nearest above: {above[0]:,} ({_fmt_shape(space.shape(*above[1]))})")
+    parts.append(
+        f"the finest step near this budget is the {finest_axis} ({finest:,} parameters {unit}), wider than the "
+        f"band of {budget - int(low):,}; the nearest reachable budget is {near[0]:,}. Lower "
+        "search.multiple_of, raise search.max_layer_drop or raise search.tolerance"
+    )
+    return "; ".join(parts)
+
+
+def select_candidates(
+    space: ShapeSpace,
+    budget: int,
+    prescore: PreScore | None = None,
+) -> CandidateSet:
+    """Candidates to score: the ``max_candidates`` best pre-scored shapes in the band, plus the best of
+    every axis family (so that no axis is left out), plus, for a single axis with no shape in the band,
+    its nearest shape on each side of the band (``in_band=False``).
+
+    Memory stays bounded: the enumeration is consumed lazily into a heap of ``max_candidates`` and one
+    best shape per family. Raises TargetError (see :func:`check_budget`) when nothing can be scored.
+    """
+    t0 = time.perf_counter()
+    search, t = space.search, space.teacher_shape
+    check_budget(space, budget)
+    prescore = prescore or (lambda shape, params: balance_cost(t, shape, params, budget))
+    low, high = band(budget, search)
+    wlow, whigh = widened_band(budget, search)
+    heap: list[tuple[float, int, Candidate]] = []  # max-heap on cost (negated), size <= max_candidates
+    best: dict[str, Candidate] = {}
+    per_family = dict.fromkeys(FAMILIES, 0)
+    total = 0
+    for shape, params in space.iter_band(low, high):
+        total += 1
+        family = family_of(t, shape)
+        if family not in per_family:  # the teacher's own shape (budget = full size)
+            family = "mix"
+        per_family[family] += 1
+        cand = Candidate(shape, params, prescore(shape, params), family)
+        if family not in best or cand.cost < best[family].cost:
+            best[family] = cand
+        item = (-cand.cost, -total, cand)
+        if len(heap) < search.max_candidates:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+    chosen = {id(c): c for c in [c for _, _, c in heap] + list(best.values())}
+    for axis in AXES:
+        if per_family[axis]:
+            continue
+        below = above = None
+        for shape, params in space.single_axis(axis):
+            if params < low and (below is None or params > below[1]):
+                below = (shape, params)
+            if params > high and (above is None or params < above[1]):
+                above = (shape, params)
+        for near in (below, above):
+            if near is not None:
+                c = Candidate(near[0], near[1], prescore(*near), axis, in_band=False,
+                              eligible=wlow <= near[1] <= whigh)
+                chosen[id(c)] = c
+    cands = sorted(chosen.values(), key=lambda c: (c.cost, -c.params))
+    logger.info("budget search: %d shape(s) in the band (%s), %d built of a %d-shape product, %d to score (%.2f s)",
+                total, ", ".join(f"{k} {v}" for k, v in per_family.items()), space.shapes_built, space.product_size,
+                len(cands), time.perf_counter() - t0)
+    return CandidateSet(cands, total, per_family, space.shapes_built, space.product_size, time.perf_counter() - t0)
 
 
 def enumerate_candidates(
     counter: ParamCounter,
     budget: int,
     search: SearchConfig,
+    prescore: PreScore | None = None,
 ) -> list[Candidate]:
-    """Hardware-friendly shapes in ``[budget * (1 - tolerance), budget]``, best pre-ranked first, capped.
+    """The candidates :func:`select_candidates` picks for ``budget``, best pre-scored first."""
+    return select_candidates(ShapeSpace(counter, search), budget, prescore).candidates
 
-    Raises TargetError (before any model is pruned) when the budget is above the teacher's size, below
-    the smallest reachable shape, or when no shape falls within the tolerance.
-    """
-    t = counter.teacher_shape
-    full = counter.count(t)
-    what = "non-embedding parameters" if counter.non_embedding else "parameters"
-    if budget > full:
-        raise TargetError(f"target of {budget:,} {what} exceeds the teacher's {full:,}")
-    min_layers = max(1, t["num_layers"] - int(math.floor(t["num_layers"] * search.max_layer_drop)))
-    hidden = width_options(t["hidden_size"], search.multiple_of)
-    mlp = width_options(t["intermediate_size"], search.multiple_of)
-    heads = head_options(t)
-    smallest = {"num_layers": min_layers, "hidden_size": hidden[0], "num_heads": 1, "num_kv_heads": 1,
-                "intermediate_size": mlp[0], "head_dim": t["head_dim"]}
-    smallest_params = counter.count(smallest)
-    if budget < smallest_params:
-        raise TargetError(
-            f"target of {budget:,} {what} is below the smallest reachable shape {_fmt_shape(smallest)} "
-            f"with {smallest_params:,} ({smallest_params / full:.1%} of the teacher); lower search.multiple_of "
-            "or raise search.max_layer_drop to go smaller"
-        )
-    shapes = [
-        {"num_layers": L, "hidden_size": D, "num_heads": H, "num_kv_heads": K, "intermediate_size": I,
-         "head_dim": t["head_dim"]}
-        for L, D, (H, K), I in itertools.product(range(min_layers, t["num_layers"] + 1), hidden, heads, mlp)
-    ]
-    # Architecture validation depends on widths and head counts only; ask once per combination.
-    accepted = {
-        (D, H, K): config_rejects_shape(counter.config, {"hidden_size": D, "num_heads": H, "num_kv_heads": K}) is None
-        for D in hidden for H, K in heads
-    }
-    shapes = [s for s in shapes if accepted[(s["hidden_size"], s["num_heads"], s["num_kv_heads"])]]
-    counts = counter.count_many(shapes)
-    low = budget * (1 - search.tolerance)
-    inside = [Candidate(s, p, _balance_cost(t, s, p, budget)) for s, p in zip(shapes, counts) if low <= p <= budget]
-    if not inside:
-        raise TargetError(
-            f"no candidate shape has between {int(low):,} and {budget:,} {what}; lower search.multiple_of "
-            "or raise search.tolerance"
-        )
-    inside.sort(key=lambda c: c.cost)
-    return inside[: search.max_candidates]
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (average ranks for ties); None with fewer than 3 pairs or a constant side."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs sequences of equal length")
+    if len(x) < 3:
+        return None
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    vy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    if vx == 0 or vy == 0:
+        return None
+    return cov / (vx * vy)
 
 
 def _fmt_shape(shape: dict[str, int]) -> str:
@@ -388,6 +721,20 @@ class SearchResult:
     best_map: Any
     best_reconstructed: bool
     timings: dict[str, float] = field(default_factory=dict)
+    prescore_spearman: float | None = None
+    """Spearman rank correlation between the candidates' pre-scores and their scores."""
+
+
+ScoreFn = Callable[[nn.Module], float]
+"""``student -> score`` on the held-out blocks (lower is better)."""
+
+
+def make_score_fn(teacher: nn.Module, heldout: Sequence[torch.Tensor], search: SearchConfig) -> ScoreFn:
+    """The search's score: held-out LM loss, or KL to the teacher (its hidden states computed once)."""
+    if search.score == "kl":
+        teacher_hidden = teacher_hidden_states(teacher, heldout)
+        return lambda student: kl_to_teacher(student, teacher, teacher_hidden, heldout, chunk_tokens=search.chunk_tokens)
+    return lambda student: heldout_loss(student, heldout, chunk_tokens=search.chunk_tokens)["loss"]
 
 
 def score_candidates(
@@ -398,42 +745,60 @@ def score_candidates(
     search: SearchConfig,
     *,
     full_params: int,
+    score_fn: ScoreFn | None = None,
 ) -> SearchResult:
     """Prune each candidate with ``build(shape, reconstruct)`` -> (student, prune map), score it, keep the best.
 
-    Rows hold the shape, parameter count, its fraction of ``full_params``, and the score (lower is
-    better); they are logged as a table and returned best first.
+    Rows hold the shape, family, parameter count, its fraction of ``full_params``, pre-score and rank,
+    the score (lower is better) and the seconds spent; they are logged as a table and returned best
+    first. Only ``eligible`` candidates can win; the others are shown with ``eligible=False``.
     """
-    teacher_hidden = teacher_hidden_states(teacher, heldout) if search.score == "kl" else None
+    score_fn = score_fn or make_score_fn(teacher, heldout, search)
     rows: list[dict[str, Any]] = []
     best: tuple[float, nn.Module, Any] | None = None
     for i, cand in enumerate(candidates):
+        t0 = time.perf_counter()
         student, pmap = build(cand.shape, search.reconstruct)
-        if search.score == "kl":
-            score = kl_to_teacher(student, teacher, teacher_hidden, heldout, chunk_tokens=search.chunk_tokens)
-        else:
-            score = heldout_loss(student, heldout, chunk_tokens=search.chunk_tokens)["loss"]
-        rows.append({**{k: cand.shape[k] for k in SHAPE_TARGET_KEYS}, "params": cand.params,
-                     "fraction": cand.params / full_params, "prerank": i, search.score: score})
-        if best is None or score < best[0]:
+        score = score_fn(student)
+        rows.append({**{k: cand.shape[k] for k in SHAPE_TARGET_KEYS}, "family": cand.family, "params": cand.params,
+                     "fraction": cand.params / full_params, "in_band": cand.in_band, "eligible": cand.eligible,
+                     "prescore": cand.cost, "prerank": i, search.score: score,
+                     "score_s": time.perf_counter() - t0})
+        if cand.eligible and (best is None or score < best[0]):
             best = (score, student, pmap)
-        logger.info("candidate %d/%d %s: %s=%.4f", i + 1, len(candidates), _fmt_shape(cand.shape), search.score, score)
-    rows.sort(key=lambda r: r[search.score])
+        logger.info("candidate %d/%d %s (%s%s): %s=%.4f", i + 1, len(candidates), _fmt_shape(cand.shape), cand.family,
+                    "" if cand.in_band else ", outside the band", search.score, score)
+        del student
+    if best is None:
+        raise TargetError("no eligible candidate was scored; raise search.single_axis_slack or search.tolerance")
+    rows.sort(key=lambda r: (not r["eligible"], r[search.score]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    logger.info("budget search (lower %s is better):\n%s", search.score, format_rows(rows))
-    return SearchResult(rows=rows, best_student=best[1], best_map=best[2], best_reconstructed=search.reconstruct)
+    rho = spearman([r["prescore"] for r in rows], [r[search.score] for r in rows])
+    logger.info("budget search (lower %s is better; pre-score vs score Spearman %s):\n%s", search.score,
+                "n/a" if rho is None else f"{rho:.3f}", format_rows(rows))
+    return SearchResult(rows=rows, best_student=best[1], best_map=best[2], best_reconstructed=search.reconstruct,
+                        prescore_spearman=rho)
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """A markdown table of candidate rows."""
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     keys = ["rank"] + [k for k in keys if k != "rank"]
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        v = r.get(k, "")
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, list):
+            return " / ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in v)
+        return f"{v:,}" if k == "params" else str(v)
+
     for r in rows:
-        cells = [f"{r[k]:.4f}" if isinstance(r[k], float) else (f"{r[k]:,}" if k == "params" else str(r[k])) for k in keys]
+        cells = [cell(r, k) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
