@@ -8,10 +8,9 @@ Every stage (importance, search, training, evaluation) uses the same split.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigBase, ConfigError
+from .corpora import BUNDLED_CORPORA, NEWS_FILE, WIKI_FILE, bundled_documents, gensim_test_data
 from .errors import MinidistillError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,15 @@ class DataConfig(ConfigBase):
     """A text corpus and how it is split and packed."""
 
     source: str = BUNDLED
-    """``bundled`` (Lee news corpus), a local .txt/.json/.jsonl/.parquet file, or a Hub dataset name."""
+    """``bundled`` (the Lee news corpus), ``bundled:news``, ``bundled:wiki`` (an English Wikipedia sample; both in
+    the gensim wheel, see :mod:`minidistill.corpora`), a local .txt/.json/.jsonl/.parquet file, or a Hub dataset name."""
+    mix: list[str] = field(default_factory=list)
+    """More sources (same forms as ``source``, same text column) whose train documents join the training and
+    calibration blocks. Each is split train / held-out like ``source``; its held-out blocks are never trained
+    on and are evaluated on their own (``TextData.extra_heldout``)."""
+    mix_ratio: float | None = None
+    """Training blocks taken from the ``mix`` sources per block of ``source`` (a deterministic subset, at most
+    what they hold); None: all of them."""
     text_column: str = "text"
     """Column holding the text."""
     hub_config: str | None = None
@@ -59,19 +67,17 @@ class DataConfig(ConfigBase):
             raise ConfigError(f"data.seq_len={self.seq_len}: need at least 2 tokens per sequence")
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"data.heldout_fraction={self.heldout_fraction}: must be strictly between 0 and 1")
+        if self.mix_ratio is not None and not self.mix_ratio > 0:
+            raise ConfigError(f"data.mix_ratio={self.mix_ratio}: must be positive (or null for all mixed-in blocks)")
+        if self.source in self.mix or len(set(self.mix)) < len(self.mix):
+            raise ConfigError(f"data.mix={self.mix} repeats a source (data.source={self.source!r}); name each source once")
         if self.max_documents is not None and self.max_documents < 2:
             raise ConfigError("data.max_documents must be at least 2 (one train and one held-out document)")
 
 
 def bundled_corpus_path() -> Path:
     """The Lee background corpus from the gensim wheel (300 news articles, one per line)."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the bundled corpus needs the gensim wheel: run `pip install --no-deps gensim`")
-    path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / "lee_background.cor"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall gensim`")
-    return path
+    return gensim_test_data(NEWS_FILE)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -186,8 +192,8 @@ def bundled_name(source: str) -> str:
 def load_documents(cfg: DataConfig) -> Dataset:
     """All documents of the source as a Dataset with one ``text`` column (empty ones dropped)."""
     check_data_source(cfg)
-    if cfg.source == BUNDLED:
-        ds = load_dataset("text", data_files=str(bundled_corpus_path()), split="train")
+    if is_bundled(cfg.source):
+        ds = Dataset.from_dict({"text": bundled_documents(bundled_name(cfg.source))})
     else:
         path = Path(cfg.source)
         if path.exists():
@@ -199,7 +205,7 @@ def load_documents(cfg: DataConfig) -> Dataset:
             ds = load_dataset(builder, data_files=str(path.resolve()), split="train")
         else:
             ds = load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
-    column = cfg.text_column if cfg.source != BUNDLED else "text"
+    column = cfg.text_column if not is_bundled(cfg.source) else "text"
     if column not in ds.column_names:
         raise DataError(
             f"{cfg.source}: no column {column!r}; columns are {ds.column_names}. Set data.text_column (--text_column)."
@@ -265,11 +271,12 @@ class TextData:
     train: TokenBlocks
     heldout: TokenBlocks
     config: DataConfig
+    extra_heldout: dict[str, TokenBlocks] = field(default_factory=dict)
+    """Held-out blocks of each ``data.mix`` source, by source name (``heldout`` is ``data.source``'s)."""
 
 
-def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
-    """Load, split, tokenize and pack; errors early when a split has less than one sequence."""
-    cfg.validate()
+def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, TokenBlocks]:
+    """Train and held-out blocks of ``cfg.source``; DataError when a split has less than one sequence."""
     splits = split_documents(load_documents(cfg), cfg)
     out = {}
     for name in ("train", "heldout"):
@@ -280,8 +287,28 @@ def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Text
                 "use more data or a smaller data.seq_len"
             )
         out[name] = TokenBlocks(torch.tensor(packed["input_ids"], dtype=torch.long))
+    return out
+
+
+def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
+    """Load, split, tokenize and pack ``data.source`` and every ``data.mix`` source; errors early when a split
+    has less than one sequence. Mixed-in training blocks follow the source's (a seeded subset under ``mix_ratio``)."""
+    cfg.validate()
+    main = _split_blocks(cfg, tokenizer)
+    train, extra_heldout = [main["train"].input_ids], {}
+    for source in cfg.mix:
+        blocks = _split_blocks(replace(cfg, source=source, mix=[]), tokenizer)
+        mixed = blocks["train"].input_ids
+        if cfg.mix_ratio is not None:
+            keep = min(len(mixed), max(1, round(cfg.mix_ratio * len(main["train"]) / len(cfg.mix))))
+            order = torch.randperm(len(mixed), generator=torch.Generator().manual_seed(cfg.seed))
+            mixed = mixed[order[:keep].sort().values]
+        train.append(mixed)
+        extra_heldout[source] = blocks["heldout"]
+    data = TextData(train=TokenBlocks(torch.cat(train)), heldout=main["heldout"], config=cfg, extra_heldout=extra_heldout)
     logger.info(
-        "data %s: %d train blocks, %d held-out blocks of %d tokens",
-        cfg.source, len(out["train"]), len(out["heldout"]), cfg.seq_len,
+        "data %s%s: %d train blocks, %d held-out blocks of %d tokens%s",
+        cfg.source, "".join(f" + {m}" for m in cfg.mix), len(data.train), len(data.heldout), cfg.seq_len,
+        "".join(f"; {m}: {len(b)} held-out blocks" for m, b in extra_heldout.items()),
     )
-    return TextData(train=out["train"], heldout=out["heldout"], config=cfg)
+    return data

@@ -110,17 +110,24 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
                      f"{share:.0%}" if share is not None else "-"])
     out += [_table(["model", "layers", "hidden", "heads", "KV heads", "MLP", "params", "non-embedding", "of teacher"], rows), ""]
 
-    out += ["## Held-out quality", ""]
-    rows = [[name, m.get("heldout", {}).get("perplexity"), m.get("heldout", {}).get("loss"), m.get("agreement"),
-             m.get("heldout", {}).get("tokens")] for name, m in models.items()]
-    out += [_table(["model", "perplexity", "loss (nats/token)", "top-1 agreement with teacher", "tokens"], rows), ""]
+    out += _quality_section(models, metrics.get("data", {}))
+
+    pruning = metrics.get("pruning")
+    if pruning:
+        out += _pruning_section(pruning)
 
     training = metrics.get("training")
     if training:
         out += ["## Training", ""]
-        out += [_table(["steps", "tokens", "seconds", "tokens/s"],
-                       [[training.get("steps"), training.get("tokens"), training.get("seconds"),
-                         training.get("tokens_per_second")]]), ""]
+        stop = training.get("stopped_by")
+        planned = training.get("planned_steps")
+        out += [_table(["steps", "planned", "tokens", "seconds", "tokens/s", "ended by"],
+                       [[training.get("steps"), planned, training.get("tokens"), training.get("seconds"),
+                         training.get("tokens_per_second"),
+                         {"max_minutes": f"time budget ({_fmt(training.get('max_minutes'), 1)} min)",
+                          "max_steps": "step count" if not training.get("max_minutes")
+                          else f"planned steps (time budget {_fmt(training.get('max_minutes'), 1)} min)"}.get(stop, stop)]]),
+                ""]
         if training.get("losses"):
             out += ["Loss components and weights: " + ", ".join(f"`{k}` x{_fmt(v)}" for k, v in training["losses"].items()), ""]
     if plot_name:
@@ -155,6 +162,69 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
                 lang = "python" if key == "load" else "bash"
                 out += [f"{title}:", "", f"```{lang}", commands[key].rstrip(), "```", ""]
     return "\n".join(out)
+
+
+def gap_closed(teacher: float | None, pruned: float | None, distilled: float | None) -> float | None:
+    """Share of the pruned student's loss gap to the teacher that distillation removed (losses in nats)."""
+    if None in (teacher, pruned, distilled) or pruned <= teacher:
+        return None
+    return (pruned - distilled) / (pruned - teacher)
+
+
+def _quality_section(models: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """Perplexity per held-out set (x the teacher's), top-1 agreement, and the share of the gap closed."""
+    sets = [(data.get("source") or "held-out", None)] + [
+        (name, name) for name in sorted({k for m in models.values() for k in (m.get("heldout_sets") or {})})]
+
+    def numbers(m: dict[str, Any], key: str | None) -> dict[str, Any]:
+        return (m.get("heldout") or {}) if key is None else (m.get("heldout_sets") or {}).get(key) or {}
+
+    teacher = models.get("teacher", {})
+    header = ["model"] + [f"{label} ppl" for label, _ in sets] + ["top-1 agreement with teacher"]
+    rows = []
+    for name, m in models.items():
+        row: list[Any] = [name]
+        for _, key in sets:
+            ppl, ref = numbers(m, key).get("perplexity"), numbers(teacher, key).get("perplexity")
+            row.append("-" if ppl is None else f"{ppl:.2f}" + (f" ({ppl / ref:.2f}x)" if ref and name != "teacher" else ""))
+        row.append(m.get("agreement"))
+        rows.append(row)
+    out = ["## Held-out quality", "", _table(header, rows), ""]
+    tokens = [f"{label}: {_fmt(numbers(teacher, key).get('tokens'))} tokens" for label, key in sets
+              if numbers(teacher, key).get("tokens")]
+    if tokens:
+        out += ["Held-out documents are never trained or calibrated on (" + "; ".join(tokens) + ").", ""]
+    closed = []
+    for label, key in sets:
+        share = gap_closed(*(numbers(models.get(n, {}), key).get("loss") for n in MODEL_ORDER))
+        if share is not None:
+            closed.append(f"{label} {share:.0%}")
+    if closed:
+        out += ["Share of the pruned student's loss gap to the teacher closed by distillation: " + ", ".join(closed) + ".", ""]
+    return out
+
+
+def _pruning_section(pruning: dict[str, Any]) -> list[str]:
+    """Importance and layer methods, re-fit, search facts and the per-axis sensitivity table."""
+    out = ["## Pruning", ""]
+    facts = [f"importance `{pruning.get('importance')}`", f"layers chosen by `{pruning.get('layer_method')}`"]
+    if pruning.get("kept_layers") is not None:
+        facts.append(f"kept layers {pruning['kept_layers']}")
+    if pruning.get("refit"):
+        facts.append(f"{pruning['refit']} projections re-fitted by least squares")
+    out += ["; ".join(facts) + ".", ""]
+    search = pruning.get("search") or {}
+    if search:
+        out += ["Search: " + ", ".join(f"{k} {_fmt(v) if not isinstance(v, (dict, list)) else v}" for k, v in search.items()), ""]
+    sensitivity = pruning.get("sensitivity")
+    rows = sensitivity.get("rows") if isinstance(sensitivity, dict) else sensitivity
+    if rows and isinstance(rows, list) and isinstance(rows[0], dict):
+        out += ["Per-axis sensitivity (held-out loss with one axis pruned alone):", ""]
+        header = list(rows[0].keys())
+        out += [_table(header, [[r.get(h) for h in header] for r in rows]), ""]
+    if isinstance(sensitivity, dict) and sensitivity.get("plot"):
+        out += [f"![per-axis sensitivity]({sensitivity['plot']})", ""]
+    return out
 
 
 def write_report(run_dir: str | Path, metrics: dict[str, Any], *, log_file: str = "log.jsonl") -> Path:

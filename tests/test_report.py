@@ -62,3 +62,26 @@ def test_greedy_generations_match_manual_greedy_decoding():
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
         expected = tok.decode(ids[0, -5:], skip_special_tokens=True)
         assert g["completion"] == expected
+
+
+def test_report_shows_every_heldout_set_against_the_teacher_and_the_gap_closed():
+    metrics = _metrics()
+    shape = metrics["models"]["teacher"]["shape"]
+    metrics["data"] = {"source": "bundled", "mix": ["bundled:wiki"]}
+    metrics["models"]["pruned"] = {"shape": dict(shape, num_layers=20), "params": 90000000,
+                                   "non_embedding_params": 61000000, "agreement": 0.2,
+                                   "heldout": {"loss": 5.0, "perplexity": 148.41, "tokens": 8000}}
+    wiki = {"teacher": 3.0, "pruned": 4.5, "distilled": 3.3}
+    for name, loss in wiki.items():
+        metrics["models"][name]["heldout_sets"] = {"bundled:wiki": {"loss": loss, "perplexity": torch.tensor(loss).exp().item(),
+                                                                    "tokens": 4096}}
+    metrics["models"] = {k: metrics["models"][k] for k in ("teacher", "pruned", "distilled")}
+    metrics["training"].update(planned_steps=100, stopped_by="max_minutes", max_minutes=9.0)
+    report = render_report(metrics, plot_name=None)
+    quality = report.split("## Held-out quality")[1]
+    row = next(line for line in quality.splitlines() if line.startswith("| distilled |"))
+    # news: 55.123 / 32.629 = 1.69x; wiki: exp(3.3) / exp(3.0) = exp(0.3) = 1.35x
+    assert "55.12 (1.69x)" in row and f"{torch.tensor(3.3).exp().item():.2f} (1.35x)" in row
+    # gap closed in loss: news (5.0 - 4.01) / (5.0 - 3.4852) = 65%; wiki (4.5 - 3.3) / (4.5 - 3.0) = 80%
+    assert "bundled 65%" in report and "bundled:wiki 80%" in report
+    assert "time budget (9.0 min)" in report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,7 +39,13 @@ class TrainConfig(ConfigBase):
     """Optimisation, schedule, precision, checkpoints and logging of the distillation loop."""
 
     max_steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps to run (at most; see ``max_minutes``)."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the training stage (steps, held-out evaluations, checkpoints). After
+    ``time_probe_steps`` steps the run estimates how many steps fit, fits the learning-rate schedule to
+    them, and ends with its final evaluation and checkpoint on time. None: ``max_steps`` alone."""
+    time_probe_steps: int = 2
+    """Steps timed before the step count for ``max_minutes`` is planned (the first is not counted)."""
     batch_size: int = 8
     """Sequences per optimizer step over all processes and accumulation steps."""
     grad_accum_steps: int = 1
@@ -90,6 +97,10 @@ class TrainConfig(ConfigBase):
             raise ConfigError(
                 f"train.batch_size={self.batch_size} is not divisible by train.grad_accum_steps={self.grad_accum_steps}"
             )
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"train.max_minutes={self.max_minutes}: must be a positive number of minutes (or null)")
+        if self.time_probe_steps < 2:
+            raise ConfigError(f"train.time_probe_steps={self.time_probe_steps}: must be at least 2 (the first step is warm-up)")
         if self.lr <= 0:
             raise ConfigError(f"train.lr={self.lr}: must be positive")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

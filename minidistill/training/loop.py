@@ -29,7 +29,8 @@ from .config import EvalConfig, TrainConfig
 from .evaluation import heldout_stats, summarize
 from .run_log import RunLog, memory_mb, truncate_log
 from .sampler import ResumableBlockSampler
-from .schedule import build_scheduler
+from .schedule import build_scheduler, schedule_of
+from .time_budget import TimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class TrainResult:
     last_checkpoint: Path | None
     module: DistillationModule = field(repr=False)
     accelerator: Any = field(repr=False)
+    planned_steps: int | None = None
+    """Steps the run planned (``train.max_steps``, or fewer under ``train.max_minutes``)."""
+    stopped_by: str = "max_steps"
+    """``max_steps`` (the plan ran to its end) or ``max_minutes`` (the time guard stopped it early)."""
 
 
 def build_accelerator(train: TrainConfig, run_dir: Path):
@@ -167,6 +172,9 @@ class Distiller:
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_sharded = _teacher_sharded(acc)
         self.run_name = run_name
+        self.planned_steps, self._horizon_planned = train.max_steps, False
+        self.clock = time.perf_counter
+        """Seconds since an arbitrary origin; replaceable (tests drive the time budget with a fake clock)."""
 
     # ------------------------------------------------------------------ placement
     def _prepare(self, module, optimizer, scheduler):
@@ -240,11 +248,35 @@ class Distiller:
             "data_position": self.sampler.state_dict(),
             "tokens": tokens,
             "elapsed_s": elapsed,
+            "planned_steps": self.planned_steps if self._horizon_planned else None,
+            "max_steps": self.train_cfg.max_steps,
+            "max_minutes": self.train_cfg.max_minutes,
             "config": self.config_dict,
         }
 
+    def _set_horizon(self, steps: int, *, planned: bool = False) -> None:
+        """Run ``steps`` optimizer steps in all, with the learning-rate schedule decaying over them.
+
+        ``planned``: the count comes from the time budget (it is saved with checkpoints and kept on resume).
+        """
+        self.planned_steps = steps
+        self._horizon_planned = planned
+        schedule_of(getattr(self.scheduler, "scheduler", self.scheduler)).max_steps = steps
+
+    def _agreed_seconds(self, seconds: float) -> float:
+        """The largest of every process's ``seconds`` (so that all processes take the same decision)."""
+        if self.accelerator.num_processes == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, "max")[0])
+
+    def _timed(self, fn, *args, **kwargs):
+        t0 = self.clock()
+        out = fn(*args, **kwargs)
+        return out, self._agreed_seconds(self.clock() - t0)
+
     def run(self, *, resume: str | Path | None = None) -> TrainResult:
-        """Train to ``train.max_steps`` (from ``resume``, a checkpoint folder, when given)."""
+        """Train to ``train.max_steps``, or as many as fit in ``train.max_minutes`` (from ``resume`` when given)."""
         acc, tc = self.accelerator, self.train_cfg
         ckpt_root = self.run_dir / CHECKPOINTS
         step, tokens, elapsed_before = 0, 0, 0.0
@@ -254,33 +286,72 @@ class Distiller:
             if resume is None:
                 truncate_log(self.run_dir / "log.jsonl", -1)  # a fresh run starts a fresh log
         acc.wait_for_everyone()
+        budget = TimeBudget(tc.max_minutes * 60.0, tc.time_probe_steps) if tc.max_minutes else None
+        planned = None
         if resume is not None:
             state = load_checkpoint(acc, resume)
             step, tokens, elapsed_before = int(state["step"]), int(state["tokens"]), float(state["elapsed_s"])
             self.sampler.load_state_dict(state["data_position"])
+            same_budget = state.get("max_minutes") == tc.max_minutes and state.get("max_steps") == tc.max_steps
+            if tc.max_minutes and same_budget and state.get("planned_steps") is not None:
+                planned = int(state["planned_steps"])
             if acc.is_main_process:
                 truncate_log(self.run_dir / "log.jsonl", step)
             logger.info("resumed from %s at step %d", resume, step)
+        if planned is not None:
+            self._set_horizon(planned, planned=True)
+        elif resume is not None:  # the checkpoint's horizon was loaded; the current max_steps wins
+            self._set_horizon(tc.max_steps)
+        else:
+            self.planned_steps = tc.max_steps
+        replan = budget is not None and planned is None
         if tc.log_with:
             acc.init_trackers(self.run_name, config=_flat_numbers(self.config_dict))
-        log = RunLog(acc, self.run_dir, total_steps=tc.max_steps, initial_step=step, progress_bar=tc.progress_bar)
+        log = RunLog(acc, self.run_dir, total_steps=self.planned_steps, initial_step=step, progress_bar=tc.progress_bar)
         teacher_eval = None
         last_eval: dict[str, float] = {}
         last_ckpt: Path | None = None
+        stopped_by = "max_steps"
+        t_start = self.clock()
         try:
             if resume is None:
                 teacher_eval = self.evaluate_teacher()
-                last_eval = self.evaluate()
+                last_eval, eval_s = self._timed(self.evaluate)
                 log.write({"kind": "eval", "step": 0, **teacher_eval, **last_eval})
-            t_start = time.perf_counter()
-            while step < tc.max_steps:
-                t0 = time.perf_counter()
+            elif budget is not None:
+                _, eval_s = self._timed(self.evaluate)  # the time budget needs its duration
+            if budget is not None:
+                budget.eval_seconds = eval_s
+            iteration_start, side_seconds = None, 0.0
+            while step < self.planned_steps:
+                now = self.clock()
+                if budget is not None and iteration_start is not None:
+                    # The whole previous iteration (logging included), less its evaluation and checkpoint.
+                    budget.record_step(self._agreed_seconds(now - iteration_start - side_seconds))
+                    spent = self._agreed_seconds(elapsed_before + now - t_start)
+                    if replan and budget.ready:
+                        replan = False
+                        self._set_horizon(budget.plan(step=step, elapsed=spent, max_steps=tc.max_steps,
+                                                      eval_every=self.eval_cfg.every, save_every=tc.save_every),
+                                          planned=True)
+                        log.set_total(self.planned_steps)
+                        logger.info("train.max_minutes=%g: %.1f s a step, %d step(s) fit; the schedule decays over them",
+                                    tc.max_minutes, budget.step_seconds, self.planned_steps)
+                    if budget.ready and budget.next_step_overruns(spent) and step < self.planned_steps:
+                        stopped_by = "max_minutes"
+                        logger.warning("train.max_minutes=%g: stopping after step %d of %d planned", tc.max_minutes,
+                                       step, self.planned_steps)
+                        break
+                    if step >= self.planned_steps:
+                        break
+                iteration_start, side_seconds = now, 0.0
+                t0 = self.clock()
                 record = self.train_step(step)
                 step += 1
                 step_tokens = self.micro_batch * acc.num_processes * tc.grad_accum_steps * self.data.train.input_ids.shape[1]
                 tokens += step_tokens
-                dt = time.perf_counter() - t0
-                if step % tc.log_every == 0 or step == tc.max_steps:
+                dt = self.clock() - t0
+                if step % tc.log_every == 0 or step == self.planned_steps:
                     record.update(
                         kind="train",
                         step=step,
@@ -288,20 +359,26 @@ class Distiller:
                         tokens=tokens,
                         tokens_per_s=step_tokens / dt,
                         mem_mb=memory_mb(acc.device),
-                        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+                        elapsed_s=elapsed_before + self.clock() - t_start,
                     )
                     log.write(record)
                 log.advance({"loss": record["loss"]})
-                if self.eval_cfg.every and step % self.eval_cfg.every == 0 and step < tc.max_steps:
-                    last_eval = self.evaluate()
+                if self.eval_cfg.every and step % self.eval_cfg.every == 0 and step < self.planned_steps:
+                    last_eval, eval_s = self._timed(self.evaluate)
+                    side_seconds += eval_s
                     log.write({"kind": "eval", "step": step, **last_eval})
-                if tc.save_every and step % tc.save_every == 0 and step < tc.max_steps:
-                    elapsed = elapsed_before + time.perf_counter() - t_start
-                    last_ckpt = save_checkpoint(acc, ckpt_root, step, self._trainer_state(step, tokens, elapsed), keep_last=tc.keep_last)
+                if tc.save_every and step % tc.save_every == 0 and step < self.planned_steps:
+                    last_ckpt, ckpt_s = self._timed(
+                        save_checkpoint, acc, ckpt_root, step,
+                        self._trainer_state(step, tokens, elapsed_before + self.clock() - t_start), keep_last=tc.keep_last,
+                    )
+                    side_seconds += ckpt_s
+                    if budget is not None:
+                        budget.checkpoint_seconds = ckpt_s
             last_eval = self.evaluate()
             log.write({"kind": "eval", "step": step, **last_eval})
-            elapsed = elapsed_before + time.perf_counter() - t_start
-            last_ckpt = save_checkpoint(acc, ckpt_root, step, self._trainer_state(step, tokens, elapsed), keep_last=tc.keep_last)
+            total_elapsed = elapsed_before + self.clock() - t_start
+            last_ckpt = save_checkpoint(acc, ckpt_root, step, self._trainer_state(step, tokens, total_elapsed), keep_last=tc.keep_last)
         finally:
             log.close()
             if tc.log_with:
@@ -310,12 +387,14 @@ class Distiller:
             run_dir=self.run_dir,
             steps=step,
             tokens=tokens,
-            seconds=elapsed,
+            seconds=total_elapsed,
             final_eval=last_eval,
             teacher_eval=teacher_eval,
             last_checkpoint=last_ckpt,
             module=self.module,
             accelerator=acc,
+            planned_steps=self.planned_steps,
+            stopped_by=stopped_by,
         )
 
     def train_step(self, step: int) -> dict[str, float]:

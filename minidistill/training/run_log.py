@@ -80,6 +80,12 @@ class RunLog:
         if self.accelerator.trackers:
             self.accelerator.log(numbers, step=record.get("step"))
 
+    def set_total(self, total_steps: int) -> None:
+        """The progress bar's total, once a time budget has planned the steps."""
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def advance(self, postfix: dict[str, float] | None = None) -> None:
         if self.bar is not None:
             self.bar.update(1)

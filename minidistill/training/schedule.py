@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import partial
+from dataclasses import dataclass
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -42,6 +42,29 @@ def lr_factor(
     raise ValueError(f"unknown schedule {kind!r}; choose cosine, wsd or constant")
 
 
+@dataclass
+class LrSchedule:
+    """:func:`lr_factor` with its settings; ``max_steps`` may be lowered once the run knows how many steps fit.
+
+    A callable object, so LambdaLR's state dict saves its fields and a resumed run keeps the horizon.
+    """
+
+    max_steps: int
+    warmup_steps: int
+    kind: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, max_steps=self.max_steps, warmup_steps=self.warmup_steps, kind=self.kind,
+                         min_lr_ratio=self.min_lr_ratio, decay_fraction=self.decay_fraction)
+
+
 def build_scheduler(optimizer: Optimizer, **kwargs) -> LambdaLR:
-    """A LambdaLR over :func:`lr_factor` (its state is only the step count: exact on resume)."""
-    return LambdaLR(optimizer, partial(lr_factor, **kwargs))
+    """A LambdaLR over an :class:`LrSchedule` (its state is the step count and the horizon: exact on resume)."""
+    return LambdaLR(optimizer, LrSchedule(**kwargs))
+
+
+def schedule_of(scheduler: LambdaLR) -> LrSchedule:
+    """The :class:`LrSchedule` inside a scheduler made by :func:`build_scheduler`."""
+    return scheduler.lr_lambdas[0]

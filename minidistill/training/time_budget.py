@@ -1,0 +1,66 @@
+"""A wall-clock budget for the training stage: how many optimizer steps fit, and when to stop.
+
+The plan is made once, from the measured step time (the first step is warm-up and not counted), the
+measured held-out evaluation time and the evaluation interval; the learning-rate schedule is then
+fitted to the planned steps so that it decays fully inside the budget. A guard before every step
+stops the run when the next step, the final evaluation and the final checkpoint would overrun, so a
+slower machine than the plan assumed still ends on time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TimeBudget:
+    """Step planning against ``seconds`` of wall-clock time for the whole training stage."""
+
+    seconds: float
+    """The budget."""
+    probe_steps: int = 2
+    """Steps timed before planning (the first of them is warm-up and not counted)."""
+    step_times: list[float] = field(default_factory=list)
+    """Durations of the steps timed so far in this process."""
+    eval_seconds: float = 0.0
+    """Duration of one held-out evaluation of the student."""
+    checkpoint_seconds: float = 0.0
+    """Duration of the last checkpoint write."""
+
+    def record_step(self, seconds: float) -> None:
+        self.step_times.append(seconds)
+
+    @property
+    def ready(self) -> bool:
+        """True once enough steps were timed to plan."""
+        return len(self.step_times) >= self.probe_steps
+
+    @property
+    def step_seconds(self) -> float:
+        """Mean duration of the timed steps after the first (the first alone when only one was timed)."""
+        timed = self.step_times[1:] or self.step_times
+        return sum(timed) / len(timed) if timed else 0.0
+
+    def reserve(self) -> float:
+        """Seconds kept for the final evaluation and checkpoint."""
+        return self.eval_seconds + self.checkpoint_seconds
+
+    def plan(self, *, step: int, elapsed: float, max_steps: int, eval_every: int, save_every: int) -> int:
+        """The last step number that fits (``step`` <= result <= ``max_steps``), given ``elapsed`` seconds so far."""
+        per_step = self.step_seconds
+        if eval_every:
+            per_step += self.eval_seconds / eval_every
+        if save_every:
+            per_step += self.checkpoint_seconds / save_every
+        remaining = self.seconds - elapsed - self.reserve()
+        if per_step <= 0:
+            return max_steps
+        return max(step, min(max_steps, step + math.floor(remaining / per_step)))
+
+    def next_step_overruns(self, elapsed: float) -> bool:
+        """True when one more step, then the final evaluation and checkpoint, would end after the budget."""
+        return elapsed + self.step_seconds + self.reserve() > self.seconds
+
+
+__all__ = ["TimeBudget"]
