@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -226,6 +226,8 @@ class LayerRemoval:
     """Loss evaluations run (one per remaining layer per step)."""
     seconds: float
     """Wall time of the whole removal."""
+    step_seconds: list[float]
+    """Wall time from the start to the end of each removal (``step_seconds[k]``: ``order[: k + 1]`` known)."""
 
     def scores(self) -> torch.Tensor:
         """[L] layer scores (higher = keep): the ``n`` lowest are ``order[:n]`` for every ``n <= len(order)``.
@@ -252,6 +254,7 @@ def iterative_layer_removal(
     *,
     chunk_tokens: int = 2048,
     cache_prefix: bool = True,
+    on_step: Callable[[list[int], list[float]], None] | None = None,
 ) -> LayerRemoval:
     """Greedily remove ``num_drop`` decoder layers, re-measuring the LM loss over ``batches`` after each.
 
@@ -261,6 +264,7 @@ def iterative_layer_removal(
     layer; a candidate then runs only the layers above it, starting from that cached input
     (memory: one [tokens, hidden] tensor per layer; about half the compute of full evaluations).
     Greedy removals are nested, so one run with the largest ``num_drop`` serves every smaller one.
+    ``on_step(order, losses)`` is called after each removal (progress reporting).
     """
     t0 = time.perf_counter()
     batches = list(batches)
@@ -273,6 +277,7 @@ def iterative_layer_removal(
     base_loss = None
     last = torch.full((num_layers,), float("nan"), dtype=torch.float64)
     evaluations = 0
+    step_seconds: list[float] = []
     for _ in range(num_drop):
         remaining = [i for i in range(num_layers) if i not in order]
         states: dict[int, list[torch.Tensor]] = {i: [] for i in remaining}
@@ -306,10 +311,13 @@ def iterative_layer_removal(
             last[i] = trial[i] - current
         order.append(best)
         losses.append(trial[best])
+        step_seconds.append(time.perf_counter() - t0)
+        if on_step is not None:
+            on_step(list(order), list(losses))
     if base_loss is None:
         base_loss = heldout_loss(model, batches, chunk_tokens=chunk_tokens)["loss"]
     return LayerRemoval(order=order, losses=losses, base_loss=base_loss, last_increase=last,
-                        evaluations=evaluations, seconds=time.perf_counter() - t0)
+                        evaluations=evaluations, seconds=time.perf_counter() - t0, step_seconds=step_seconds)
 
 
 def layer_loss_scores(
