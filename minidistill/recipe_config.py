@@ -16,6 +16,7 @@ from .data import DataConfig
 from .distill.objective import DistillLossConfig
 from .hub import HubConfig
 from .models import ModelConfig
+from .teacher_correction import TeacherCorrectionConfig
 from .training.config import EvalConfig, LoraSettings, TrainConfig
 
 try:  # the pruner's config; absent only in partial checkouts
@@ -51,6 +52,8 @@ class PruneDistillConfig(ConfigBase):
     """An already-pruned student folder (with its prune_map.json when it came from this teacher); None: prune the teacher."""
     prune: PruneConfig | None = field(default_factory=_default_prune)  # type: ignore[valid-type]
     """How the teacher is pruned when no student is given."""
+    teacher_correction: TeacherCorrectionConfig | None = None
+    """A short LM-loss fine-tune of the teacher on ``data.train`` before pruning and distillation (null: none); saved to ``<run_dir>/teacher_corrected/``."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and held-out text."""
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
@@ -85,6 +88,12 @@ class PruneDistillConfig(ConfigBase):
             raise ConfigError(
                 f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
                 "or set student=null to prune the teacher"
+            )
+        if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
+            raise ConfigError(
+                "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "
+                "uncorrected teacher (its prune map names that teacher); set student=null to prune the corrected "
+                "teacher in this run, or teacher_correction=null"
             )
 
 

@@ -303,6 +303,12 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
     with timer.stage("data"):
         data = build_text_data(cfg.data, tokenizer)
+    if cfg.teacher_correction is not None and cfg.teacher_correction.enabled:
+        from .teacher_correction import run_teacher_correction
+
+        with timer.stage("teacher correction"):
+            run_teacher_correction(cfg.teacher_correction, teacher, tokenizer, data, run_dir,
+                                   teacher_source=cfg.teacher.source, accelerator=accelerator)
     with timer.stage("prune" if cfg.student is None and resume_path is None else "load student"):
         with parallel.full_weights_init(accelerator):
             student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
