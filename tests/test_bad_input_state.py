@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -60,6 +59,21 @@ def _env() -> dict[str, str]:
 def _run(args: list[str], *, code: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, str(RECIPE), *args] if code else [sys.executable, str(RECIPE), *args]
     return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _run_forked(folder: Path, jobs: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Run the recipe once per job as a child forked after the heavy imports (tests/bad_input/runner.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in _env().items() if k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    spec = [{"name": name, "script": str(RECIPE), "argv": argv, "cwd": str(REPO), "env": env,
+             "stdout": str(folder / f"{name}.out"), "stderr": str(folder / f"{name}.err")} for name, argv in jobs.items()]
+    (folder / "jobs.json").write_text(json.dumps(spec))
+    runner = subprocess.run([sys.executable, str(REPO / "tests" / "bad_input" / "runner.py"), str(folder / "jobs.json"),
+                             str(folder / "results.json")], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    codes = json.loads((folder / "results.json").read_text())
+    return {name: subprocess.CompletedProcess(name, codes[name], (folder / f"{name}.out").read_text(),
+                                              (folder / f"{name}.err").read_text()) for name in jobs}
 
 
 def _digest(root: Path, *, skip: tuple[Path, ...] = ()) -> dict[str, str]:
@@ -211,8 +225,8 @@ def _map_case(student: Path, kind: str, teacher: Path, other_teacher: Path) -> t
 MAP_CASES = ["hash", "other_teacher", "out_of_range", "unsorted", "duplicate", "edited", "shape", "parse"]
 
 
-@pytest.mark.slow
 def test_bad_prune_maps_are_refused_before_any_work(tiny):
+    """Each kind of bad map, each as its own process (forked after one import of torch / transformers)."""
     root, teacher, _ = tiny
     other = make_teacher_dir(root / "other_teacher", seed=1)
     cases = {}
@@ -221,10 +235,9 @@ def test_bad_prune_maps_are_refused_before_any_work(tiny):
         student = make_student_dir(teacher, case / "student")
         use, expect = _map_case(student, kind, teacher, other)
         cases[kind] = (case, tiny_overrides(case / "runs", use, student, **{"loss.hidden.weight": 1.0}), expect)
-    before = _digest(root, skip=tuple(case / "runs" for case, _, _ in cases.values()))
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: the cases are independent
-        procs = dict(zip(cases, pool.map(_run, [args for _, args, _ in cases.values()])))
+    before = _digest(root, skip=(root / "jobs", *(case / "runs" for case, _, _ in cases.values())))
+    procs = _run_forked(root / "jobs", {kind: args for kind, (_, args, _) in cases.items()})
     for kind, (case, _, expect) in cases.items():
         _failed(procs[kind], PRUNE_MAP_EXIT, *expect)
         assert not list((case / "runs").rglob("*.safetensors")), kind  # no student or checkpoint was written
-    assert _digest(root, skip=tuple(case / "runs" for case, _, _ in cases.values())) == before
+    assert _digest(root, skip=(root / "jobs", *(case / "runs" for case, _, _ in cases.values()))) == before
