@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, help=f"explicit target {name}")
     p.add_argument("--non_embedding", action="store_true", help="count only non-embedding parameters for the budget")
     p.add_argument("--importance", choices=("activation", "magnitude", "taylor", "random"), default="activation")
-    p.add_argument("--layer_method", default=None, help="block_influence (default), angular, lm_loss or unit")
+    p.add_argument("--layer_method", default=None, help="block_influence (default), contiguous (= angular), lm_loss, iterative or unit")
     p.add_argument("--no_reconstruction", action="store_true", help="skip the least-squares re-fit after pruning")
     p.add_argument("--calib_data", default="bundled", help="'bundled', a local .txt/.json/.jsonl/.parquet file or a dataset")
     p.add_argument("--text_column", default="text", help="text column of --calib_data")
