@@ -224,7 +224,7 @@ def check_outputs_and_inputs(cfg: PruneDistillConfig, resume_path: Path | None) 
     from .prune.pipeline import check_output_dir, check_writable
 
     sources = tuple(m.source for m in (cfg.teacher, cfg.student) if m is not None)
-    check_output_dir(cfg.run_dir, True, sources=sources)
+    check_output_dir(cfg.run_dir / MODEL_DIR, True, sources=sources)  # also: run folder under a file, or not writable
     if cfg.student is None and resume_path is None:
         init_dir = student_init_dir(cfg)
         check_output_dir(init_dir, True, sources=sources)

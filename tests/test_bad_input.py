@@ -174,6 +174,8 @@ CASES: list[Case] = [
          files={"precious/config.json": "{}", "precious/thesis.tex": "years of work"}),
     Case("distill_prune_output_dir_is_teacher", "prune_distill", _distill(*PRUNE_STUDENT, "prune.output_dir={teacher}"), 11,
          r"overlaps\) the source model folder", "output"),
+    Case("distill_student_in_run_model_folder", "prune_distill", _distill("student.source={case}/runs/tiny/model"), 11,
+         r"runs/tiny/model is \(or overlaps\) the source model folder", "output", copy={"runs/tiny/model": "student"}),
     Case("distill_output_root_is_a_file", "prune_distill", _distill("output_root={case}/runs.txt"), 11,
          r"runs\.txt is a file, not a folder", "output", files={"runs.txt": "keep"}),
     Case("distill_output_root_not_writable", "prune_distill", _distill("output_root=/proc/minidistill-runs"), 11,
@@ -458,7 +460,7 @@ README_START, README_END = "<!-- what-is-checked:start -->", "<!-- what-is-check
 def readme_section() -> str:
     """README.md's "What is checked" section, rendered from EXIT_CODES, CATEGORIES and CASES."""
     counts = {cat: sum(c.category == cat for c in CASES) for cat in CATEGORIES}
-    counts["fault"] += 1  # test_sigkill_during_prune_then_rerun_completes
+    counts["fault"] += 2  # test_sigkill_during_prune_then_rerun_completes (two kill points)
     lines = [
         README_START,
         "Every entry point (`recipes/prune.py`, `recipes/prune_distill.py`, `recipes/push.py`, `eval/run_lm_eval.py`)",
@@ -546,18 +548,34 @@ def test_error_under_accelerate_launch(fx, tmp_path):
             assert "returned non-zero exit status 2" in after[-1] and "prune_distill.py\", line" not in proc.stderr
 
 
+def _prune_run(fx: Path, root: Path, run_name: str) -> list[str]:
+    args = [_fill(a, _places(fx, root)) for a in _distill(*PRUNE_STUDENT, "prune.calib_blocks=16", f"run_name={run_name}")]
+    return [PY, str(SCRIPTS["prune_distill"]), *args]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(fx, tmp_path_factory) -> Path:
+    """The prune-and-distill run that the interrupted ones must reproduce."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    proc = subprocess.run(_prune_run(fx, root, "full"), cwd=root, env=_fresh_env(fx, root), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "runs" / "full"
+
+
 @pytest.mark.slow
-def test_sigkill_during_prune_then_rerun_completes(fx, tmp_path):
-    """SIGKILL inside the recipe's prune stage leaves nothing a rerun trips on; the same command then completes."""
-    args = [_fill(a, _places(fx, tmp_path)) for a in _distill(*PRUNE_STUDENT, "prune.calib_blocks=16")]
-    cmd = [PY, str(SCRIPTS["prune_distill"]), *args]
+@pytest.mark.parametrize("kill_at", ["minidistill.prune.apply: pruned student", "minidistill.prune.save: saved pruned student"])
+def test_sigkill_during_prune_then_rerun_completes(fx, tmp_path, uninterrupted, kill_at):
+    """SIGKILL inside the recipe's prune stage (before or right after the student is saved) leaves nothing a
+    rerun trips on: the same command completes, pruning again, with the uninterrupted run's losses and weights."""
+    cmd = _prune_run(fx, tmp_path, "tiny")
     env = _fresh_env(fx, tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
-    for line in proc.stderr:  # kill once the student is pruned in memory, before the prune stage ends
+    for line in proc.stderr:
         seen.append(line)
-        if "minidistill.prune.apply: pruned student" in line:
+        if kill_at in line:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=120)
@@ -566,17 +584,14 @@ def test_sigkill_during_prune_then_rerun_completes(fx, tmp_path):
     assert not (run_dir / "model").exists() and not list(run_dir.glob("checkpoints/step-*"))
     rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "stage prune" in rerun.stderr  # the rerun pruned again rather than trusting a partial student
-    meta = json.loads((run_dir / "model" / "training_metadata.json").read_text())
-    assert meta["steps"] == 2
-    records = [json.loads(ln) for ln in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r.get("kind") == "train"] == [1, 2]
-    assert not list(run_dir.glob(".student_init.tmp-*")) or (run_dir / "student_init" / "prune_map.json").is_file()
-    # The same as a run that was never interrupted: same losses, same weights.
-    full = subprocess.run([*cmd, "run_name=full"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert full.returncode == 0, full.stderr[-3000:]
-    reference = [json.loads(ln) for ln in (tmp_path / "runs" / "full" / "log.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r.get("kind") == "train"]
-    assert losses == [r["loss"] for r in reference if r.get("kind") == "train"]
-    assert tree_digest(run_dir / "model", (run_dir / "model" / "training_metadata.json",)).get("model.safetensors") == \
-        tree_digest(tmp_path / "runs" / "full" / "model").get("model.safetensors")
+    assert "stage prune" in rerun.stderr  # pruned again rather than trusting what the killed run left
+    assert json.loads((run_dir / "model" / "training_metadata.json").read_text())["steps"] == 2
+
+    def losses(folder: Path) -> list[float]:
+        records = [json.loads(ln) for ln in (folder / "log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if r.get("kind") == "train"]
+
+    assert len(losses(run_dir)) == 2 and losses(run_dir) == losses(uninterrupted)
+    weights = [tree_digest(d / "model")["model.safetensors"] for d in (run_dir, uninterrupted)]
+    assert weights[0] == weights[1]
+    assert tree_digest(run_dir / "student_init")["model.safetensors"] == tree_digest(uninterrupted / "student_init")["model.safetensors"]
