@@ -151,12 +151,20 @@ def _check_text_file(path: Path, fh, *, json_lines: bool) -> None:
                     line_no += 1
                     if line.strip():
                         try:
-                            json.loads(line)
+                            record = json.loads(line)
                         except ValueError as e:
                             if line_no == 1 and path.suffix.lower() == ".json":
                                 _check_json_document(path)
                                 return
                             raise DataError(f"data file {path} line {line_no} is not valid JSON ({e.msg}); one JSON object per line") from None
+                        if not isinstance(record, dict):
+                            if line_no == 1 and path.suffix.lower() == ".json":
+                                _check_json_document(path)
+                                return
+                            raise DataError(
+                                f"data file {path} line {line_no} holds a JSON {type(record).__name__}, not an object; "
+                                'one JSON object per line, e.g. {"text": "..."}'
+                            )
                 lines = []
         if not chunk:
             break
@@ -202,13 +210,24 @@ def load_documents(cfg: DataConfig) -> Dataset:
                 raise DataError(
                     f"{path}: unknown file type {path.suffix!r}; use one of {', '.join(sorted(_LOCAL_BUILDERS))}"
                 )
-            ds = load_dataset(builder, data_files=str(path.resolve()), split="train")
+            try:
+                ds = load_dataset(builder, data_files=str(path.resolve()), split="train")
+            except Exception as e:  # datasets wraps every parse problem in its own error types
+                cause = e.__cause__ or e
+                detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                raise DataError(f"data file {path} cannot be read as {builder}: {detail}") from e
         else:
             ds = load_dataset(cfg.source, cfg.hub_config, split=cfg.hub_split)
     column = cfg.text_column if not is_bundled(cfg.source) else "text"
     if column not in ds.column_names:
         raise DataError(
             f"{cfg.source}: no column {column!r}; columns are {ds.column_names}. Set data.text_column (--text_column)."
+        )
+    dtype = getattr(ds.features.get(column), "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(
+            f"{cfg.source}: column {column!r} holds {dtype or type(ds.features.get(column)).__name__} values, not text; "
+            "point data.text_column (--text_column) at a text column"
         )
     if column != "text":
         ds = ds.rename_column(column, "text")
