@@ -73,7 +73,7 @@ def test_demo_end_to_end_and_rerun_keeps_the_finished_run(tmp_path):
         assert len(m["generations"]) == 4
     assert metrics["models"]["distilled"]["non_embedding_params"] < 0.55 * metrics["models"]["teacher"]["non_embedding_params"]
     assert shapes["pruned"] == shapes["distilled"] != shapes["teacher"]
-    assert len(metrics["candidates"]) == 2 and "## Budget search" in report
+    assert len(metrics["candidates"]) >= 2 and "## Budget search" in report  # max_candidates + axis-family bests
     assert metrics["training"]["steps"] == 2 and f"| 2 | {metrics['training']['tokens']:,} |" in report
     assert set(metrics["stage_seconds"]) >= {"load teacher", "data", "prune", "distill", "export"}
     assert re.search(r"from_pretrained\('.*model'\)", report)

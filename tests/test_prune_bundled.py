@@ -65,7 +65,7 @@ def test_prune_recipe_with_search_on_bundled(tmp_path):
     summary = json.loads((out / "prune_summary.json").read_text())
     target = summary["target_params"]
     assert abs(summary["non_embedding_params_after"] - target) <= 0.02 * target
-    assert len(summary["candidates"]) == 2
+    assert len(summary["candidates"]) >= 2  # max_candidates best pre-scored + the best of every axis family
     assert summary["heldout_perplexity_after"] > summary["heldout_perplexity_before"]
     student = AutoModelForCausalLM.from_pretrained(out)
     assert count_parameters(student) == summary["params_after"]

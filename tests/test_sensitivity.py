@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from conftest import tiny_model
 from test_prune_pipeline import prune_cfg, tiny_data
 

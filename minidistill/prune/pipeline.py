@@ -26,12 +26,12 @@ from ..config import ConfigBase, ConfigError
 from ..data import DataError, TextData
 from ..errors import OutputError
 from ..models import state_dict_sha256
+from .distill_rank import check_distill_data, distill_rank
 from .importance import ImportanceConfig, compute_importance, importance_batches
 from .layer_importance import LAYER_METHODS, LOSS_METHODS, SIMILARITY_METHODS, LayerSimilarity, layer_loss_scores, layer_scores
 from .prune_map import PruneMap
 from .reconstruct import ReconstructionConfig, reconstruct
-from .distill_rank import check_distill_data, distill_rank
-from .sensitivity import SENSITIVITY_MD, SENSITIVITY_PNG, measure_sensitivity, sensitivity_shapes
+from .sensitivity import SENSITIVITY_MD, SENSITIVITY_PNG, measure_sensitivity
 from .targets import (
     SHAPE_TARGET_KEYS,
     ParamCounter,
@@ -205,9 +205,7 @@ def prune_model(
         space = ShapeSpace(counter, cfg.search)
         check_budget(space, budget)
         check_distill_data(cfg.search, len(data.train))
-        layer_drops = [teacher_shape["num_layers"] - space.min_layers]
-        sensitivity_plan = sensitivity_shapes(teacher_shape, cfg.search.sensitivity_ratios, cfg.search.multiple_of,
-                                              min_layers=space.min_layers) if cfg.search.sensitivity else []
+        layer_drops = [teacher_shape["num_layers"] - space.min_layers]  # sensitivity stops at min_layers too
         logger.info("budget %s parameters%s", f"{budget:,}", " (non-embedding)" if cfg.target.non_embedding else "")
     else:
         shape = explicit_shape(teacher_shape, cfg.target)
