@@ -20,6 +20,11 @@ __all__ = ["EXIT_CODES", "MinidistillError", "OutputError", "error_kind", "exit_
 class MinidistillError(Exception):
     """Base of minidistill's own errors: the message names the file or key at fault and the fix."""
 
+    @property
+    def exit_code(self) -> int:
+        """The process exit status of this error's kind (:data:`EXIT_CODES`)."""
+        return exit_code_for(self) or 1
+
 
 class OutputError(MinidistillError, FileExistsError):
     """An output folder cannot be used: not empty, the source model itself, or not writable."""
