@@ -125,6 +125,9 @@ def check_data_source(cfg: DataConfig) -> None:
         raise DataError(f"data file {path} cannot be read: {e.strerror or e}; check its permissions") from None
 
 
+_JSON_CHECK_LINES = 100_000  # JSON lines parsed up front (a large file's tail is left to datasets)
+
+
 def _check_text_file(path: Path, fh, *, json_lines: bool) -> None:
     import codecs
     import json
@@ -166,6 +169,8 @@ def _check_text_file(path: Path, fh, *, json_lines: bool) -> None:
                                 'one JSON object per line, e.g. {"text": "..."}'
                             )
                 lines = []
+                if line_no >= _JSON_CHECK_LINES:  # the rest is only checked for UTF-8; datasets parses it later
+                    json_lines, pending = False, ""
         if not chunk:
             break
     if offset == 0:
@@ -179,6 +184,8 @@ def _check_json_document(path: Path) -> None:
 
     try:
         json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8") from None
     except ValueError as e:
         raise DataError(f"data file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
 

@@ -247,6 +247,8 @@ CASES: list[Case] = [
          r"no column 'body'.*--text_column", "data", files={"docs.jsonl": JSONL}),
     Case("prune_calib_fake_parquet", "prune", _prune("--num_layers", "2", "--calib_data", "{case}/docs.parquet"), 3,
          r"docs\.parquet is not a parquet file", "data", files={"docs.parquet": "text\n"}),
+    Case("prune_calib_json_document_cut", "prune", _prune("--num_layers", "2", "--calib_data", "{case}/docs.json"), 3,
+         r"docs\.json is not valid JSON \(line 4, column 1", "data", files={"docs.json": '[\n{"text": "a"},\n{"text": "b"}\n'}),
     Case("prune_calib_json_lines_not_objects", "prune", _prune("--num_layers", "2", "--calib_data", "{case}/nums.jsonl"), 3,
          r"nums\.jsonl line 1 holds a JSON int, not an object", "data", files={"nums.jsonl": "1\n2\n3\n"}),
     Case("prune_calib_text_not_strings", "prune", _prune("--num_layers", "2", "--calib_data", "{case}/ints.jsonl"), 3,
