@@ -203,7 +203,7 @@ CASES: list[Case] = [
          r"override 'loss\.hidden\.pairing\.explicit=\[\[0,1\]': the value .*not valid YAML", "config"),
     Case("distill_lr_nan", "prune_distill", _distill("train.lr=nan"), 2, r"train\.lr='nan': must be a finite number", "config"),
     Case("distill_lr_inf", "prune_distill", _distill("train.lr=.inf"), 2, r"train\.lr=inf: must be a finite number", "config"),
-    Case("distill_lr_negative", "prune_distill", _distill("train.lr=-1"), 2, r"train\.lr=-1\.0: must be positive", "config"),
+    Case("distill_lr_negative", "prune_distill", _distill("train.lr=-1"), 2, r"train\.lr=-1\.0: must be a positive finite number", "config"),
     Case("distill_params_not_integer", "prune_distill", _distill(*PRUNE_STUDENT[:1], "prune.target.params=1234.5"), 2,
          r"target\.params=1234\.5: a parameter count must be a whole number", "config"),
     Case("distill_run_name_with_slash", "prune_distill", _distill("run_name=a/b"), 2,
@@ -443,6 +443,15 @@ def test_resume_does_not_swallow_an_override(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert recipe.parse_args(["--resume", "step=3"]).resume == "step=3"
     assert recipe.parse_args(["--resume"]).resume == "latest"
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0])
+def test_non_finite_lr_refused_by_the_library_too(lr):
+    from minidistill.config import ConfigError
+    from minidistill.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.lr=.*: must be a positive finite number"):
+        TrainConfig(lr=lr).validate()
 
 
 def test_every_project_error_has_its_own_exit_code():

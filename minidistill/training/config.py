@@ -101,8 +101,8 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"train.max_minutes={self.max_minutes}: must be a positive number of minutes (or null)")
         if self.time_probe_steps < 2:
             raise ConfigError(f"train.time_probe_steps={self.time_probe_steps}: must be at least 2 (the first step is warm-up)")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr={self.lr}: must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr={self.lr}: must be a positive finite number")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={self.betas}: need two values in [0, 1)")
         if self.warmup_steps < 0 or self.save_every < 0:
