@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -353,38 +355,42 @@ def sample_from(model, n: int, length: int, seed: int) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("mode", ["teacher", "sequential"])
-def test_each_mode_lowers_heldout_loss_of_pruned_tiny_model(model_type, mode):
+@functools.lru_cache(maxsize=None)
+def loss_setup(model_type: str):
+    """A structured tiny teacher, 32 calibration and 16 held-out sequences sampled from it, its held-out loss."""
     teacher = structured_teacher(model_type)
-    t = get_adapter(teacher).shape(teacher.config)
     data = sample_from(teacher, 48, 32, seed=0)
     calibration, heldout = list(data[:32].split(8)), [data[32:]]
+    return teacher, calibration, heldout, heldout_loss(teacher, heldout)["loss"]
+
+
+def test_each_mode_lowers_heldout_loss_of_pruned_tiny_model(model_type):
+    teacher, calibration, heldout, loss_teacher = loss_setup(model_type)
+    t = get_adapter(teacher).shape(teacher.config)
     pmap = select_units(teacher, random_importance(teacher, seed=2), dict(t, num_heads=2, num_kv_heads=1, intermediate_size=48))
-    plain = apply_prune_map(teacher, pmap)
-    refit = apply_prune_map(teacher, pmap)
-    assert reconstruct(refit, teacher, pmap, calibration, ReconstructionConfig(mode=mode))
-    loss_teacher = heldout_loss(teacher, heldout)["loss"]
-    loss_plain = heldout_loss(plain, heldout)["loss"]
-    loss_refit = heldout_loss(refit, heldout)["loss"]
-    assert loss_teacher < loss_refit < loss_plain
-    # Reconstruction recovers a real share of what pruning lost.
-    assert loss_plain - loss_refit > 0.15 * (loss_plain - loss_teacher)
+    loss_plain = heldout_loss(apply_prune_map(teacher, pmap), heldout)["loss"]
+    for mode in ("teacher", "sequential"):
+        refit = apply_prune_map(teacher, pmap)
+        assert reconstruct(refit, teacher, pmap, calibration, ReconstructionConfig(mode=mode))
+        loss_refit = heldout_loss(refit, heldout)["loss"]
+        assert loss_teacher < loss_refit < loss_plain, mode
+        # Reconstruction recovers a real share of what pruning lost.
+        assert loss_plain - loss_refit > 0.15 * (loss_plain - loss_teacher), mode
 
 
-@pytest.mark.parametrize("mode", ["teacher", "sequential"])
-def test_input_refit_lowers_heldout_loss_when_hidden_channels_are_cut(mode):
-    teacher = structured_teacher("llama")
+def test_input_refit_lowers_heldout_loss_when_hidden_channels_are_cut():
+    teacher, calibration, heldout, loss_teacher = loss_setup("llama")
     t = get_adapter(teacher).shape(teacher.config)
-    data = sample_from(teacher, 48, 32, seed=0)
-    calibration, heldout = list(data[:32].split(8)), [data[32:]]
     pmap = select_units(teacher, random_importance(teacher, seed=2), dict(t, hidden_size=40, intermediate_size=64))
-    loss = {"teacher": heldout_loss(teacher, heldout)["loss"], "plain": heldout_loss(apply_prune_map(teacher, pmap), heldout)["loss"]}
-    for inputs in (False, True):
-        student = apply_prune_map(teacher, pmap)
-        reconstruct(student, teacher, pmap, calibration, ReconstructionConfig(mode=mode, refit_inputs=inputs))
-        loss[inputs] = heldout_loss(student, heldout)["loss"]
-    # (teacher mode's down_proj re-fit alone can be neutral here: its inputs ignore the cut channels)
-    assert loss["teacher"] < loss[True] < min(loss[False], loss["plain"]), loss
+    loss_plain = heldout_loss(apply_prune_map(teacher, pmap), heldout)["loss"]
+    for mode in ("teacher", "sequential"):
+        loss = {}
+        for inputs in (False, True):
+            student = apply_prune_map(teacher, pmap)
+            reconstruct(student, teacher, pmap, calibration, ReconstructionConfig(mode=mode, refit_inputs=inputs))
+            loss[inputs] = heldout_loss(student, heldout)["loss"]
+        # (teacher mode's down_proj re-fit alone can be neutral here: its inputs ignore the cut channels)
+        assert loss_teacher < loss[True] < min(loss[False], loss_plain), (mode, loss, loss_plain)
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ targets ``Y`` (the teacher's values on the kept output rows)
     min_W ||X W^T - Y||^2 + lam ||W||^2,   lam = damping * mean(diag(X^T X))
     =>  W^T = (X^T X + lam I)^{-1} X^T Y
 
-from the Gram matrices ``X^T X`` and ``X^T Y`` only, accumulated batch by batch, so memory does not
-grow with calibration tokens. A projection with a bias is fitted with an extra constant input column
+from the Gram matrices ``X^T X`` and ``X^T Y`` only, accumulated batch by batch in float64 (each
+batch's products in float32, or float64 for float64 models), so memory does not grow with
+calibration tokens. A projection with a bias is fitted with an extra constant input column
 (the bias is re-fitted too and is not penalised).
 
 Two modes (``ReconstructionConfig.mode``):
@@ -119,13 +120,19 @@ def solve_refit(gram: torch.Tensor, cross: torch.Tensor, damping: float, unpenal
     return torch.linalg.pinv(a, hermitian=True) @ cross
 
 
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """Per-batch products run in float32 (float64 inputs stay float64); the sums are kept in float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class ProjectionStats:
     """Teacher mode: accumulates ``X_K^T X_K`` and ``X_K^T X W_R^T`` (float64) from a projection's inputs."""
 
     def __init__(self, weight: torch.Tensor, kept_cols: torch.Tensor, kept_rows: torch.Tensor) -> None:
         device = weight.device
         self.cols = kept_cols.to(device)
-        self.target_weight = weight.detach().index_select(0, kept_rows.to(device)).double()  # [R, N]
+        self.target_weight = weight.detach().index_select(0, kept_rows.to(device))  # [R, N]
+        self.target_weight = self.target_weight.to(_work_dtype(self.target_weight))
         k = self.cols.numel()
         self.gram = torch.zeros(k, k, dtype=torch.float64, device=device)
         self.cross = torch.zeros(k, self.target_weight.shape[0], dtype=torch.float64, device=device)
@@ -136,10 +143,10 @@ class ProjectionStats:
         return sum(t.numel() * t.element_size() for t in (self.gram, self.cross, self.target_weight))
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        x = x.reshape(-1, x.shape[-1]).to(self.target_weight.dtype)
         xk = x.index_select(1, self.cols)
-        self.gram.addmm_(xk.T, xk)
-        self.cross.addmm_(xk.T, x @ self.target_weight.T)
+        self.gram += (xk.T @ xk).double()
+        self.cross += (xk.T @ (x @ self.target_weight.T)).double()
         self.tokens += x.shape[0]
 
     def solve(self, damping: float) -> tuple[torch.Tensor, None]:
@@ -161,12 +168,13 @@ class GramStats:
         return sum(t.numel() * t.element_size() for t in (self.gram, self.cross))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        y = y.reshape(-1, y.shape[-1]).double()
+        dtype = _work_dtype(x)
+        x = x.reshape(-1, x.shape[-1]).to(dtype)
+        y = y.reshape(-1, y.shape[-1]).to(dtype)
         if self.bias:
             x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-        self.gram.addmm_(x.T, x)
-        self.cross.addmm_(x.T, y)
+        self.gram += (x.T @ x).double()
+        self.cross += (x.T @ y).double()
         self.tokens += x.shape[0]
 
     def solve(self, damping: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -458,14 +466,20 @@ def _reconstruct_sequential(a, student, teacher, pmap, batches, cfg, plan, repor
         for index in range(t_index, j):  # teacher layers dropped from the student
             _advance(teacher_layers[index], t_cal, index)
         s_layer, t_layer = student_layers[i], teacher_layers[j]
-        for g in plan.get(i, []):
+        groups = plan.get(i, [])
+        teacher_advanced = False
+        for k, g in enumerate(groups):
             stats = _group_stats(a, s_layer, g, device)
             report.note([stats])
-            t_rec = _Recorder({p: (a.layer_part(t_layer, p), "out") for p in g.parts}, stop=True)
+            # The last group's teacher pass runs the whole layer and advances the teacher stream.
+            advance = k == len(groups) - 1 and i < last
+            t_rec = _Recorder({p: (a.layer_part(t_layer, p), "out") for p in g.parts}, stop=not advance)
             s_rec = _Recorder({"x": (a.layer_part(s_layer, student_input[g.kind]), "in")}, stop=True)
             try:
                 for tb, sb in zip(t_cal, s_cal):
-                    values, _ = t_rec.run(t_layer, tb.hidden, *tb.layer_args[j])
+                    values, t_out = t_rec.run(t_layer, tb.hidden, *tb.layer_args[j])
+                    if advance:
+                        tb.hidden = t_out
                     x, _ = s_rec.run(s_layer, sb.hidden, *sb.layer_args[i])
                     stats.add(x["x"], _group_target(a, s_layer, g, values, stats.bias))
             finally:
@@ -473,10 +487,12 @@ def _reconstruct_sequential(a, student, teacher, pmap, batches, cfg, plan, repor
                 s_rec.close()
             refit += _write(a, s_layer, i, g, *stats.solve(cfg.damping))
             report.groups += 1
+            teacher_advanced = advance
             del stats
         if i < last:
             _advance(s_layer, s_cal, i)
-            _advance(t_layer, t_cal, j)
+            if not teacher_advanced:
+                _advance(t_layer, t_cal, j)
         t_index = j + 1
     return refit
 
