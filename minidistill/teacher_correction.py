@@ -268,7 +268,7 @@ def run_teacher_correction(cfg: TeacherCorrectionConfig, teacher: nn.Module, tok
     folder = Path(run_dir) / CORRECTED_DIR
     if cfg.method == "lora":
         resolve_target_modules(teacher, cfg)  # a clear ConfigError before any training
-    data_config = data.config.to_dict()
+    data_config = {k: v for k, v in data.config.to_dict().items() if k != "num_proc"}  # what decides the blocks
     marker = folder / RECORD_FILE
     if marker.is_file() and _record_matches(json.loads(marker.read_text()), cfg, teacher_source, data_config):
         load_corrected(folder, teacher)
