@@ -318,7 +318,8 @@ def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[s
 
 def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
     """Load, split, tokenize and pack ``data.source`` and every ``data.mix`` source; errors early when a split
-    has less than one sequence. Mixed-in training blocks follow the source's (a seeded subset under ``mix_ratio``)."""
+    has less than one sequence. With ``mix``, the training blocks of all sources (a seeded subset of the mixed-in
+    ones under ``mix_ratio``) are shuffled together with ``data.seed``."""
     cfg.validate()
     main = _split_blocks(cfg, tokenizer)
     train, extra_heldout = [main["train"].input_ids], {}
@@ -331,7 +332,10 @@ def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Text
             mixed = mixed[order[:keep].sort().values]
         train.append(mixed)
         extra_heldout[source] = blocks["heldout"]
-    data = TextData(train=TokenBlocks(torch.cat(train)), heldout=main["heldout"], config=cfg, extra_heldout=extra_heldout)
+    train_ids = torch.cat(train)
+    if cfg.mix:  # interleave the sources (seeded), so that the first blocks (calibration) hold every domain
+        train_ids = train_ids[torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(cfg.seed))]
+    data = TextData(train=TokenBlocks(train_ids), heldout=main["heldout"], config=cfg, extra_heldout=extra_heldout)
     logger.info(
         "data %s%s: %d train blocks, %d held-out blocks of %d tokens%s",
         cfg.source, "".join(f" + {m}" for m in cfg.mix), len(data.train), len(data.heldout), cfg.seq_len,

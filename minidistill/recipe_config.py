@@ -107,6 +107,8 @@ RESUMABLE_CHANGES = (
     "run_name",
     "output_root",
     "train.max_steps",
+    "train.max_minutes",
+    "train.time_probe_steps",
     "train.save_every",
     "train.keep_last",
     "train.log_every",

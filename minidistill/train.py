@@ -185,7 +185,7 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
         accelerator.wait_for_everyone()
     else:
         logger.info("using the pruned student saved in %s", init_dir)
-    return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), PruneMap.load(init_dir)
+    return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), _prune_map_for(str(init_dir), teacher)
 
 
 def finished(run_dir: Path) -> bool:
@@ -370,7 +370,7 @@ def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer
     if cfg.report:
         with timer.stage("report"):
             distilled = distilled or load_model(ModelConfig(source=str(model_dir)))
-            _write_run_report(cfg, model_dir, teacher, distilled, tokenizer, result, timer)
+            _write_run_report(cfg, model_dir, teacher, distilled, tokenizer, data, result, timer)
     if cfg.push_to_hub:
         from .hub import push_to_hub
         from .model_card import build_model_card, run_info_from_folder
@@ -380,20 +380,27 @@ def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer
         logger.info("pushed to %s", url)
 
 
-def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distilled, tokenizer, result: TrainResult, timer) -> None:
-    """metrics.json, report.md and loss.png: teacher, pruned and distilled models measured the same way."""
+def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distilled, tokenizer, data, result: TrainResult,
+                      timer) -> None:
+    """metrics.json, report.md and loss.png: teacher, pruned and distilled models measured the same way.
+
+    Besides ``data.source``'s held-out split (measured during training), each ``data.mix`` source's held-out
+    split is measured here for all three models.
+    """
     import platform
     import time
 
     import torch
 
     from .evaluation.generation import greedy_generations
+    from .evaluation.perplexity import heldout_loss
     from .report import eval_records, heldout_of, model_entry, read_log, write_report
 
     first, last = eval_records(read_log(cfg.run_dir / "log.jsonl"))
     pruned_dir = Path(resolve_source(cfg.student.source)) if cfg.student is not None else student_init_dir(cfg)
     pruned = load_model(ModelConfig(source=str(pruned_dir)))
-    pmap = PruneMap.load(model_dir) if (model_dir / PRUNE_MAP_FILENAME).is_file() else None
+    map_dir = next((d for d in (pruned_dir, model_dir) if (d / PRUNE_MAP_FILENAME).is_file()), None)
+    pmap = PruneMap.load(map_dir) if map_dir is not None else None
     device = next(distilled.parameters()).device
     models = {}
     for name, model, heldout, agreement in (
@@ -403,6 +410,11 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
     ):
         gens = greedy_generations(model.to(device), tokenizer, max_new_tokens=cfg.report_new_tokens)
         models[name] = model_entry(model, heldout=heldout, agreement=agreement, generations=gens)
+        models[name]["heldout_sets"] = {
+            source: heldout_loss(model, blocks.batches(cfg.eval.batch_size, cfg.eval.max_blocks),
+                                 chunk_tokens=cfg.eval.chunk_tokens)
+            for source, blocks in data.extra_heldout.items()
+        }
     overrides = f" run_name={cfg.run_name}" if cfg.run_name != "demo" else ""
     metrics = {
         "run_name": cfg.run_name,
@@ -411,8 +423,14 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "models": models,
         "candidates": (pmap.notes.get("search", {}).get("candidates") if pmap is not None else None) or [],
+        "data": {"source": cfg.data.source, "mix": list(cfg.data.mix), "train_blocks": len(data.train),
+                 "seq_len": cfg.data.seq_len},
+        "pruning": _pruning_summary(pmap),
         "training": {
             "steps": result.steps,
+            "planned_steps": result.planned_steps,
+            "stopped_by": result.stopped_by,
+            "max_minutes": cfg.train.max_minutes,
             "tokens": result.tokens,
             "seconds": round(result.seconds, 1),
             "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
@@ -429,3 +447,20 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         },
     }
     write_report(cfg.run_dir, metrics)
+
+
+def _pruning_summary(pmap: PruneMap | None) -> dict[str, Any]:
+    """How the student was pruned, for the report: importance and layer methods, re-fitted parts, search facts."""
+    if pmap is None:
+        return {}
+    notes = pmap.notes or {}
+    search = notes.get("search", {})
+    return {
+        "importance": pmap.importance.get("method"),
+        "layer_method": pmap.importance.get("layer_method"),
+        "kept_layers": list(pmap.kept_layers),
+        "refit": len(pmap.refit),
+        "reconstruction": notes.get("reconstruction"),
+        "search": {k: v for k, v in search.items() if k != "candidates"} or None,
+        "sensitivity": notes.get("sensitivity"),
+    }

@@ -72,8 +72,12 @@ def test_mix_adds_train_blocks_only_and_keeps_each_heldout_apart(tmp_path, tok):
     alone_a = build_text_data(DataConfig(source=a, seq_len=32), tok)
     alone_b = build_text_data(DataConfig(source=b, seq_len=32), tok)
     mixed = build_text_data(DataConfig(source=a, mix=[b], seq_len=32), tok)
-    # Reference: each source split and packed on its own; training is their concatenation.
-    assert torch.equal(mixed.train.input_ids, torch.cat([alone_a.train.input_ids, alone_b.train.input_ids]))
+    # Reference: each source split and packed on its own; training is their blocks shuffled together.
+    both = torch.cat([alone_a.train.input_ids, alone_b.train.input_ids])
+    assert sorted(map(tuple, mixed.train.input_ids.tolist())) == sorted(map(tuple, both.tolist()))
+    assert not torch.equal(mixed.train.input_ids, both)
+    first = {tuple(r) for r in mixed.train.input_ids[:8].tolist()}
+    assert first & {tuple(r) for r in alone_a.train.input_ids.tolist()} and first & {tuple(r) for r in alone_b.train.input_ids.tolist()}
     assert torch.equal(mixed.heldout.input_ids, alone_a.heldout.input_ids)
     assert torch.equal(mixed.extra_heldout[b].input_ids, alone_b.heldout.input_ids)
     # The mixed source's held-out documents are never trained on.
@@ -89,10 +93,12 @@ def test_mix_ratio_takes_a_seeded_subset(tmp_path, tok):
     alone_b = build_text_data(DataConfig(source=b, seq_len=32), tok)
     half = build_text_data(DataConfig(source=a, mix=[b], mix_ratio=0.5, seq_len=32), tok)
     n_a = len(alone_a.train)
-    extra = half.train.input_ids[n_a:]
-    assert len(extra) == round(0.5 * n_a)
+    rows_a = {tuple(r) for r in alone_a.train.input_ids.tolist()}
     rows_b = {tuple(r) for r in alone_b.train.input_ids.tolist()}
-    assert all(tuple(r) in rows_b for r in extra.tolist())
+    rows = [tuple(r) for r in half.train.input_ids.tolist()]
+    extra = [r for r in rows if r not in rows_a]
+    assert len(rows) - len(extra) == n_a and len(extra) == round(0.5 * n_a)
+    assert all(r in rows_b for r in extra)
     again = build_text_data(DataConfig(source=a, mix=[b], mix_ratio=0.5, seq_len=32), tok)
     assert torch.equal(again.train.input_ids, half.train.input_ids)
 
