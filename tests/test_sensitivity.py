@@ -87,3 +87,24 @@ def test_sensitivity_config_errors():
         SearchConfig.from_dict({"sensitivity_ratios": [1.5]})
     with pytest.raises(ConfigError, match="search.sensitivity_ratios"):
         SearchConfig.from_dict({"sensitivity_ratios": []})
+
+
+def test_sensitivity_can_skip_the_refit_that_scored_candidates_get():
+    """search.reconstruct re-fits every candidate; sensitivity_reconstruct=false keeps sensitivity un-fitted."""
+    teacher = tiny_model("llama", num_layers=4, hidden_size=96, num_heads=8, num_kv_heads=4, intermediate_size=128)
+    data = tiny_data()
+    search = {"sensitivity": True, "sensitivity_ratios": [0.5], "max_layer_drop": 0.5, "reconstruct": True,
+              "max_candidates": 1}
+    recon = {"enabled": True, "mode": "teacher"}
+    plain = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon,
+                                                       search={**search, "sensitivity_reconstruct": False}),
+                        teacher_source="tiny")
+    refit = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon, search=search),
+                        teacher_source="tiny")
+    assert plain.prune_map.notes["sensitivity"]["reconstructed"] is False
+    assert refit.prune_map.notes["sensitivity"]["reconstructed"] is True
+    by_shape = {str(p["shape"]): p["score"] for p in plain.prune_map.notes["sensitivity"]["points"]}
+    mlp = next(p for p in refit.prune_map.notes["sensitivity"]["points"] if p["axis"] == "mlp")
+    assert mlp["score"] < by_shape[str(mlp["shape"])]  # the re-fit lowers the loss of the MLP-pruned shape
+    # candidates are re-fitted in both runs, so they score the same
+    assert plain.candidates[0]["loss"] == pytest.approx(refit.candidates[0]["loss"])

@@ -302,8 +302,9 @@ def _search(
     sens, prescore, files = None, None, {}
     if search.sensitivity:
         base = 0.0 if search.score == "kl" else score_fn(teacher)
+        refit = search.reconstruct if search.sensitivity_reconstruct is None else search.sensitivity_reconstruct
         sens = measure_sensitivity(build, score_fn, teacher_shape, base=base, ratios=search.sensitivity_ratios,
-                                   multiple_of=search.multiple_of, reconstruct=search.reconstruct, score=search.score,
+                                   multiple_of=search.multiple_of, reconstruct=refit, score=search.score,
                                    min_layers=space.min_layers)
         timings["sensitivity_s"] = time.perf_counter() - t0
         logger.info("per-axis sensitivity:\n%s", sens.markdown())

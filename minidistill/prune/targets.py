@@ -115,6 +115,9 @@ class SearchConfig(ConfigBase):
     are scored anyway (the nearest on each side); one within this fraction of the budget outside the band may win."""
     sensitivity: bool = True
     """Measure per-axis sensitivity (held-out score when one axis alone is pruned) and pre-score candidates by it."""
+    sensitivity_reconstruct: bool | None = None
+    """Re-fit each sensitivity shape before scoring it (None: as ``reconstruct``). The re-fit is the
+    costly part; off keeps sensitivity to a few forwards while candidates are still scored re-fitted."""
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
     """Keep ratios at which each axis is pruned alone (the nearest hardware-friendly size is used)."""
     distill_steps: int = 0
