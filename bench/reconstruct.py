@@ -33,7 +33,7 @@ from minidistill.prune.targets import config_rejects_shape
 from results_file import write_section  # bench/ is on sys.path when run as a script
 
 SECTION = "## Reconstruction modes"
-SHAPES = "L24-D576-H9-KV3-I768,L30-D576-H9-KV3-I512,L27-D384-H6-KV2-I1344"
+SHAPES = "L27-D384-H6-KV2-I1344,L30-D576-H9-KV3-I512,L24-D576-H9-KV3-I768"
 VARIANTS = {
     "teacher": ReconstructionConfig(mode="teacher", refit_inputs=False),
     "teacher + inputs": ReconstructionConfig(mode="teacher", refit_inputs=True),
@@ -107,11 +107,11 @@ def main() -> None:
             del student
         rows.append(row)
         print(shape_str(shape), f"none ppl {row['none']:.2f}", flush=True)
-
-    table = render(rows, teacher_ppl, importance_s, args, ne_full, time.perf_counter() - t_start)
+        # Written after every shape, so that an interrupted run leaves the shapes it finished.
+        table = render(rows, teacher_ppl, importance_s, args, ne_full, time.perf_counter() - t_start)
+        if not args.no_write:
+            write_section(table)
     print(table)
-    if not args.no_write:
-        write_section(table)
 
 
 def shape_str(s: dict[str, int]) -> str:

@@ -61,7 +61,11 @@ REFIT_TARGETS = ("o_proj", "down_proj")
 
 @dataclass
 class ReconstructionConfig(ConfigBase):
-    """Least-squares re-fit of the pruned student's projections (see the module docstring)."""
+    """Least-squares re-fit of the pruned student's projections (see the module docstring).
+
+    The defaults (sequential, input re-fit on) measured best on the bundled teacher: section
+    "Reconstruction modes" of bench/RESULTS.md.
+    """
 
     enabled: bool = True
     """Re-fit after pruning; off keeps the plain teacher slices."""
