@@ -420,3 +420,16 @@ def test_reconstruction_lowers_heldout_loss_of_bundled_teacher_at_half_mlp():
     loss_refit = heldout_loss(student, heldout)["loss"]
     assert loss_refit < loss_plain, (loss_refit, loss_plain)
     assert PruneMap.from_dict(pmap.to_dict()).refit == names
+
+
+def test_auto_mode_is_sequential_with_input_refit_when_hidden_channels_are_cut():
+    teacher, pmap, _ = pruned_pair("llama")  # hidden cut
+    t = get_adapter(teacher).shape(teacher.config)
+    narrow = select_units(teacher, random_importance(teacher), dict(t, num_heads=2, num_kv_heads=2, intermediate_size=40))
+    for pm, inputs, same_as in ((pmap, True, "sequential"), (pmap, False, "teacher"), (narrow, True, "teacher")):
+        got = {}
+        for mode in ("auto", same_as):
+            student = apply_prune_map(teacher, pm)
+            reconstruct(student, teacher, pm, calibration_batches(2), ReconstructionConfig(mode=mode, refit_inputs=inputs))
+            got[mode] = student.state_dict()
+        assert all(torch.equal(got["auto"][k], got[same_as][k]) for k in got["auto"]), (inputs, same_as)

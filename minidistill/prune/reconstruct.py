@@ -41,6 +41,7 @@ projection group (each stopped right after the projection it needs), plus the Gr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,14 +64,16 @@ REFIT_TARGETS = ("o_proj", "down_proj")
 class ReconstructionConfig(ConfigBase):
     """Least-squares re-fit of the pruned student's projections (see the module docstring).
 
-    The defaults (sequential, input re-fit on) measured best on the bundled teacher: section
-    "Reconstruction modes" of bench/RESULTS.md.
+    The defaults measured best on the bundled teacher (section "Reconstruction modes" of
+    bench/RESULTS.md): with hidden channels cut, sequential with input re-fit; otherwise teacher mode
+    (sequential o_proj / down_proj re-fits alone generalised worse there).
     """
 
     enabled: bool = True
     """Re-fit after pruning; off keeps the plain teacher slices."""
-    mode: Literal["teacher", "sequential"] = "sequential"
-    """Where re-fit inputs come from: the teacher's activations, or the student's own, layer by layer."""
+    mode: Literal["auto", "teacher", "sequential"] = "auto"
+    """Where re-fit inputs come from: the teacher's activations, or the student's own, layer by layer;
+    ``auto``: sequential when hidden channels were cut and ``refit_inputs`` is on, teacher otherwise."""
     refit_inputs: bool = True
     """When hidden channels were cut, also re-fit every layer's input projections (q/k/v, gate/up)."""
     damping: float = 1e-2
@@ -81,8 +84,8 @@ class ReconstructionConfig(ConfigBase):
     def validate(self) -> None:
         if not self.damping >= 0.0:
             raise ConfigError(f"reconstruction.damping={self.damping}: must be >= 0")
-        if self.mode not in ("teacher", "sequential"):
-            raise ConfigError(f"reconstruction.mode={self.mode!r}: choose 'teacher' or 'sequential'")
+        if self.mode not in ("auto", "teacher", "sequential"):
+            raise ConfigError(f"reconstruction.mode={self.mode!r}: choose 'auto', 'teacher' or 'sequential'")
         unknown = [t for t in self.targets if t not in REFIT_TARGETS]
         if unknown:
             raise ConfigError(
@@ -526,6 +529,10 @@ def reconstruct(
     if not cfg.enabled:
         return []
     a = get_adapter(teacher)
+    if cfg.mode == "auto":
+        hidden_cut = len(pmap.kept_hidden) < pmap.teacher["shape"]["hidden_size"]
+        cfg = dataclasses.replace(cfg, mode="sequential" if hidden_cut and cfg.refit_inputs else "teacher")
+        logger.info("reconstruction: mode auto -> %s", cfg.mode)
     plan = _refit_plan(a, pmap, cfg)
     if not plan:
         logger.info("reconstruction: no block lost input units; nothing to re-fit")
