@@ -216,15 +216,24 @@ def _pruning_section(pruning: dict[str, Any]) -> list[str]:
     search = pruning.get("search") or {}
     if search:
         out += ["Search: " + ", ".join(f"{k} {_fmt(v) if not isinstance(v, (dict, list)) else v}" for k, v in search.items()), ""]
-    sensitivity = pruning.get("sensitivity")
-    rows = sensitivity.get("rows") if isinstance(sensitivity, dict) else sensitivity
-    if rows and isinstance(rows, list) and isinstance(rows[0], dict):
-        out += ["Per-axis sensitivity (held-out loss with one axis pruned alone):", ""]
-        header = list(rows[0].keys())
-        out += [_table(header, [[r.get(h) for h in header] for r in rows]), ""]
-    if isinstance(sensitivity, dict) and sensitivity.get("plot"):
-        out += [f"![per-axis sensitivity]({sensitivity['plot']})", ""]
+    sensitivity = pruning.get("sensitivity") or {}
+    points = sensitivity.get("points") or []
+    if points:
+        how = "re-fitted" if sensitivity.get("reconstructed") else "no re-fit"
+        score = sensitivity.get("score", "loss")
+        out += [f"Per-axis sensitivity: held-out {score} with one axis pruned alone ({how}; teacher "
+                f"{_fmt(sensitivity.get('base'), 4)}):", ""]
+        rows = [[p["axis"], _fmt(p["keep"], 3), _shape_label(p["shape"]), _fmt(p["score"], 4), f"{p['increase']:+.4f}"]
+                for p in points]
+        out += [_table(["axis", "kept", "shape", score, "increase"], rows), ""]
+    if pruning.get("sensitivity_plot"):
+        out += [f"![per-axis sensitivity]({pruning['sensitivity_plot']})", ""]
     return out
+
+
+def _shape_label(shape: dict[str, Any]) -> str:
+    return (f"L{shape.get('num_layers')} D{shape.get('hidden_size')} H{shape.get('num_heads')}/KV{shape.get('num_kv_heads')} "
+            f"I{shape.get('intermediate_size')}")
 
 
 def write_report(run_dir: str | Path, metrics: dict[str, Any], *, log_file: str = "log.jsonl") -> Path:

@@ -425,7 +425,7 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         "candidates": (pmap.notes.get("search", {}).get("candidates") if pmap is not None else None) or [],
         "data": {"source": cfg.data.source, "mix": list(cfg.data.mix), "train_blocks": len(data.train),
                  "seq_len": cfg.data.seq_len},
-        "pruning": _pruning_summary(pmap),
+        "pruning": _pruning_summary(pmap, pruned_dir, cfg.run_dir),
         "training": {
             "steps": result.steps,
             "planned_steps": result.planned_steps,
@@ -449,13 +449,25 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
     write_report(cfg.run_dir, metrics)
 
 
-def _pruning_summary(pmap: PruneMap | None) -> dict[str, Any]:
-    """How the student was pruned, for the report: importance and layer methods, re-fitted parts, search facts."""
+def _pruning_summary(pmap: PruneMap | None, pruned_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """How the student was pruned, for the report: importance and layer methods, re-fitted parts, search facts.
+
+    The search's sensitivity plot (saved with the pruned student) is copied next to the report.
+    """
+    import shutil
+
+    from .prune.sensitivity import SENSITIVITY_PNG
+
     if pmap is None:
         return {}
     notes = pmap.notes or {}
     search = notes.get("search", {})
+    plot = None
+    if (pruned_dir / SENSITIVITY_PNG).is_file() and not (pruned_dir / SENSITIVITY_PNG).is_symlink():
+        shutil.copyfile(pruned_dir / SENSITIVITY_PNG, run_dir / SENSITIVITY_PNG)
+        plot = SENSITIVITY_PNG
     return {
+        "sensitivity_plot": plot,
         "importance": pmap.importance.get("method"),
         "layer_method": pmap.importance.get("layer_method"),
         "kept_layers": list(pmap.kept_layers),

@@ -85,3 +85,24 @@ def test_report_shows_every_heldout_set_against_the_teacher_and_the_gap_closed()
     # gap closed in loss: news (5.0 - 4.01) / (5.0 - 3.4852) = 65%; wiki (4.5 - 3.3) / (4.5 - 3.0) = 80%
     assert "bundled 65%" in report and "bundled:wiki 80%" in report
     assert "time budget (9.0 min)" in report
+
+
+def test_report_shows_how_the_student_was_pruned_with_the_sensitivity_table():
+    metrics = _metrics()
+    shape = metrics["models"]["teacher"]["shape"]
+    metrics["pruning"] = {
+        "importance": "activation", "layer_method": "block_influence", "kept_layers": list(range(30)), "refit": 30,
+        "sensitivity_plot": "sensitivity.png",
+        "sensitivity": {"base": 3.3891, "score": "loss", "reconstructed": False, "points": [
+            {"axis": "mlp", "ratio": 0.5, "keep": 0.5, "shape": dict(shape, intermediate_size=768), "score": 5.4582,
+             "increase": 2.0691, "seconds": 8.2},
+            {"axis": "depth", "ratio": 0.5, "keep": 0.5, "shape": dict(shape, num_layers=15), "score": 6.4592,
+             "increase": 3.0701, "seconds": 6.4}]},
+    }
+    report = render_report(metrics, plot_name=None)
+    section = report.split("## Pruning")[1].split("\n## ")[0]
+    assert "importance `activation`" in section and "30 projections re-fitted" in section
+    assert "(no re-fit; teacher 3.3891)" in section
+    assert "| mlp | 0.500 | L30 D576 H9/KV3 I768 | 5.4582 | +2.0691 |" in section
+    assert "| depth | 0.500 | L15 D576 H9/KV3 I1536 | 6.4592 | +3.0701 |" in section
+    assert "![per-axis sensitivity](sensitivity.png)" in section
