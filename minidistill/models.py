@@ -163,10 +163,12 @@ def load_model(cfg: ModelConfig | str, **overrides) -> PreTrainedModel:
             revision=cfg.revision,
             dtype=_DTYPES[cfg.dtype],
             trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # weights are never unpickled
             **kwargs,
         )
     except OSError as err:
-        raise ModelError(f"{cfg.source}: cannot load the model weights: {_first_line(err)}") from err
+        raise ModelError(f"{cfg.source}: cannot load the model weights (safetensors only; convert pickled "
+                         f".bin weights first): {_first_line(err)}") from err
     if getattr(model, "is_quantized", False):
         raise ModelError(
             f"{cfg.source} loads as a quantized model; minidistill needs float weights "

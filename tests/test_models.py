@@ -64,3 +64,16 @@ def test_errors(tmp_path):
 
     with pytest.raises(ValueError, match="tokenizer has 1000 tokens.*128 rows"):
         check_tokenizer_fits(tiny_model("llama"), Tok())
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    from minidistill.models import ModelError
+
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # a pickled checkpoint
+    with pytest.raises(ModelError, match="safetensors only"):
+        load_model(str(tmp_path / "pickled"))
+    model.save_pretrained(tmp_path / "safe")
+    loaded = load_model(str(tmp_path / "safe"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
