@@ -27,16 +27,14 @@ def test_shipped_configs_load_and_split_batches(path):
         assert cfg.teacher.dtype == "bfloat16"
 
 
-def test_demo_fits_about_ten_minutes_on_two_cores():
+def test_demo_trains_for_a_time_budget_that_fits_twenty_minutes():
     cfg = load_recipe_config(CONFIGS[[p.name for p in CONFIGS].index("demo.yaml")])
-    tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.data.seq_len
-    seconds_per_token = 10.5 / 1024  # measured: a 4 x 256 step of the demo takes ~10.5 s on 2 cores
-    train_s = tokens * seconds_per_token
-    evals = cfg.train.max_steps // cfg.eval.every + 1
-    eval_s = evals * cfg.eval.max_blocks * cfg.data.seq_len * (1 / 530 + 0.5 / 530)
-    assert 420 <= train_s + eval_s <= 780, (train_s, eval_s)
-    assert set(cfg.loss.weights()) == {"logits", "hidden", "attention"}
+    # measured (bench/RESULTS.md, `make demo`): set-up ~2-4 min, prune ~2.5 min, report ~20 s on 2 cores
+    assert cfg.train.max_minutes is not None and cfg.train.max_minutes + 4 + 2.5 + 0.5 <= 20
+    assert cfg.train.max_steps * cfg.train.batch_size * cfg.data.seq_len >= 60 * cfg.train.max_minutes * 200  # the steps never bind at ~200 tok/s
+    assert set(cfg.loss.weights()) == {"logits"}  # feature losses hurt at this budget (quality study)
     assert cfg.prune.target.params == 0.5 and cfg.prune.target.non_embedding
+    assert cfg.prune.search.reconstruct and "bundled:wiki" in cfg.data.mix
 
 
 def test_nested_overrides_reach_every_level():
