@@ -2,7 +2,9 @@
 
 How it works:
 
-- Hidden states come from forward hooks on the selected decoder layers (``adapter.decoder_layers``).
+- Hidden states come from forward hooks on the selected decoder layers (``adapter.decoder_layers``);
+  MLP gate pre-activations (``gates``) from forward hooks on the layer's ``gate_proj`` (the first half of
+  ``gate_up_proj`` where the gate and up projections are fused).
 - Queries, keys and values come from the attention function itself. In transformers 5 every supported
   attention module computes q/k/v, applies q_norm/k_norm and RoPE, then calls
   ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)(self, q, k, v,
@@ -66,6 +68,8 @@ class CaptureSpec:
     """Post-RoPE (and post k_norm) keys, ``[B, KV, T, hd]``."""
     values: bool = False
     """Values, ``[B, KV, T, hd]``."""
+    gates: bool = False
+    """MLP gate pre-activations (before the activation function), ``[B, T, intermediate]``."""
 
     @property
     def attention(self) -> bool:
@@ -189,6 +193,7 @@ class FeatureCapture:
         self.keys: dict[int, Tensor] = {}
         self.values: dict[int, Tensor] = {}
         self.attention: dict[int, AttentionLayout] = {}
+        self.gates: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached: list[nn.Module] = []
         self._active = False
@@ -208,6 +213,9 @@ class FeatureCapture:
             if self.spec.hidden:
                 for i, layer in self._layers.items():
                     self._handles.append(layer.register_forward_hook(functools.partial(self._record_hidden, i)))
+            if self.spec.gates:
+                for i, layer in self._layers.items():
+                    self._handles.append(self._gate_module(i, layer).register_forward_hook(functools.partial(self._record_gate, i)))
             if self.spec.attention:
                 for attn in self._attention.values():
                     self._attach(attn)
@@ -234,6 +242,14 @@ class FeatureCapture:
         self.queries.clear()
         self.keys.clear()
         self.values.clear()
+        self.gates.clear()
+
+    def _gate_module(self, index: int, layer: nn.Module) -> nn.Module:
+        path = self.adapter.gate_proj or self.adapter.gate_up_proj
+        module = self.adapter.get(layer, path) if path else None
+        if module is None:
+            raise CaptureError(f"decoder layer {index} has no MLP gate projection to capture")
+        return module
 
     # ------------------------------------------------------------------ attach / detach
     def _attach(self, attn: nn.Module) -> None:
@@ -268,6 +284,13 @@ class FeatureCapture:
         if _in_backward():
             return
         self.hidden[layer_index] = output[0] if isinstance(output, (tuple, list)) else output
+
+    def _record_gate(self, layer_index: int, module: nn.Module, args, output) -> None:
+        if _in_backward():
+            return
+        if self.adapter.gate_proj is None:  # fused [gate; up] rows: the gate is the first half
+            output = output[..., : output.shape[-1] // 2]
+        self.gates[layer_index] = output
 
     def _record_attention(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, kwargs: dict) -> None:
         i = self._layer_of_attention[id(module)]

@@ -15,12 +15,14 @@ every trainable parameter (student and projections) inside the wrapped forward.
 from __future__ import annotations
 
 import logging
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import get_adapter
@@ -55,8 +57,14 @@ class LogitLossSettings(ConfigBase):
     """Weight of the next-token cross-entropy on the data mixed into the logit term."""
     chunk_tokens: int = 256
     """Token positions projected to the vocabulary at once (extra memory ~ 4 x chunk_tokens x vocab floats)."""
+    teacher_bound_margin: float | None = None
+    """Teacher-bounded KD: no KD on tokens where the student's CE beats the teacher's by this many nats (None: off)."""
+    token_weighting: Literal["none", "confidence", "entropy"] = "none"
+    """Per-token KD weight from the teacher: its top probability (confidence) or normalised entropy (entropy)."""
 
     def validate(self) -> None:
+        if self.teacher_bound_margin is not None and not self.teacher_bound_margin >= 0:
+            raise ConfigError(f"loss.logits.teacher_bound_margin={self.teacher_bound_margin}: must be >= 0 (or null for off)")
         if self.weight <= 0:
             raise ConfigError(f"loss.logits.weight={self.weight}: must be positive (the logit term anchors the loss)")
         if self.temperature <= 0:
@@ -144,17 +152,37 @@ class DistillLossConfig(ConfigBase):
     """Attention-map transfer."""
     relations: RelationLossSettings = field(default_factory=RelationLossSettings)
     """Self-relation transfer."""
-    extra: dict[str, float] = field(default_factory=dict)
-    """Weights of further loss terms added with ``register_loss_term`` (by registered name)."""
+    extra: dict[str, float | dict[str, Any]] = field(default_factory=dict)
+    """Further loss terms added with ``register_loss_term``, by registered name: a weight, or a mapping of the
+    term's settings (``weight`` plus its options, see :data:`EXTRA_SETTINGS`)."""
     balance: Literal["fixed", "auto"] = "fixed"
     """fixed: weighted sum; auto: feature terms rescaled to the logit term's magnitude, times their weights."""
 
     def validate(self) -> None:
-        for name, w in self.extra.items():
+        for name in self.extra:
             if name in ("logits", "hidden", "attention", "relations"):
                 raise ConfigError(f"loss.extra.{name}: set loss.{name}.weight instead")
+            w = self.extra_weight(name)
             if w < 0:
                 raise ConfigError(f"loss.extra.{name}={w}: must be >= 0")
+            if name in EXTRA_SETTINGS:
+                self.extra_settings(name)
+
+    def extra_weight(self, name: str) -> float:
+        """Weight of the extra term ``name`` (a bare number, or the mapping's ``weight``, default 1)."""
+        value = self.extra[name]
+        if isinstance(value, dict):
+            from ..config import _convert
+
+            return _convert(value.get("weight", 1.0), float, f"loss.extra.{name}.weight")
+        return float(value)
+
+    def extra_settings(self, name: str) -> "ExtraTermSettings":
+        """The parsed settings of the extra term ``name`` (its registered settings class; defaults for a bare weight)."""
+        value = self.extra.get(name, {})
+        data = dict(value) if isinstance(value, dict) else {"weight": value}
+        cls = EXTRA_SETTINGS.get(name, ExtraTermSettings)
+        return cls.from_dict(data, prefix=f"loss.extra.{name}.")
 
     def weights(self) -> dict[str, float]:
         """Weight of every enabled term, by term name."""
@@ -163,7 +191,7 @@ class DistillLossConfig(ConfigBase):
             w = getattr(self, name).weight
             if w > 0:
                 out[name] = w
-        out.update({name: w for name, w in self.extra.items() if w > 0})
+        out.update({name: self.extra_weight(name) for name in self.extra if self.extra_weight(name) > 0})
         return out
 
 
@@ -177,13 +205,17 @@ class CaptureRequest:
     hidden: set[int] = field(default_factory=set)
     qk: set[int] = field(default_factory=set)
     values: set[int] = field(default_factory=set)
+    gates: set[int] = field(default_factory=set)
+    """MLP gate pre-activations."""
 
     def merge(self, other: "CaptureRequest") -> "CaptureRequest":
-        return CaptureRequest(self.hidden | other.hidden, self.qk | other.qk, self.values | other.values)
+        return CaptureRequest(
+            self.hidden | other.hidden, self.qk | other.qk, self.values | other.values, self.gates | other.gates
+        )
 
     @property
     def layers(self) -> list[int]:
-        return sorted(self.hidden | self.qk | self.values)
+        return sorted(self.hidden | self.qk | self.values | self.gates)
 
 
 @dataclass
@@ -199,6 +231,8 @@ class ModelFeatures:
     queries: dict[int, torch.Tensor] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    gates: dict[int, torch.Tensor] = field(default_factory=dict)
+    """MLP gate pre-activations [batch, seq, intermediate], by layer."""
 
 
 def _attention_scaling(model: nn.Module, layer: int) -> float:
@@ -258,6 +292,7 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
             queries=bool(request.qk),
             keys=bool(request.qk),
             values=bool(request.values),
+            gates=bool(request.gates),
         )
         capture = FeatureCapture(inner, spec)
     no_logits = torch.zeros(0, dtype=torch.long, device=input_ids.device)
@@ -274,6 +309,7 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
         feats.queries = dict(capture.queries)
         feats.keys = dict(capture.keys)
         feats.values = dict(capture.values)
+        feats.gates = dict(capture.gates)
     return feats
 
 
@@ -303,11 +339,29 @@ LossTermBuilder = Callable[[ObjectiveContext], LossTerm]
 LOSS_TERMS: dict[str, LossTermBuilder] = {}
 
 
-def register_loss_term(name: str) -> Callable[[LossTermBuilder], LossTermBuilder]:
-    """Register a builder for the loss term ``name`` (its weight is read from the balancer weights)."""
+@dataclass
+class ExtraTermSettings(ConfigBase):
+    """Settings of a term under ``loss.extra.<name>``; a bare number there sets only the weight."""
+
+    weight: float = 1.0
+    """Weight of the term (0 disables it)."""
+
+
+EXTRA_SETTINGS: dict[str, type[ExtraTermSettings]] = {}
+"""Settings class of each extra term that has options (parsed from ``loss.extra.<name>``)."""
+
+
+def register_loss_term(name: str, settings: type[ExtraTermSettings] | None = None) -> Callable[[LossTermBuilder], LossTermBuilder]:
+    """Register a builder for the loss term ``name`` (its weight is read from the balancer weights).
+
+    ``settings``: the term's options class, parsed from a mapping under ``loss.extra.<name>``
+    (builders read it with ``ctx.config.extra_settings(name)``).
+    """
 
     def deco(builder: LossTermBuilder) -> LossTermBuilder:
         LOSS_TERMS[name] = builder
+        if settings is not None:
+            EXTRA_SETTINGS[name] = settings
         return builder
 
     return deco
@@ -345,7 +399,6 @@ class LogitTerm(LossTerm):
         super().__init__()
         from .losses.fused import FusedLogitKDLoss
 
-        self.ce = cfg.ce_weight > 0
         self.loss = FusedLogitKDLoss(
             cfg.divergence,
             temperature=cfg.temperature,
@@ -354,7 +407,10 @@ class LogitTerm(LossTerm):
             top_p=cfg.top_p,
             ce_weight=cfg.ce_weight,
             chunk_tokens=cfg.chunk_tokens,
+            bound_margin=cfg.teacher_bound_margin,
+            token_weighting=cfg.token_weighting,
         )
+        self.ce = self.loss.loss_fn.needs_labels
 
     def forward(self, features, input_ids):
         s, t = features[STUDENT], features[TEACHER]
@@ -477,6 +533,447 @@ def _build_relations(ctx: ObjectiveContext) -> LossTerm:
     return RelationTerm(ctx)
 
 
+# ---------------------------------------------------------------------------------------------- knowledge-matching terms
+# Terms under ``loss.extra.<name>`` with their settings (a mapping: ``weight`` plus options).
+
+
+def _layer_count(model: nn.Module) -> int:
+    return get_adapter(model).shape(model.config)["num_layers"]
+
+
+def _check_student_layers(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> None:
+    """ConfigError when ``pairing.student_layers`` names a layer the student does not have."""
+    n = _layer_count(ctx.models[STUDENT])
+    bad = [i for i in pairing.student_layers or [] if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"loss.{term}.pairing.student_layers has {bad}: the student has layers 0..{n - 1}")
+
+
+def _feature_pairs(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> list[tuple[int, int]]:
+    _check_student_layers(ctx, pairing, term)
+    return _pairs(ctx, pairing, term)
+
+
+def _kept_hidden(ctx: ObjectiveContext, term: str, why: str) -> list[int] | None:
+    """Teacher channels compared with the student's (the prune map's kept channels; None for equal widths)."""
+    if ctx.prune_map is not None:
+        return list(ctx.prune_map.kept_hidden)
+    s_dim = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["hidden_size"]
+    t_dim = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["hidden_size"]
+    if s_dim != t_dim:
+        raise ConfigError(f"loss.{term}: {why} needs equal hidden widths or a prune map (student {s_dim}, teacher {t_dim})")
+    return None
+
+
+def _select(x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
+    return x if index is None else x.index_select(-1, torch.as_tensor(index, device=x.device))
+
+
+@dataclass
+class WeightMatchSettings(ExtraTermSettings):
+    """``loss.extra.weights``: L2 between student weights and the teacher's (through the prune map, else learned maps)."""
+
+    weight: float = 0.1
+    pairing: LayerPairing = field(default_factory=lambda: LayerPairing(strategy="uniform"))
+    """Without a prune map: which teacher layer's weights each student layer is compared with."""
+
+
+class WeightMatchTerm(LossTerm):
+    """Student parameters against teacher weights mapped through the prune map (or learned linear maps).
+
+    Reads whole student parameters, so it runs unsharded (one process or DDP); FSDP2 / ZeRO-3 are refused.
+    The targets are plain tensors (not buffers: they are neither checkpointed nor broadcast by DDP).
+    """
+
+    def __init__(self, ctx: ObjectiveContext, cfg: WeightMatchSettings):
+        super().__init__()
+        from .losses.weights import LinearWeightMap, WeightMatchLoss
+
+        student, teacher = ctx.models[STUDENT], ctx.models[TEACHER]
+        self._student = (student,)  # a reference, not a submodule: the student's parameters belong to the student
+        s_params = dict(student.named_parameters())
+        if ctx.prune_map is not None:
+            from ..prune.apply import apply_prune_map
+
+            mapped = dict(apply_prune_map(teacher, ctx.prune_map).named_parameters())
+            self.targets = {n: mapped[n].detach() for n, p in s_params.items() if n in mapped and mapped[n].shape == p.shape}
+            self.map = None
+        else:
+            pairs = dict(_pairs(ctx, cfg.pairing, "extra.weights"))
+            t_params = dict(teacher.named_parameters())
+            prefix = get_adapter(student).layers + "."
+            self.targets = {}
+            for name, p in s_params.items():
+                t_name = name
+                if name.startswith(prefix):
+                    index, _, rest = name[len(prefix) :].partition(".")
+                    if int(index) not in pairs:
+                        continue
+                    t_name = f"{prefix}{pairs[int(index)]}.{rest}"
+                t = t_params.get(t_name)
+                if t is not None and t.dim() == p.dim() and p.dim() in (1, 2):
+                    self.targets[name] = t.detach()
+            size_pairs = {
+                pair for n, t in self.targets.items() for pair in LinearWeightMap.axis_pairs(s_params[n].shape, t.shape)
+            }
+            self.map = LinearWeightMap(size_pairs)
+        if not self.targets:
+            raise ConfigError("loss.extra.weights: no student parameter has a teacher counterpart")
+        self.loss = WeightMatchLoss()
+
+    def forward(self, features, input_ids):
+        from torch.distributed.tensor import DTensor
+
+        params = dict(self._student[0].named_parameters())
+        student, targets = {}, {}
+        for name, target in self.targets.items():
+            p = params[name]
+            if isinstance(p, DTensor) or hasattr(p, "ds_id"):
+                raise ConfigError(
+                    "loss.extra.weights reads whole student parameters: use it in one process or under DDP, "
+                    "not FSDP2 / DeepSpeed ZeRO-3 (set loss.extra.weights to 0 there)"
+                )
+            if target.device != p.device:
+                target = self.targets[name] = target.to(p.device)
+            student[name] = p
+            targets[name] = target if self.map is None else self.map(target, p.shape)
+        return self.loss(student, targets)
+
+
+@register_loss_term("weights", WeightMatchSettings)
+def _build_weights(ctx: ObjectiveContext) -> LossTerm:
+    return WeightMatchTerm(ctx, ctx.config.extra_settings("weights"))
+
+
+@dataclass
+class FeatureMMDSettings(ExtraTermSettings):
+    """``loss.extra.mmd``: maximum mean discrepancy between student and teacher activations per layer pair."""
+
+    KEY: ClassVar[str] = "mmd"
+    weight: float = 1.0
+    kernel: Literal["linear", "polynomial", "gaussian"] = "gaussian"
+    """Kernel between samples (linear, polynomial, gaussian)."""
+    samples: Literal["neurons", "tokens"] = "tokens"
+    """tokens: each token's hidden state is a sample; neurons: each channel's activations over the tokens (NST)."""
+    degree: int = 2
+    """Polynomial kernel degree."""
+    coef: float = 0.0
+    """Polynomial kernel offset."""
+    sigma: float = 1.0
+    """Gaussian kernel bandwidth (samples are L2-normalised)."""
+    pairing: LayerPairing = field(default_factory=LayerPairing)
+    """Layer pairs compared."""
+
+    def validate(self) -> None:
+        if self.degree < 1:
+            raise ConfigError(f"loss.extra.{self.KEY}.degree={self.degree}: must be >= 1")
+        if self.sigma <= 0:
+            raise ConfigError(f"loss.extra.{self.KEY}.sigma={self.sigma}: must be positive")
+
+
+@dataclass
+class NSTSettings(FeatureMMDSettings):
+    """``loss.extra.nst``: neuron selectivity transfer (MMD over neurons, polynomial kernel of degree 2)."""
+
+    KEY: ClassVar[str] = "nst"
+
+    kernel: Literal["linear", "polynomial", "gaussian"] = "polynomial"
+    samples: Literal["neurons", "tokens"] = "neurons"
+
+
+class FeatureMMDTerm(LossTerm):
+    """Mean over layer pairs of the MMD between student and teacher layer outputs."""
+
+    def __init__(self, ctx: ObjectiveContext, cfg: FeatureMMDSettings, name: str):
+        super().__init__()
+        from .losses.distribution import FeatureMMDLoss
+
+        self.pairs = _feature_pairs(ctx, cfg.pairing, f"extra.{name}")
+        self.kept = _kept_hidden(ctx, f"extra.{name}", "samples=tokens") if cfg.samples == "tokens" else None
+        self.loss = FeatureMMDLoss(cfg.kernel, samples=cfg.samples, degree=cfg.degree, coef=cfg.coef, sigma=cfg.sigma)
+
+    def requests(self):
+        return {STUDENT: CaptureRequest(hidden={s for s, _ in self.pairs}), TEACHER: CaptureRequest(hidden={t for _, t in self.pairs})}
+
+    def forward(self, features, input_ids):
+        s, t = features[STUDENT], features[TEACHER]
+        return torch.stack([self.loss(s.hidden[i], _select(t.hidden[j], self.kept)) for i, j in self.pairs]).mean()
+
+
+@register_loss_term("mmd", FeatureMMDSettings)
+def _build_mmd(ctx: ObjectiveContext) -> LossTerm:
+    return FeatureMMDTerm(ctx, ctx.config.extra_settings("mmd"), "mmd")
+
+
+@register_loss_term("nst", NSTSettings)
+def _build_nst(ctx: ObjectiveContext) -> LossTerm:
+    return FeatureMMDTerm(ctx, ctx.config.extra_settings("nst"), "nst")
+
+
+@dataclass
+class TokenAttentionSettings(ExtraTermSettings):
+    """``loss.extra.token_attention``: per-token attention maps (activation norms or saliency) between paired layers."""
+
+    weight: float = 1.0
+    source: Literal["activation", "gradient"] = "activation"
+    """activation: per-token norm of the hidden states; gradient: of |dCE/dh| (one more teacher forward + backward,
+    a double backward through the student, and B x T x vocab logits of both models)."""
+    pairing: LayerPairing = field(default_factory=LayerPairing)
+    """Layer pairs compared."""
+
+
+def _model_saliency(model: nn.Module, input_ids: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """``|dCE/dh|`` of a frozen model's own next-token CE w.r.t. the outputs of ``layers`` (one forward + backward)."""
+    from .losses.saliency import next_token_ce, saliency
+
+    inner = unwrap_module(model)
+    decoder = get_adapter(inner).decoder_layers(inner)
+    lowest, grabbed = min(layers), {}
+
+    def hook(i, _m, _args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if i == lowest:  # the graph starts here (the model's weights are frozen)
+            h = h.detach().requires_grad_(True)
+            out = (h, *out[1:]) if isinstance(out, tuple) else h
+        grabbed[i] = h
+        return out
+
+    handles = [decoder[i].register_forward_hook(functools.partial(hook, i)) for i in set(layers)]
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            grads = saliency(next_token_ce(logits, input_ids), [grabbed[i] for i in layers], create_graph=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(zip(layers, grads))
+
+
+class TokenAttentionTerm(LossTerm):
+    """Mean over layer pairs of the token-attention transfer loss (activation- or gradient-based)."""
+
+    def __init__(self, ctx: ObjectiveContext, cfg: TokenAttentionSettings):
+        super().__init__()
+        from .losses.saliency import TokenAttentionLoss
+
+        self.pairs = _feature_pairs(ctx, cfg.pairing, "extra.token_attention")
+        self.source = cfg.source
+        self._teacher = (ctx.models[TEACHER],)  # a reference: the frozen teacher is not part of the objective
+        self.loss = TokenAttentionLoss()
+
+    def requests(self):
+        teacher = set() if self.source == "gradient" else {t for _, t in self.pairs}
+        return {STUDENT: CaptureRequest(hidden={s for s, _ in self.pairs}), TEACHER: CaptureRequest(hidden=teacher)}
+
+    def forward(self, features, input_ids):
+        s, t = features[STUDENT], features[TEACHER]
+        if self.source == "activation":
+            return torch.stack([self.loss(s.hidden[i], t.hidden[j]) for i, j in self.pairs]).mean()
+        from .losses.saliency import next_token_ce, saliency
+
+        if not torch.is_grad_enabled() or not s.final_hidden.requires_grad:
+            raise ConfigError("loss.extra.token_attention.source=gradient needs the student's forward graph (training only)")
+        logits = F.linear(s.final_hidden, s.head_weight, s.head_bias)
+        s_sal = saliency(next_token_ce(logits, input_ids), [s.hidden[i] for i, _ in self.pairs], create_graph=True)
+        t_sal = _model_saliency(self._teacher[0], input_ids, [j for _, j in self.pairs])
+        return torch.stack([self.loss(g, t_sal[j]) for g, (_, j) in zip(s_sal, self.pairs)]).mean()
+
+
+@register_loss_term("token_attention", TokenAttentionSettings)
+def _build_token_attention(ctx: ObjectiveContext) -> LossTerm:
+    return TokenAttentionTerm(ctx, ctx.config.extra_settings("token_attention"))
+
+
+@dataclass
+class ActivationBoundarySettings(ExtraTermSettings):
+    """``loss.extra.activation_boundary``: hinge making student MLP neurons active where the teacher's are."""
+
+    weight: float = 1.0
+    margin: float = 0.25
+    """How far past zero the student's gate pre-activation must be."""
+    pairing: LayerPairing = field(default_factory=LayerPairing)
+    """Layer pairs compared (neurons paired by the prune map's kept neurons)."""
+
+    def validate(self) -> None:
+        if self.margin < 0:
+            raise ConfigError(f"loss.extra.activation_boundary.margin={self.margin}: must be >= 0")
+
+
+class ActivationBoundaryTerm(LossTerm):
+    """Mean over layer pairs of the activation-boundary hinge on MLP gate pre-activations."""
+
+    def __init__(self, ctx: ObjectiveContext, cfg: ActivationBoundarySettings):
+        super().__init__()
+        from .losses.boundary import ActivationBoundaryLoss
+
+        self.pairs = _feature_pairs(ctx, cfg.pairing, "extra.activation_boundary")
+        s_size = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["intermediate_size"]
+        t_size = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["intermediate_size"]
+        self.neurons: dict[int, list[int] | None] = {}
+        for i, j in self.pairs:
+            if ctx.prune_map is not None and ctx.prune_map.teacher_layer_of(i) == j:
+                self.neurons[i] = list(ctx.prune_map.layers[i].kept_neurons)
+            elif s_size == t_size:
+                self.neurons[i] = None
+            else:
+                raise ConfigError(
+                    f"loss.extra.activation_boundary: student layer {i} and teacher layer {j} have {s_size} and {t_size} "
+                    "MLP neurons and no prune map pairs them; pair layers with pairing.strategy=prune_map"
+                )
+        self.loss = ActivationBoundaryLoss(cfg.margin)
+
+    def requests(self):
+        return {STUDENT: CaptureRequest(gates={s for s, _ in self.pairs}), TEACHER: CaptureRequest(gates={t for _, t in self.pairs})}
+
+    def forward(self, features, input_ids):
+        s, t = features[STUDENT], features[TEACHER]
+        return torch.stack([self.loss(s.gates[i], _select(t.gates[j], self.neurons[i])) for i, j in self.pairs]).mean()
+
+
+@register_loss_term("activation_boundary", ActivationBoundarySettings)
+def _build_activation_boundary(ctx: ObjectiveContext) -> LossTerm:
+    return ActivationBoundaryTerm(ctx, ctx.config.extra_settings("activation_boundary"))
+
+
+@dataclass
+class FlowSettings(ExtraTermSettings):
+    """``loss.extra.fsp``: flow matrices between two layers' features, matched between paired layer pairs."""
+
+    weight: float = 1.0
+    student_pairs: list[list[int]] | None = None
+    """[[first, second], ...] student layers (each with its paired teacher layer); None: consecutive paired layers."""
+    matrix: Literal["channels", "tokens"] = "channels"
+    """channels: FSP [D, D] over the prune map's kept channels; tokens: Gram [T, T] (any widths)."""
+    normalize: bool = True
+    """L2-normalise each token's features before the product."""
+    pairing: LayerPairing = field(default_factory=LayerPairing)
+    """Which teacher layer each student layer is paired with."""
+
+    def validate(self) -> None:
+        for k, pair in enumerate(self.student_pairs or []):
+            if len(pair) != 2:
+                raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={pair}: must be [first_layer, second_layer]")
+            if pair[0] == pair[1]:
+                raise ConfigError(
+                    f"loss.extra.fsp.student_pairs[{k}]={pair} uses layer {pair[0]} twice: a flow matrix relates two different layers"
+                )
+
+
+class FlowTerm(LossTerm):
+    """Flow (FSP / Gram) matrices of student layer pairs against those of their teacher layer pairs."""
+
+    def __init__(self, ctx: ObjectiveContext, cfg: FlowSettings):
+        super().__init__()
+        from .losses.flow import FlowLoss
+
+        paired = dict(_feature_pairs(ctx, cfg.pairing, "extra.fsp"))
+        n = _layer_count(ctx.models[STUDENT])
+        if cfg.student_pairs is None:
+            layers = sorted(paired)
+            pairs = [(a, b) for a, b in zip(layers, layers[1:])]
+            if not pairs:
+                raise ConfigError("loss.extra.fsp: the pairing gives one student layer; a flow matrix needs two (set student_pairs)")
+        else:
+            pairs = [(int(a), int(b)) for a, b in cfg.student_pairs]
+        for k, (a, b) in enumerate(pairs):
+            for layer in (a, b):
+                if not 0 <= layer < n:
+                    raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={[a, b]}: the student has layers 0..{n - 1}")
+                if layer not in paired:
+                    raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={[a, b]}: layer {layer} has no teacher layer in the pairing")
+        self.pairs = [((a, b), (paired[a], paired[b])) for a, b in pairs]
+        self.kept = _kept_hidden(ctx, "extra.fsp", "matrix=channels") if cfg.matrix == "channels" else None
+        self.loss = FlowLoss(cfg.matrix, normalize=cfg.normalize)
+
+    def requests(self):
+        s_layers = {x for (a, b), _ in self.pairs for x in (a, b)}
+        t_layers = {x for _, (a, b) in self.pairs for x in (a, b)}
+        return {STUDENT: CaptureRequest(hidden=s_layers), TEACHER: CaptureRequest(hidden=t_layers)}
+
+    def forward(self, features, input_ids):
+        s, t = features[STUDENT], features[TEACHER]
+        student = [(s.hidden[a], s.hidden[b]) for (a, b), _ in self.pairs]
+        teacher = [(_select(t.hidden[a], self.kept), _select(t.hidden[b], self.kept)) for _, (a, b) in self.pairs]
+        return self.loss(student, teacher)
+
+
+@register_loss_term("fsp", FlowSettings)
+def _build_fsp(ctx: ObjectiveContext) -> LossTerm:
+    return FlowTerm(ctx, ctx.config.extra_settings("fsp"))
+
+
+@dataclass
+class RelationalKDSettings(ExtraTermSettings):
+    """``loss.extra.rkd``: distance- and angle-wise relations between the batch's pooled sequence features."""
+
+    weight: float = 1.0
+    distance_weight: float = 1.0
+    """Weight of the distance-wise loss."""
+    angle_weight: float = 2.0
+    """Weight of the angle-wise loss."""
+    student_layer: int | None = None
+    """Student layer whose outputs are pooled (None: the final hidden states, the lm_head input)."""
+    teacher_layer: int | None = None
+    """Teacher layer pooled (None: final hidden states, or the prune map's layer of student_layer)."""
+
+    def validate(self) -> None:
+        if self.distance_weight < 0 or self.angle_weight < 0 or self.distance_weight + self.angle_weight == 0:
+            raise ConfigError("loss.extra.rkd.distance_weight / angle_weight: both >= 0 and not both 0")
+
+
+class RelationalKDTerm(LossTerm):
+    """RKD on token-averaged features of every sequence of the global micro-batch (gathered across ranks).
+
+    The value does not depend on the process count, and the gradient is scaled so that data-parallel
+    averaging gives the one-process gradient. Relations span one micro-batch of all ranks, not accumulation steps.
+    """
+
+    def __init__(self, ctx: ObjectiveContext, cfg: RelationalKDSettings):
+        super().__init__()
+        from .losses.rkd import RelationalKDLoss
+
+        ns, nt = _layer_count(ctx.models[STUDENT]), _layer_count(ctx.models[TEACHER])
+        s_layer, t_layer = cfg.student_layer, cfg.teacher_layer
+        if s_layer is not None and not 0 <= s_layer < ns:
+            raise ConfigError(f"loss.extra.rkd.student_layer={s_layer}: the student has layers 0..{ns - 1}")
+        if t_layer is not None and not 0 <= t_layer < nt:
+            raise ConfigError(f"loss.extra.rkd.teacher_layer={t_layer}: the teacher has layers 0..{nt - 1}")
+        if s_layer is not None and t_layer is None:
+            if ctx.prune_map is None:
+                raise ConfigError("loss.extra.rkd.student_layer is set but there is no prune map: set loss.extra.rkd.teacher_layer")
+            t_layer = ctx.prune_map.teacher_layer_of(s_layer)
+        if (s_layer is None) != (t_layer is None):
+            raise ConfigError("loss.extra.rkd: set both student_layer and teacher_layer, or neither (final hidden states)")
+        self.student_layer, self.teacher_layer = s_layer, t_layer
+        self.loss = RelationalKDLoss(cfg.distance_weight, cfg.angle_weight)
+
+    def requests(self):
+        if self.student_layer is None:
+            return {}
+        return {STUDENT: CaptureRequest(hidden={self.student_layer}), TEACHER: CaptureRequest(hidden={self.teacher_layer})}
+
+    def forward(self, features, input_ids):
+        from .losses.rkd import MIN_SEQUENCES_PER_RANK, gather_rows, scale_gradient
+
+        s, t = features[STUDENT], features[TEACHER]
+        h_s = s.final_hidden if self.student_layer is None else s.hidden[self.student_layer]
+        h_t = t.final_hidden if self.teacher_layer is None else t.hidden[self.teacher_layer]
+        if h_s.shape[0] < MIN_SEQUENCES_PER_RANK:
+            raise ConfigError(
+                f"loss.extra.rkd needs at least {MIN_SEQUENCES_PER_RANK} sequences per process in each micro-batch, "
+                f"got {h_s.shape[0]}: raise train.batch_size (it is split over processes and accumulation steps)"
+            )
+        pooled_s = gather_rows(h_s.float().mean(1))
+        with torch.no_grad():
+            pooled_t = gather_rows(h_t.float().mean(1))
+        return scale_gradient(self.loss(pooled_s, pooled_t))
+
+
+@register_loss_term("rkd", RelationalKDSettings)
+def _build_rkd(ctx: ObjectiveContext) -> LossTerm:
+    return RelationalKDTerm(ctx, ctx.config.extra_settings("rkd"))
+
+
 # ---------------------------------------------------------------------------------------------- objective
 
 
@@ -561,7 +1058,16 @@ def teacher_features(teacher: nn.Module, input_ids: torch.Tensor, objective: Dis
 
 
 __all__ = [
+    "EXTRA_SETTINGS",
+    "ActivationBoundarySettings",
     "AttentionLossSettings",
+    "ExtraTermSettings",
+    "FeatureMMDSettings",
+    "FlowSettings",
+    "NSTSettings",
+    "RelationalKDSettings",
+    "TokenAttentionSettings",
+    "WeightMatchSettings",
     "CaptureRequest",
     "DistillLossConfig",
     "DistillObjective",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minidistill.distill.losses.logits import Divergence, LogitKDLoss
+from minidistill.distill.losses.logits import Divergence, LogitKDLoss, TokenWeighting
 
 
 def _as_float(t: Tensor | None) -> Tensor | None:
@@ -122,7 +122,8 @@ class _FusedLinearKD(torch.autograd.Function):
 class FusedLogitKDLoss(nn.Module):
     """:class:`LogitKDLoss` on ``hidden @ W^T (+ b)`` of both models, without materialising full logits.
 
-    Takes the same arguments as :class:`LogitKDLoss` plus ``chunk_tokens`` (positions per chunk;
+    Takes the same arguments as :class:`LogitKDLoss` (the teacher bound and the per-token weights are formed
+    chunk by chunk too) plus ``chunk_tokens`` (positions per chunk;
     peak extra memory grows with ``chunk_tokens x vocab``). Logits are computed in float32 per chunk
     whatever the input dtype (half-precision head weights are upcast once per call, V x D each);
     gradients are returned in the inputs' dtypes. Tested bound for bfloat16 inputs: loss within 1e-5
@@ -141,6 +142,8 @@ class FusedLogitKDLoss(nn.Module):
         ignore_index: int = -100,
         reduction: Literal["mean", "sum"] = "mean",
         chunk_tokens: int = 256,
+        bound_margin: float | None = None,
+        token_weighting: TokenWeighting = "none",
     ):
         super().__init__()
         if chunk_tokens < 1:
@@ -148,7 +151,7 @@ class FusedLogitKDLoss(nn.Module):
         self.chunk_tokens = int(chunk_tokens)
         self.loss_fn = LogitKDLoss(
             divergence, temperature=temperature, beta=beta, top_k=top_k, top_p=top_p, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction,
+            ignore_index=ignore_index, reduction=reduction, bound_margin=bound_margin, token_weighting=token_weighting,
         )
 
     def extra_repr(self) -> str:

@@ -28,6 +28,15 @@ their exact probabilities; the remaining teacher mass ``1 - sum(kept)`` becomes 
 is compared against the student's total mass outside the kept tokens. Both distributions stay
 normalised over ``kept + 1`` buckets, and when the rest holds a single token (or none) the loss equals
 the full-vocabulary loss exactly.
+
+Teacher-bounded KD (``bound_margin = m``, needs ``labels``): the KD term of a position is 0 where the student
+already beats the teacher on the true next token by at least ``m`` nats, i.e. where
+``CE_student + m <= CE_teacher`` (both at temperature 1); elsewhere it is unchanged. The CE term is not bounded.
+
+Per-token weighting (``token_weighting``) multiplies each position's KD term by a weight from the teacher's
+distribution at temperature 1 (no gradient), the mean still dividing by the number of counted positions:
+``confidence``: the teacher's top probability ``max_v p_T``; ``entropy``: ``H(p_T) / log V`` (in [0, 1]),
+which stresses the positions where the teacher spreads its mass.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from torch import Tensor, nn
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+TokenWeighting = Literal["none", "confidence", "entropy"]
+TOKEN_WEIGHTINGS: tuple[str, ...] = get_args(TokenWeighting)
 
 
 def _log_mix(lp_a: Tensor, lp_b: Tensor, weight_a: float) -> Tensor:
@@ -124,8 +135,16 @@ class LogitKDLoss(nn.Module):
         ce_weight: float = 0.0,
         ignore_index: int = -100,
         reduction: Literal["mean", "sum"] = "mean",
+        bound_margin: float | None = None,
+        token_weighting: TokenWeighting = "none",
     ):
         super().__init__()
+        if bound_margin is not None and not bound_margin >= 0:
+            raise ValueError(f"bound_margin={bound_margin!r} must be >= 0 (or None for no bound)")
+        if token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting={token_weighting!r}: choose one of {list(TOKEN_WEIGHTINGS)}")
+        self.bound_margin = None if bound_margin is None else float(bound_margin)
+        self.token_weighting = token_weighting
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence={divergence!r}: choose one of {list(DIVERGENCES)}")
         if not temperature > 0:
@@ -152,7 +171,8 @@ class LogitKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"divergence={self.divergence!r}, temperature={self.temperature}, beta={self.beta}, top_k={self.top_k}, "
-            f"top_p={self.top_p}, ce_weight={self.ce_weight}, reduction={self.reduction!r}"
+            f"top_p={self.top_p}, ce_weight={self.ce_weight}, reduction={self.reduction!r}, "
+            f"bound_margin={self.bound_margin}, token_weighting={self.token_weighting!r}"
         )
 
     # ------------------------------------------------------------------ building blocks
@@ -167,6 +187,8 @@ class LogitKDLoss(nn.Module):
             raise ValueError(f"student positions {tuple(student_shape[:-1])} != teacher positions {tuple(teacher_shape[:-1])}")
         if labels is None and self.ce_weight > 0:
             raise ValueError(f"ce_weight={self.ce_weight} needs labels; pass labels or set ce_weight=0")
+        if labels is None and self.bound_margin is not None:
+            raise ValueError(f"bound_margin={self.bound_margin} needs labels; pass labels or set bound_margin=None")
         if labels is not None and labels.shape != student_shape[:-1]:
             raise ValueError(f"labels shape {tuple(labels.shape)} != logits positions {tuple(student_shape[:-1])}")
 
@@ -188,6 +210,30 @@ class LogitKDLoss(nn.Module):
             per_token = torch.where(valid, terms, terms.new_zeros(())).sum(-1)
         return per_token * (t * t)
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the loss reads ``labels`` (CE or the teacher bound)."""
+        return self.ce_weight > 0 or self.bound_margin is not None
+
+    def kd_token_weights(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None) -> Tensor | None:
+        """Per-position factor of the KD term [...] from the bound and the weighting (None: all 1); no gradient."""
+        if self.bound_margin is None and self.token_weighting == "none":
+            return None
+        with torch.no_grad():
+            dtype = torch.promote_types(student_logits.dtype, torch.float32)
+            lp_t = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
+            weight = torch.ones(lp_t.shape[:-1], dtype=dtype, device=lp_t.device)
+            if self.token_weighting == "confidence":
+                weight = lp_t.max(-1).values.exp()
+            elif self.token_weighting == "entropy":
+                weight = -(lp_t.exp() * lp_t).sum(-1) / math.log(lp_t.shape[-1])
+            if self.bound_margin is not None:
+                safe = labels.clamp_min(0).unsqueeze(-1)
+                ce_t = -lp_t.gather(-1, safe).squeeze(-1)
+                ce_s = -F.log_softmax(student_logits.detach().to(dtype), dim=-1).gather(-1, safe).squeeze(-1)
+                weight = torch.where(ce_s + self.bound_margin <= ce_t, torch.zeros_like(weight), weight)
+        return weight
+
     def token_mask(self, labels: Tensor | None) -> Tensor | None:
         """Bool mask of counted positions (None when every position counts)."""
         return None if labels is None else labels != self.ignore_index
@@ -207,6 +253,9 @@ class LogitKDLoss(nn.Module):
         per_token = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
         if self.ce_weight < 1.0:
             per_token = (1.0 - self.ce_weight) * self.kd_per_token(student_logits, teacher_logits)
+            kd_weights = self.kd_token_weights(student_logits, teacher_logits, labels)
+            if kd_weights is not None:
+                per_token = per_token * kd_weights
         if self.ce_weight > 0.0:
             ce = F.cross_entropy(
                 student_logits.to(per_token.dtype), labels, ignore_index=self.ignore_index, reduction="none"
