@@ -758,6 +758,12 @@ class TokenAttentionTerm(LossTerm):
 
         self.pairs = _feature_pairs(ctx, cfg.pairing, "extra.token_attention")
         self.source = cfg.source
+        implementation = getattr(unwrap_module(ctx.models[STUDENT]).config, "_attn_implementation", None) or "eager"
+        if cfg.source == "gradient" and implementation != "eager":
+            raise ConfigError(
+                "loss.extra.token_attention.source=gradient backpropagates through the student's saliency (a double "
+                f"backward), which {implementation!r} attention kernels do not support; set student.attn_implementation=eager"
+            )
         self._teacher = (ctx.models[TEACHER],)  # a reference: the frozen teacher is not part of the objective
         self.loss = TokenAttentionLoss()
 
