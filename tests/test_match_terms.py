@@ -68,7 +68,7 @@ def test_weights_zero_at_init_for_a_student_pruned_without_refit():
 def test_weights_match_teacher_slices_of_the_prune_map(pair):
     teacher, student, pmap, _, _ = pair
     plan, t_params = slice_plan(teacher, pmap), dict(teacher.named_parameters())
-    total, count = 0.0, 0
+    total = 0.0
     for name, p in student.named_parameters():
         module, _, kind = name.rpartition(".")
         rule = plan[module]
@@ -78,8 +78,16 @@ def test_weights_match_teacher_slices_of_the_prune_map(pair):
         if rule.cols is not None and kind == "weight":
             target = target[:, rule.cols]
         total += float(((p.detach().double() - target) ** 2).sum())
-        count += p.numel()
-    assert _term_value({"extra": {"weights": 1.0}}, teacher, student, pmap) == pytest.approx(total / count, rel=1e-5)
+        if name == "model.layers.1.self_attn.o_proj.weight":
+            o_target = target
+    assert _term_value({"extra": {"weights": 1.0}}, teacher, student, pmap) == pytest.approx(total, rel=1e-5)
+    # Gradient: 2 (W_s - target) per element (the term reads the student's parameters, not its features).
+    objective = DistillObjective(DistillLossConfig.from_dict({"extra": {"weights": 1.0}}), teacher=teacher, student=student, prune_map=pmap)
+    student.zero_grad()
+    objective.terms["weights"]({}, IDS).backward()
+    o_proj = student.model.layers[1].self_attn.o_proj.weight
+    assert torch.allclose(o_proj.grad.double(), 2 * (o_proj.detach().double() - o_target), rtol=1e-5, atol=1e-7)
+    student.zero_grad()
 
 
 def test_weights_without_a_map_use_learned_linear_maps():
@@ -91,13 +99,12 @@ def test_weights_without_a_map_use_learned_linear_maps():
     assert set(term.map.maps) and all(k.startswith("s") for k in term.map.maps)
     out = DistillationModule(student, objective)(IDS, teacher_features(teacher, IDS, objective))
     t_params = dict(teacher.named_parameters())
-    total, count = 0.0, 0
+    total = 0.0
     for name, p in student.named_parameters():
         t_name = name.replace("layers.0.", "layers.1.") if "layers.0." in name else name.replace("layers.1.", "layers.2.")
         target = t_params[t_name].detach().double()[tuple(slice(0, n) for n in p.shape)]  # truncated identity maps
         total += float(((p.detach().double() - target) ** 2).sum())
-        count += p.numel()
-    assert out["components"]["loss/weights"].item() == pytest.approx(total / count, rel=1e-5)
+    assert out["components"]["loss/weights"].item() == pytest.approx(total, rel=1e-5)
     out["loss"].backward()
     assert all(m.grad is not None and m.grad.abs().sum() > 0 for m in term.map.maps.values())
     assert {f"objective.terms.weights.map.maps.{k}" for k in term.map.maps} <= {n for n, _ in DistillationModule(student, objective).named_parameters()}

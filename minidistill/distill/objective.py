@@ -573,7 +573,7 @@ def _select(x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
 class WeightMatchSettings(ExtraTermSettings):
     """``loss.extra.weights``: L2 between student weights and the teacher's (through the prune map, else learned maps)."""
 
-    weight: float = 0.1
+    weight: float = 1.0
     pairing: LayerPairing = field(default_factory=lambda: LayerPairing(strategy="uniform"))
     """Without a prune map: which teacher layer's weights each student layer is compared with."""
 

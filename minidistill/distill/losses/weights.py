@@ -11,7 +11,9 @@ Two ways to get each student parameter's target:
   [in_s, in_t] are shared by every axis with the same (student size, teacher size) and start as the
   truncated identity. Axes of equal size are compared as they are (no map, e.g. the vocabulary).
 
-The loss is the sum of squared differences over all matched elements divided by their count.
+The loss is the sum of squared differences over all matched elements, ``sum_p |W_s[p] - target[p]|^2`` (not a
+mean: its gradient ``2 w (W_s - target)`` per element, for a term weight ``w``, pulls every weight towards its
+target like weight decay towards the teacher, whatever the model size).
 """
 
 from __future__ import annotations
@@ -52,12 +54,12 @@ class LinearWeightMap(nn.Module):
 
 
 class WeightMatchLoss(nn.Module):
-    """``sum_p |W_s[p] - target[p]|^2 / sum_p numel(p)`` over the parameters named in both dicts."""
+    """``sum_p |W_s[p] - target[p]|^2`` over the parameters named in ``student`` (all must be in ``targets``)."""
 
     def forward(self, student: dict[str, Tensor], targets: dict[str, Tensor]) -> Tensor:
         if not student:
             raise ValueError("no parameter to match: the student and its targets share no parameter name")
-        total, count = None, 0
+        total = None
         for name, w in student.items():
             target = targets[name]
             if target.shape != w.shape:
@@ -65,5 +67,4 @@ class WeightMatchLoss(nn.Module):
             dtype = torch.promote_types(w.dtype, torch.float32)
             sq = (w.to(dtype) - target.to(dtype)).pow(2).sum()
             total = sq if total is None else total + sq
-            count += w.numel()
-        return total / count
+        return total
