@@ -573,7 +573,6 @@ def _select(x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
 class WeightMatchSettings(ExtraTermSettings):
     """``loss.extra.weights``: L2 between student weights and the teacher's (through the prune map, else learned maps)."""
 
-    weight: float = 1.0
     pairing: LayerPairing = field(default_factory=lambda: LayerPairing(strategy="uniform"))
     """Without a prune map: which teacher layer's weights each student layer is compared with."""
 
@@ -640,17 +639,11 @@ class WeightMatchTerm(LossTerm):
         return self.loss(student, targets)
 
 
-@register_loss_term("weights", WeightMatchSettings)
-def _build_weights(ctx: ObjectiveContext) -> LossTerm:
-    return WeightMatchTerm(ctx, ctx.config.extra_settings("weights"))
-
-
 @dataclass
 class FeatureMMDSettings(ExtraTermSettings):
     """``loss.extra.mmd``: maximum mean discrepancy between student and teacher activations per layer pair."""
 
     KEY: ClassVar[str] = "mmd"
-    weight: float = 1.0
     kernel: Literal["linear", "polynomial", "gaussian"] = "gaussian"
     """Kernel between samples (linear, polynomial, gaussian)."""
     samples: Literal["neurons", "tokens"] = "tokens"
@@ -684,10 +677,11 @@ class NSTSettings(FeatureMMDSettings):
 class FeatureMMDTerm(LossTerm):
     """Mean over layer pairs of the MMD between student and teacher layer outputs."""
 
-    def __init__(self, ctx: ObjectiveContext, cfg: FeatureMMDSettings, name: str):
+    def __init__(self, ctx: ObjectiveContext, cfg: FeatureMMDSettings):
         super().__init__()
         from .losses.distribution import FeatureMMDLoss
 
+        name = cfg.KEY
         self.pairs = _feature_pairs(ctx, cfg.pairing, f"extra.{name}")
         self.kept = _kept_hidden(ctx, f"extra.{name}", "samples=tokens") if cfg.samples == "tokens" else None
         self.loss = FeatureMMDLoss(cfg.kernel, samples=cfg.samples, degree=cfg.degree, coef=cfg.coef, sigma=cfg.sigma)
@@ -700,21 +694,10 @@ class FeatureMMDTerm(LossTerm):
         return torch.stack([self.loss(s.hidden[i], _select(t.hidden[j], self.kept)) for i, j in self.pairs]).mean()
 
 
-@register_loss_term("mmd", FeatureMMDSettings)
-def _build_mmd(ctx: ObjectiveContext) -> LossTerm:
-    return FeatureMMDTerm(ctx, ctx.config.extra_settings("mmd"), "mmd")
-
-
-@register_loss_term("nst", NSTSettings)
-def _build_nst(ctx: ObjectiveContext) -> LossTerm:
-    return FeatureMMDTerm(ctx, ctx.config.extra_settings("nst"), "nst")
-
-
 @dataclass
 class TokenAttentionSettings(ExtraTermSettings):
     """``loss.extra.token_attention``: per-token attention maps (activation norms or saliency) between paired layers."""
 
-    weight: float = 1.0
     source: Literal["activation", "gradient"] = "activation"
     """activation: per-token norm of the hidden states; gradient: of |dCE/dh| (one more teacher forward + backward,
     a double backward through the student, and B x T x vocab logits of both models)."""
@@ -785,16 +768,10 @@ class TokenAttentionTerm(LossTerm):
         return torch.stack([self.loss(g, t_sal[j]) for g, (_, j) in zip(s_sal, self.pairs)]).mean()
 
 
-@register_loss_term("token_attention", TokenAttentionSettings)
-def _build_token_attention(ctx: ObjectiveContext) -> LossTerm:
-    return TokenAttentionTerm(ctx, ctx.config.extra_settings("token_attention"))
-
-
 @dataclass
 class ActivationBoundarySettings(ExtraTermSettings):
     """``loss.extra.activation_boundary``: hinge making student MLP neurons active where the teacher's are."""
 
-    weight: float = 1.0
     margin: float = 0.25
     """How far past zero the student's gate pre-activation must be."""
     pairing: LayerPairing = field(default_factory=LayerPairing)
@@ -836,16 +813,10 @@ class ActivationBoundaryTerm(LossTerm):
         return torch.stack([self.loss(s.gates[i], _select(t.gates[j], self.neurons[i])) for i, j in self.pairs]).mean()
 
 
-@register_loss_term("activation_boundary", ActivationBoundarySettings)
-def _build_activation_boundary(ctx: ObjectiveContext) -> LossTerm:
-    return ActivationBoundaryTerm(ctx, ctx.config.extra_settings("activation_boundary"))
-
-
 @dataclass
 class FlowSettings(ExtraTermSettings):
     """``loss.extra.fsp``: flow matrices between two layers' features, matched between paired layer pairs."""
 
-    weight: float = 1.0
     student_pairs: list[list[int]] | None = None
     """[[first, second], ...] student layers (each with its paired teacher layer); None: consecutive paired layers."""
     matrix: Literal["channels", "tokens"] = "channels"
@@ -903,16 +874,10 @@ class FlowTerm(LossTerm):
         return self.loss(student, teacher)
 
 
-@register_loss_term("fsp", FlowSettings)
-def _build_fsp(ctx: ObjectiveContext) -> LossTerm:
-    return FlowTerm(ctx, ctx.config.extra_settings("fsp"))
-
-
 @dataclass
 class RelationalKDSettings(ExtraTermSettings):
     """``loss.extra.rkd``: distance- and angle-wise relations between the batch's pooled sequence features."""
 
-    weight: float = 1.0
     distance_weight: float = 1.0
     """Weight of the distance-wise loss."""
     angle_weight: float = 2.0
@@ -975,9 +940,21 @@ class RelationalKDTerm(LossTerm):
         return scale_gradient(self.loss(pooled_s, pooled_t))
 
 
-@register_loss_term("rkd", RelationalKDSettings)
-def _build_rkd(ctx: ObjectiveContext) -> LossTerm:
-    return RelationalKDTerm(ctx, ctx.config.extra_settings("rkd"))
+def _register_extra(name: str, settings: type[ExtraTermSettings], term: Callable[[ObjectiveContext, Any], LossTerm]) -> None:
+    register_loss_term(name, settings)(lambda ctx: term(ctx, ctx.config.extra_settings(name)))
+
+
+for _name, _settings, _term in (
+    ("weights", WeightMatchSettings, WeightMatchTerm),
+    ("mmd", FeatureMMDSettings, FeatureMMDTerm),
+    ("nst", NSTSettings, FeatureMMDTerm),
+    ("token_attention", TokenAttentionSettings, TokenAttentionTerm),
+    ("activation_boundary", ActivationBoundarySettings, ActivationBoundaryTerm),
+    ("fsp", FlowSettings, FlowTerm),
+    ("rkd", RelationalKDSettings, RelationalKDTerm),
+):
+    _register_extra(_name, _settings, _term)
+del _name, _settings, _term
 
 
 # ---------------------------------------------------------------------------------------------- objective
