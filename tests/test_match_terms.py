@@ -313,3 +313,18 @@ def test_channel_matching_without_map_needs_equal_widths():
     # Neuron-level NST and token Gram flow matrices work across widths without a map.
     cfg = {"extra": {"nst": {"pairing": pairing}, "fsp": {"matrix": "tokens", "pairing": pairing}}}
     DistillObjective(DistillLossConfig.from_dict(cfg), teacher=teacher, student=student)
+
+
+def test_recipe_yaml_and_overrides_reach_the_term_settings(tmp_path):
+    from minidistill.config import load_config
+    from minidistill.recipe_config import PruneDistillConfig
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("loss:\n  extra:\n    nst: 0.5\n    rkd: {weight: 2.0, angle_weight: 1.0}\n")
+    cfg = load_config(PruneDistillConfig, path, ["loss.extra.rkd.distance_weight=0.25", "loss.extra.mmd.kernel=linear"])
+    assert cfg.loss.weights() == {"logits": 1.0, "nst": 0.5, "rkd": 2.0, "mmd": 1.0}
+    rkd = cfg.loss.extra_settings("rkd")
+    assert (rkd.weight, rkd.distance_weight, rkd.angle_weight) == (2.0, 0.25, 1.0)
+    assert cfg.loss.extra_settings("mmd").kernel == "linear"
+    with pytest.raises(ConfigError, match=r"loss\.extra\.mmd\.kernel='rbf': choose one of"):
+        load_config(PruneDistillConfig, path, ["loss.extra.mmd.kernel=rbf"])
