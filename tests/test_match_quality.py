@@ -51,3 +51,20 @@ def test_objective_builds_and_trains_one_step(name):
     assert len(moved) == len(before)
     second = module(ids, teacher_features(teacher, ids, objective))
     assert torch.isfinite(second["loss"]) and second["loss"].item() != out["loss"].item()
+
+
+def test_distiller_runs_every_term_and_logs_each_component(tmp_path):
+    import json
+
+    from test_train_loop import make_distiller
+
+    extra = {name: 0.5 for cfg in QM.OBJECTIVES.values() for name in cfg.get("extra", {})}
+    loss = {"extra": extra, "logits": {"teacher_bound_margin": 0.1, "token_weighting": "confidence"}}
+    d = make_distiller(tmp_path / "run", train={"max_steps": 6, "schedule": "constant"}, loss=loss)
+    d.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 6
+    for name in ("logits", *extra):
+        assert all(f"loss/{name}" in r for r in train), name
+    assert train[-1]["loss"] < train[0]["loss"]
