@@ -328,3 +328,37 @@ def test_recipe_yaml_and_overrides_reach_the_term_settings(tmp_path):
     assert cfg.loss.extra_settings("mmd").kernel == "linear"
     with pytest.raises(ConfigError, match=r"loss\.extra\.mmd\.kernel='rbf': choose one of"):
         load_config(PruneDistillConfig, path, ["loss.extra.mmd.kernel=rbf"])
+
+
+IDENTITY_TERMS = {
+    "weights": 1.0,
+    "mmd": 1.0,
+    "nst": 1.0,
+    "token_attention": 1.0,
+    "activation_boundary": {"margin": 0.0},
+    "fsp": 1.0,
+    "rkd": {"student_layer": 1},
+}
+
+
+def test_identity_student_scores_zero_on_every_term_and_architecture(model_type):
+    """A student equal to its teacher (identity map) scores ~0 on every new term; gates are captured on fused
+    gate_up projections (phi3) as on separate ones."""
+    from minidistill.prune.prune_map import PruneMap
+
+    teacher = tiny_model(model_type, num_layers=2)
+    student = copy.deepcopy(teacher)
+    pmap = PruneMap.identity(get_adapter(teacher).shape(teacher.config))
+    out, objective = _step(teacher, student, DistillLossConfig.from_dict({"extra": IDENTITY_TERMS}), pmap, IDS)
+    for name in IDENTITY_TERMS:
+        assert abs(out["components"][f"loss/{name}"].item()) < 1e-5, (name, out["components"][f"loss/{name}"].item())
+    # The captured gates are the gate projection's output (the first half of a fused gate_up projection).
+    adapter = get_adapter(teacher)
+    mlp = adapter.decoder_layers(teacher)[1].get_submodule(adapter.mlp)
+    got = {}
+    hook = (mlp.gate_proj if adapter.gate_proj else mlp.gate_up_proj).register_forward_hook(lambda m, a, o: got.__setitem__("g", o))
+    feats = teacher_features(teacher, IDS, objective)
+    hook.remove()
+    gate = got["g"] if adapter.gate_proj else got["g"][..., : got["g"].shape[-1] // 2]
+    assert feats.gates[1].shape[-1] == teacher.config.intermediate_size
+    assert torch.equal(feats.gates[1], gate)
