@@ -339,6 +339,14 @@ def export_gguf(
     return GGUFExportResult(path=out, architecture=gguf.MODEL_ARCH_NAMES[arch], outtype=outtype, tensors=count, bytes=size)
 
 
+def export_run(cfg: GGUFExportConfig, model_dir: str | Path, run_dir: str | Path, *, teacher: str | None) -> Path | None:
+    """The recipe's ``export.gguf``: ``<run_dir>/model.<outtype>.gguf`` from the finished model (None when off)."""
+    if cfg.gguf is None:
+        return None
+    out = Path(run_dir) / f"model.{cfg.gguf}.gguf"
+    return export_gguf(model_dir, out, outtype=cfg.gguf, overwrite=True, teacher=teacher).path
+
+
 def build_parser(prog: str | None = None):
     """Options of ``recipes/export_gguf.py`` / ``minidistill export-gguf``."""
     import argparse

@@ -14,6 +14,7 @@ from typing import Any
 from .config import ConfigBase, ConfigError, load_config
 from .data import DataConfig
 from .distill.objective import DistillLossConfig
+from .export_gguf import GGUFExportConfig
 from .hub import HubConfig
 from .models import ModelConfig
 from .teacher_correction import TeacherCorrectionConfig
@@ -66,6 +67,8 @@ class PruneDistillConfig(ConfigBase):
     """Where the distilled model is pushed (with push_to_hub)."""
     push_to_hub: bool = False
     """Push ``<run_dir>/model`` to the Hub at the end."""
+    export: GGUFExportConfig = field(default_factory=GGUFExportConfig)
+    """Files written from the distilled model besides its safetensors folder (``export.gguf=q8_0``)."""
     report: bool = False
     """Write ``metrics.json``, ``report.md`` and ``loss.png`` (teacher / pruned / distilled side by side) at the end."""
     report_new_tokens: int = 24
@@ -117,6 +120,7 @@ RESUMABLE_CHANGES = (
     "eval",
     "hub",
     "push_to_hub",
+    "export",
     "data.num_proc",
     "report",
     "report_new_tokens",

@@ -216,3 +216,22 @@ def test_llama_cpp_loads_the_file_and_generates(pruned_run, tokenizer):
         if len(generated) == new:
             break
     assert generated == expected.tolist()
+
+
+# ---------------------------------------------------------------- the recipe's export.gguf option
+
+
+def test_recipe_option_export_gguf(pruned_run, tmp_path):
+    from minidistill.export_gguf import export_run
+    from minidistill.recipe_config import incompatible_fields, load_recipe_config
+
+    cfg = load_recipe_config(None, ["export.gguf=q8_0"])
+    assert cfg.export.gguf == "q8_0" and load_recipe_config(None, []).export.gguf is None
+    with pytest.raises(ConfigError, match=r"export\.gguf='q4'.*\['f32', 'f16', 'q8_0'\]"):
+        load_recipe_config(None, ["export.gguf=q4"])
+    assert incompatible_fields(load_recipe_config(None, []).to_dict(), cfg.to_dict()) == []  # a resume may add it
+    run, _, _ = pruned_run
+    assert export_run(load_recipe_config(None, []).export, run / "model", tmp_path, teacher="t") is None
+    path = export_run(cfg.export, run / "model", tmp_path, teacher="t")
+    assert path == tmp_path / "model.q8_0.gguf"
+    assert gguf.GGUFReader(path).get_field("minidistill.teacher").contents() == "t"
