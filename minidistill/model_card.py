@@ -16,7 +16,12 @@
 - ``before_after`` (list[dict]): rows of the before/after table (same keys in every row), or a
   markdown string.
 - ``eval_results`` (dict): an ``EvalTable.to_json()`` (``lm_eval.json``); ``eval_model`` names its
-  row that becomes the card's ``model-index`` (default ``"distilled"``, else the last row).
+  row that becomes the card's ``model-index`` (default ``"distilled"``, else the last row). Only the
+  metrics that were run are listed; each result's ``dataset.args`` holds the lm-eval task version
+  (``settings["versions"][task]`` when recorded), ``num_fewshot`` and ``limit``.
+- ``speed`` (dict): model name -> :func:`minidistill.report.measure_speed` result (teacher and
+  student measured on the same machine in the same run); read from the run's ``metrics.json`` by
+  :func:`run_info_from_folder`.
 - ``reproduce`` (str): the command that reproduces the run.
 """
 
@@ -72,8 +77,13 @@ def _eval_results(eval_json: dict[str, Any], row_name: str | None, dataset: str)
     names = [r["name"] for r in rows]
     name = row_name if row_name in names else ("distilled" if "distilled" in names else names[-1])
     row = rows[names.index(name)]
+    settings = eval_json.get("settings") or {}
+    versions = settings.get("versions") or {}
     results = []
     for task, metrics in row["metrics"].items():
+        args = {"lm_eval_task_version": versions.get(task), "num_fewshot": settings.get("num_fewshot"),
+                "limit": settings.get("limit")}
+        args = {k: v for k, v in args.items() if v is not None} or None
         for metric, value in metrics.items():
             results.append(
                 EvalResult(
@@ -84,6 +94,7 @@ def _eval_results(eval_json: dict[str, Any], row_name: str | None, dataset: str)
                     metric_type=metric,
                     metric_name=metric,
                     metric_value=float(value),
+                    dataset_args=args,
                     source_name="lm-evaluation-harness",
                     source_url="https://github.com/EleutherAI/lm-evaluation-harness",
                 )
@@ -187,6 +198,8 @@ def build_model_card(run_info: dict[str, Any]) -> ModelCard:
     if before_after:
         table = before_after if isinstance(before_after, str) else _markdown_table(before_after)
         parts += ["## Before and after", "", table.strip(), ""]
+    if run_info.get("speed"):
+        parts += ["## Speed", "", _speed_table(run_info["speed"]), ""]
     if (run_info.get("eval_results") or {}).get("rows"):
         from .evaluation.lm_eval_runner import EvalTable
 
@@ -196,6 +209,21 @@ def build_model_card(run_info: dict[str, Any]) -> ModelCard:
         parts += ["## Reproduce", "", "```bash", run_info["reproduce"], "```", ""]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(parts)
     return ModelCard(content)
+
+
+def _speed_table(speed: dict[str, dict[str, Any]]) -> str:
+    from .report import speed_note
+
+    ref = speed.get("teacher") or {}
+    rows = []
+    for name, sp in speed.items():
+        row = {"model": name}
+        for key, label, digits in (("forward_tokens_per_s", "forward tokens/s", 0), ("generate_tokens_per_s", "greedy generation tokens/s", 1)):
+            value = sp.get(key)
+            row[label] = "-" if value is None else f"{value:.{digits}f}"
+            row[f"{label} x teacher"] = f"{value / ref[key]:.2f}x" if value and ref.get(key) and name != "teacher" else "-"
+        rows.append(row)
+    return _markdown_table(rows) + "\n\n" + speed_note(next(iter(speed.values())))
 
 
 RUN_INFO_FILENAME = "run_info.json"
@@ -210,7 +238,8 @@ def _find(folder: Path, name: str) -> Path | None:
 
 def run_info_from_folder(folder: str | Path, *, teacher_source: str | None = None, model_name: str | None = None) -> dict[str, Any]:
     """``run_info`` for :func:`build_model_card` from what a run saved: ``run_info.json``,
-    ``prune_map.json`` and ``lm_eval.json`` (in the folder or its parent)."""
+    ``prune_map.json``, ``metrics.json`` (speed) and ``lm_eval.json`` (in the folder or its parent, or
+    the parent's ``lm_eval/``)."""
     import json
 
     folder = Path(folder)
@@ -226,7 +255,14 @@ def run_info_from_folder(folder: str | Path, *, teacher_source: str | None = Non
         teacher.setdefault("source", pm.get("teacher", {}).get("source"))
         teacher.setdefault("shape", pm.get("teacher", {}).get("shape"))
         info.setdefault("student", {}).setdefault("shape", pm.get("student_shape"))
-    ev_path = _find(folder, "lm_eval.json")
+    metrics_path = _find(folder, "metrics.json")  # the run report's numbers (report=true)
+    if metrics_path and "speed" not in info:
+        models = json.loads(metrics_path.read_text()).get("models") or {}
+        speed = {name: m["speed"] for name, m in models.items() if isinstance(m, dict) and m.get("speed")}
+        if speed:
+            info["speed"] = speed
+    # the recipe saves its lm-eval table under <run_dir>/lm_eval/; eval/run_lm_eval.py under --output_dir
+    ev_path = _find(folder, "lm_eval.json") or _find(folder.parent / "lm_eval", "lm_eval.json")
     if ev_path and "eval_results" not in info:
         info["eval_results"] = json.loads(ev_path.read_text())
     if teacher_source:

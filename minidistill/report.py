@@ -6,7 +6,10 @@
 - ``models``: ``{"teacher" | "pruned" | "distilled": {"shape": {...}, "params": int,
   "non_embedding_params": int, "heldout": {"loss", "perplexity", "tokens"}, "agreement": float | None,
   "generations": [{"prompt", "completion"}]}}``; missing stages are left out.
-- ``candidates``: ranked rows of the budget search (each a dict; shown as they are).
+- ``models.<name>.speed`` (optional): :func:`measure_speed` of that model (tokens/s of a forward at a
+  fixed batch and of greedy generation), measured on the same machine in the same run.
+- ``candidates``: ranked rows of the budget search (each a dict; shown as they are, and plotted as
+  parameters against the search score when rows carry ``params`` and the score).
 - ``training``: ``{"steps", "tokens", "seconds", "tokens_per_second", "losses": {name: weight}}``.
 - ``stage_seconds``: ``{stage: seconds}`` in run order.
 - ``commands``: ``{"reproduce": str, "load": str}``.
@@ -92,7 +95,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:
     return path
 
 
-def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png") -> str:
+def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png",
+                  candidates_plot: str | None = None) -> str:
     """The markdown report of a run, every number taken from ``metrics``."""
     models = {k: metrics["models"][k] for k in MODEL_ORDER if k in metrics.get("models", {})}
     out = [f"# minidistill run `{metrics.get('run_name', '?')}`", ""]
@@ -111,6 +115,7 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
     out += [_table(["model", "layers", "hidden", "heads", "KV heads", "MLP", "params", "non-embedding", "of teacher"], rows), ""]
 
     out += _quality_section(models, metrics.get("data", {}))
+    out += _speed_section(models)
 
     pruning = metrics.get("pruning")
     if pruning:
@@ -142,7 +147,17 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
     candidates = metrics.get("candidates")
     if candidates:
         out += ["## Budget search (ranked)", ""]
-        header = list(candidates[0].keys())
+        view = search_view(metrics)
+        if view is not None:
+            picked = view["picked"]
+            line = (f"Picked: rank 1, {_fmt(picked['params'])} parameters, {view['score']} {_fmt(picked['y'], 4)}"
+                    + (f" ({picked['family']})" if picked.get("family") else ""))
+            if view["teacher"] is not None:
+                line += f"; teacher: {_fmt(view['teacher']['params'])} parameters, {view['score']} {_fmt(view['teacher']['y'], 4)}"
+            out += [line + ".", ""]
+        if candidates_plot:
+            out += [f"![budget search candidates]({candidates_plot})", ""]
+        header = list(dict.fromkeys(k for c in candidates for k in c))
         out += [_table(header, [[c.get(h) for h in header] for c in candidates]), ""]
 
     gens = {name: m.get("generations") for name, m in models.items() if m.get("generations")}
@@ -162,6 +177,167 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
                 lang = "python" if key == "load" else "bash"
                 out += [f"{title}:", "", f"```{lang}", commands[key].rstrip(), "```", ""]
     return "\n".join(out)
+
+
+CANDIDATES_PNG = "candidates.png"
+
+
+def search_view(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The budget search as plot points: ``{"score", "x_label", "points", "picked", "teacher"}``, or None.
+
+    Points are the candidate rows with ``params`` and the search score (``search.score``: ``loss`` or
+    ``kl``); ``distilled`` holds the score after the short distillation when candidates were ranked
+    that way. The teacher's point needs its parameter count (``params / fraction`` of any row) and its
+    score on the same held-out blocks: 0 for ``kl``, the sensitivity measurement's ``base`` for
+    ``loss`` (None when the search did not measure it).
+    """
+    rows = metrics.get("candidates") or []
+    pruning = metrics.get("pruning") or {}
+    search = pruning.get("search") or {}
+    score = search.get("score") or next((k for k in ("loss", "kl") if rows and k in rows[0]), None)
+    points = [
+        {"params": r["params"], "y": float(r[score]), "eligible": r.get("eligible", True), "rank": r.get("rank"),
+         "family": r.get("family"), "distilled": r.get(f"distilled_{score}")}
+        for r in rows if score and isinstance(r.get("params"), (int, float)) and isinstance(r.get(score), (int, float))
+    ]
+    if not points:
+        return None
+    picked = min(points, key=lambda p: (p["rank"] is None, p["rank"] or 0))
+    teacher = None
+    fraction = next((r["params"] / r["fraction"] for r in rows if r.get("fraction")), None)
+    sensitivity = pruning.get("sensitivity") or {}
+    base = 0.0 if score == "kl" else sensitivity.get("base") if sensitivity.get("score", "loss") == score else None
+    if fraction is not None and base is not None:
+        teacher = {"params": int(round(fraction)), "y": float(base)}
+    kind = "non-embedding parameters" if search.get("non_embedding") else "parameters"
+    return {"score": score, "x_label": kind, "points": points, "picked": picked, "teacher": teacher}
+
+
+def plot_candidates(view: dict[str, Any], path: str | Path) -> Path:
+    """Parameters against the search score: every candidate, the picked one starred, the teacher for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pts = view["points"]
+    for eligible, style in ((True, {"color": "tab:blue"}), (False, {"facecolors": "none", "edgecolors": "tab:gray"})):
+        sel = [p for p in pts if p["eligible"] is eligible]
+        if sel:
+            ax.scatter([p["params"] / 1e6 for p in sel], [p["y"] for p in sel], s=28, zorder=2,
+                       label="candidate" if eligible else "candidate (not eligible)", **style)
+    distilled = [p for p in pts if isinstance(p.get("distilled"), (int, float))]
+    if distilled:
+        ax.scatter([p["params"] / 1e6 for p in distilled], [p["distilled"] for p in distilled], marker="^",
+                   color="tab:green", s=30, zorder=2, label="after short distillation")
+    picked = view["picked"]
+    y = picked["distilled"] if isinstance(picked.get("distilled"), (int, float)) else picked["y"]
+    ax.scatter([picked["params"] / 1e6], [y], marker="*", s=220, color="tab:red", zorder=3, label="picked")
+    if view["teacher"] is not None:
+        t = view["teacher"]
+        ax.scatter([t["params"] / 1e6], [t["y"]], marker="D", s=50, color="black", zorder=3, label="teacher")
+        ax.axhline(t["y"], color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel(f"{view['x_label']} (millions)")
+    ax.set_ylabel(f"held-out {view['score']} (lower is better)")
+    ax.set_title("budget search candidates")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _speed_section(models: dict[str, Any]) -> list[str]:
+    """Forward and greedy-generation tokens/s of each measured model, and the ratio to the teacher's."""
+    measured = {n: m["speed"] for n, m in models.items() if m.get("speed")}
+    if not measured:
+        return []
+    ref = measured.get("teacher") or {}
+    first = next(iter(measured.values()))
+    rows = []
+    for name, sp in measured.items():
+        fwd, gen = sp.get("forward_tokens_per_s"), sp.get("generate_tokens_per_s")
+        rows.append([name, _fmt(fwd, 0), _ratio(fwd, ref.get("forward_tokens_per_s"), name),
+                     _fmt(gen, 1), _ratio(gen, ref.get("generate_tokens_per_s"), name)])
+    return [
+        "## Speed", "",
+        _table(["model", "forward tokens/s", "x teacher", "greedy generation tokens/s", "x teacher"], rows), "",
+        speed_note(first), "",
+    ]
+
+
+def speed_note(sp: dict[str, Any]) -> str:
+    """How the speed numbers were measured (batch, lengths, device), from a :func:`measure_speed` result."""
+    return (f"Forward: batch {sp.get('batch_size')} x {sp.get('seq_len')} tokens; greedy generation: batch 1, "
+            f"{sp.get('new_tokens')} new tokens after a {sp.get('prompt_len')}-token prompt (KV cache); "
+            f"median of {sp.get('repeats')} timed repeats after a warm-up, {sp.get('dtype')} on {sp.get('device')}, "
+            "every model on the same machine in the same run.")
+
+
+def _ratio(value: float | None, ref: float | None, name: str) -> str:
+    if value is None or not ref or name == "teacher":
+        return "-"
+    return f"{value / ref:.2f}x"
+
+
+def measure_speed(model, *, batch_size: int = 8, seq_len: int = 128, new_tokens: int = 32, prompt_len: int = 16,
+                  repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Tokens/s of a forward over ``batch_size x seq_len`` random tokens and of greedy generation.
+
+    Generation is batch 1, ``new_tokens`` tokens (EOS ignored) after a ``prompt_len``-token prompt,
+    with the KV cache. Each figure is the median of ``repeats`` timed runs after one warm-up run;
+    CUDA work is synchronised before the clock is read.
+    """
+    import statistics
+
+    import torch
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=g).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    was_training = model.training
+    model.eval()
+    generated: list[int] = []
+
+    def generate() -> None:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        generated.append(out.shape[1] - prompt_len)
+
+    try:
+        with torch.no_grad():
+            forward_s = timed(lambda: model(batch))
+            generate_s = timed(generate)
+    finally:
+        model.train(was_training)
+    if set(generated) != {new_tokens}:
+        raise RuntimeError(f"greedy generation produced {sorted(set(generated))} tokens, expected {new_tokens}")
+    return {
+        "forward_tokens_per_s": batch_size * seq_len / forward_s,
+        "generate_tokens_per_s": new_tokens / generate_s,
+        "batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "prompt_len": prompt_len,
+        "repeats": repeats, "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
 
 
 def gap_closed(teacher: float | None, pruned: float | None, distilled: float | None) -> float | None:
@@ -241,8 +417,11 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any], *, log_file: str 
     run_dir = Path(run_dir)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     plot = plot_losses(read_log(run_dir / log_file), run_dir / "loss.png")
+    view = search_view(metrics)
+    search_plot = plot_candidates(view, run_dir / CANDIDATES_PNG) if view is not None else None
     report = run_dir / "report.md"
-    report.write_text(render_report(metrics, plot_name=plot.name if plot else None))
+    report.write_text(render_report(metrics, plot_name=plot.name if plot else None,
+                                    candidates_plot=search_plot.name if search_plot else None))
     logger.info("report written to %s", report)
     return report
 

@@ -116,3 +116,40 @@ def test_run_info_from_folder(tmp_path):
     assert card.data.eval_results and "kept layers (2): [0, 2]; dropped: [1, 3]" in card.text
     with pytest.raises(ValueError, match="--teacher"):
         run_info_from_folder(tmp_path / "empty")
+
+
+def test_card_from_a_run_folder_carries_speed_and_the_evaluations_run_with_task_versions(tmp_path):
+    """The layout the recipe writes: run/model (prune_map.json), run/metrics.json, run/lm_eval/lm_eval.json."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "lm_eval").mkdir()
+    (run / "model" / "prune_map.json").write_text(json.dumps({"teacher": {"source": "bundled", "shape": {"num_layers": 4}},
+                                                              "student_shape": {"num_layers": 3}, "kept_layers": [0, 1, 3]}))
+    evals = dict(EVAL, settings={"num_fewshot": 0, "limit": 50, "batch_size": 8,
+                                 "versions": {"minidistill_heldout_ppl": 1.0, "minidistill_lastword": 2.0}})
+    (run / "lm_eval" / "lm_eval.json").write_text(json.dumps(evals))
+    speed = {"batch_size": 8, "seq_len": 128, "new_tokens": 32, "prompt_len": 16, "repeats": 3, "device": "cpu", "dtype": "float32"}
+    (run / "metrics.json").write_text(json.dumps({"models": {
+        "teacher": {"speed": dict(speed, forward_tokens_per_s=1000.0, generate_tokens_per_s=20.0)},
+        "pruned": {},
+        "distilled": {"speed": dict(speed, forward_tokens_per_s=1600.0, generate_tokens_per_s=30.0)}}}))
+    card = build_model_card(run_info_from_folder(run / "model", model_name="me/m"))
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    got = {(r.task_name, r.metric_type): (r.metric_value, r.dataset_args) for r in loaded.data.eval_results}
+    assert got == {
+        ("minidistill_heldout_ppl", "word_perplexity"): (41.25, {"lm_eval_task_version": 1.0, "num_fewshot": 0, "limit": 50}),
+        ("minidistill_lastword", "acc"): (0.3, {"lm_eval_task_version": 2.0, "num_fewshot": 0, "limit": 50}),
+        ("minidistill_lastword", "perplexity"): (28.0, {"lm_eval_task_version": 2.0, "num_fewshot": 0, "limit": 50}),
+    }
+    speed_section = loaded.text.split("## Speed")[1].split("\n## ")[0]
+    assert "| teacher | 1000 | - | 20.0 | - |" in speed_section
+    assert "| distilled | 1600 | 1.60x | 30.0 | 1.50x |" in speed_section
+    assert "batch 8 x 128 tokens" in speed_section
+
+
+def test_model_index_without_recorded_versions_has_only_the_settings():
+    card = build_model_card(run_info())
+    assert {str(r.dataset_args) for r in card.data.eval_results} == {"None"}  # EVAL records no settings values
+    card = build_model_card(run_info(eval_results=dict(EVAL, settings={"num_fewshot": 1, "limit": None})))
+    assert all(r.dataset_args == {"num_fewshot": 1} for r in card.data.eval_results)

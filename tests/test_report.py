@@ -106,3 +106,78 @@ def test_report_shows_how_the_student_was_pruned_with_the_sensitivity_table():
     assert "| mlp | 0.500 | L30 D576 H9/KV3 I768 | 5.4582 | +2.0691 |" in section
     assert "| depth | 0.500 | L15 D576 H9/KV3 I1536 | 6.4592 | +3.0701 |" in section
     assert "![per-axis sensitivity](sensitivity.png)" in section
+
+
+# ---------------------------------------------------------------- budget search plot and speed
+
+TEACHER_PARAMS = 134_515_008
+
+
+def _search_metrics(score: str = "loss", sensitivity: bool = True):
+    metrics = _metrics()
+    rows = [(1, 90_000_000, 4.2, True, "depth"), (2, 91_000_000, 4.5, True, "width"), (3, 99_000_000, 4.0, False, "mix")]
+    metrics["candidates"] = [{"rank": r, "num_layers": 20, "params": p, "fraction": p / TEACHER_PARAMS, "family": f,
+                              "eligible": e, score: s} for r, p, s, e, f in rows]
+    metrics["pruning"] = {"importance": "activation", "layer_method": "block_influence",
+                          "search": {"score": score, "non_embedding": False}}
+    if sensitivity:
+        metrics["pruning"]["sensitivity"] = {"base": 3.39, "score": score, "reconstructed": False, "points": []}
+    return metrics
+
+
+def test_search_view_points_picked_and_teacher_come_from_the_candidate_rows():
+    from minidistill.report import search_view
+
+    view = search_view(_search_metrics())
+    assert [(p["params"], p["y"], p["eligible"]) for p in view["points"]] == [
+        (90_000_000, 4.2, True), (91_000_000, 4.5, True), (99_000_000, 4.0, False)]
+    assert view["picked"]["params"] == 90_000_000  # rank 1, although the ineligible row scores lower
+    assert view["teacher"] == {"params": TEACHER_PARAMS, "y": 3.39} and view["x_label"] == "parameters"
+    # kl: the teacher's divergence from itself is 0; loss without a sensitivity base: no teacher point
+    assert search_view(_search_metrics("kl", sensitivity=False))["teacher"] == {"params": TEACHER_PARAMS, "y": 0.0}
+    assert search_view(_search_metrics(sensitivity=False))["teacher"] is None
+    assert search_view(_metrics()) is None  # rows without params / score: nothing to plot
+
+
+def test_report_plots_the_budget_search(tmp_path):
+    report = write_report(tmp_path, _search_metrics()).read_text()
+    assert (tmp_path / "candidates.png").stat().st_size > 5000
+    section = report.split("## Budget search (ranked)")[1].split("\n## ")[0]
+    assert "![budget search candidates](candidates.png)" in section
+    assert "Picked: rank 1, 90,000,000 parameters, loss 4.2000 (depth); teacher: 134,515,008 parameters, loss 3.3900." in section
+
+
+def test_measure_speed_counts_tokens_over_the_timed_runs(monkeypatch):
+    """With a clock that advances 0.25 s per reading, every timed run lasts 0.25 s."""
+    import minidistill.report as report
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            self.now += 0.25
+            return self.now
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(report.time, "perf_counter", Clock())
+    sp = report.measure_speed(model, batch_size=2, seq_len=16, new_tokens=5, prompt_len=4, repeats=3)
+    assert sp["forward_tokens_per_s"] == 2 * 16 / 0.25 and sp["generate_tokens_per_s"] == 5 / 0.25
+    assert (sp["batch_size"], sp["seq_len"], sp["new_tokens"], sp["repeats"], sp["device"], sp["dtype"]) == (
+        2, 16, 5, 3, "cpu", "float32")
+
+
+def test_measure_speed_on_a_real_clock_and_the_speed_table():
+    from minidistill.report import measure_speed
+
+    small, big = tiny_model("llama", num_layers=1), tiny_model("llama", num_layers=8, hidden_size=256, intermediate_size=1024,
+                                                               num_heads=8, num_kv_heads=4, head_dim=32)
+    fast, slow = (measure_speed(m, batch_size=4, seq_len=64, new_tokens=8, repeats=3) for m in (small, big))
+    assert 0 < slow["forward_tokens_per_s"] < fast["forward_tokens_per_s"]
+    assert slow["generate_tokens_per_s"] > 0 and fast["generate_tokens_per_s"] > 0
+    metrics = _metrics()
+    metrics["models"]["teacher"]["speed"] = dict(slow, forward_tokens_per_s=1000.0, generate_tokens_per_s=20.0)
+    metrics["models"]["distilled"]["speed"] = dict(slow, forward_tokens_per_s=1500.0, generate_tokens_per_s=25.0)
+    section = render_report(metrics, plot_name=None).split("## Speed")[1].split("\n## ")[0]
+    assert "| teacher | 1000 | - | 20.0 | - |" in section
+    assert "| distilled | 1500 | 1.50x | 25.0 | 1.25x |" in section
+    assert "batch 4 x 64 tokens" in section and "8 new tokens" in section
