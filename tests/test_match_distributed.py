@@ -4,18 +4,20 @@
 every rank) + NST, MMD, FSP, activation boundaries and token attention. Relational KD over one rank's 2
 sequences differs from relational KD over the global 4, so an un-gathered RKD fails the value check; an RKD
 gradient not scaled by the process count changes the student's gradient by ~0.25 (measured) against the
-1e-5 tolerance. Launching follows tests/test_distributed.py (FSDP2 / ZeRO-3 through the CPU sharding patch).
+1e-5 tolerance. Gradient-based token attention (a double backward) is checked under DDP and refused under
+FSDP2 (where it crashed the process before the check). Launching follows tests/test_distributed.py (FSDP2 / ZeRO-3 through the CPU sharding patch).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_distributed import LAUNCH, _accelerate, _env, _free_port, _launch
+from test_distributed import LAUNCH, TIMEOUT_S, _accelerate, _env, _free_port, _launch
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +74,21 @@ def test_sharded_two_processes_equal_one(single, config, kind):
     got = _result(root / kind)[0]
     assert (got["kind"], got["zero_stage"]) == (("fsdp2", None) if kind == "fsdp2" else ("deepspeed", 3))
     _compare(single, root / kind, kind)
+
+
+def test_gradient_token_attention_ddp_equals_one_and_fsdp2_refuses_it(single):
+    root = single[0]
+    env = _tests_env(root, sharded=False)
+    _launch([sys.executable, str(SCRIPT), str(root / "single-gradient"), "gradient"], env, "single-process run")
+    args = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()))
+    _launch([*args, str(SCRIPT), str(root / "ddp-gradient"), "gradient"], env, "ddp run")
+    reference = (root, *_result(root / "single-gradient"))
+    assert reference[1]["components"]["loss/token_attention"] != single[1]["components"]["loss/token_attention"]
+    _compare(reference, root / "ddp-gradient", "ddp")
+    args = _accelerate("--config_file", str(LAUNCH / "fsdp2.yaml"), "--num_processes", "2", "--main_process_port", str(_free_port()))
+    proc = subprocess.run(
+        [*args, str(SCRIPT), str(root / "fsdp2-gradient"), "gradient"], cwd=ROOT, env=_tests_env(root, sharded=True),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode != 0
+    assert "source=gradient runs in one process or under DDP" in proc.stdout + proc.stderr

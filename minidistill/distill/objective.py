@@ -565,6 +565,13 @@ def _kept_hidden(ctx: ObjectiveContext, term: str, why: str) -> list[int] | None
     return None
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensor) or DeepSpeed ZeRO-3 partitions."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
+
+
 def _select(x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
     return x if index is None else x.index_select(-1, torch.as_tensor(index, device=x.device))
 
@@ -621,17 +628,15 @@ class WeightMatchTerm(LossTerm):
         self.loss = WeightMatchLoss()
 
     def forward(self, features, input_ids):
-        from torch.distributed.tensor import DTensor
-
+        if _is_sharded(self._student[0]):
+            raise ConfigError(
+                "loss.extra.weights reads whole student parameters: use it in one process or under DDP, "
+                "not FSDP2 / DeepSpeed ZeRO-3 (set loss.extra.weights to 0 there)"
+            )
         params = dict(self._student[0].named_parameters())
         student, targets = {}, {}
         for name, target in self.targets.items():
             p = params[name]
-            if isinstance(p, DTensor) or hasattr(p, "ds_id"):
-                raise ConfigError(
-                    "loss.extra.weights reads whole student parameters: use it in one process or under DDP, "
-                    "not FSDP2 / DeepSpeed ZeRO-3 (set loss.extra.weights to 0 there)"
-                )
             if target.device != p.device:
                 target = self.targets[name] = target.to(p.device)
             student[name] = p
@@ -762,6 +767,11 @@ class TokenAttentionTerm(LossTerm):
 
         if not torch.is_grad_enabled() or not s.final_hidden.requires_grad:
             raise ConfigError("loss.extra.token_attention.source=gradient needs the student's forward graph (training only)")
+        if _is_sharded(self._teacher[0]):
+            raise ConfigError(
+                "loss.extra.token_attention.source=gradient runs in one process or under DDP: FSDP2 / DeepSpeed ZeRO-3 "
+                "do not support its double backward and second teacher pass; use source=activation there"
+            )
         logits = F.linear(s.final_hidden, s.head_weight, s.head_bias)
         s_sal = saliency(next_token_ce(logits, input_ids), [s.hidden[i] for i, _ in self.pairs], create_graph=True)
         t_sal = _model_saliency(self._teacher[0], input_ids, [j for _, j in self.pairs])

@@ -1,8 +1,8 @@
 """One distillation step with relational KD (which gathers across ranks) and the other feature-matching terms under whatever ``accelerate launch`` set up.
 
-Usage: ``[accelerate launch ...] match_rkd.py OUT_DIR``. A tiny llama teacher (3 layers) and a student pruned from
+Usage: ``[accelerate launch ...] match_rkd.py OUT_DIR [gradient]``. A tiny llama teacher (3 layers) and a student pruned from
 it (``half_map``) take one step of logit KD + RKD, NST, MMD, FSP, activation boundaries and token attention on a seeded global batch of 4 sequences, each rank keeping its
-own rows. The main process writes ``OUT_DIR/result.json`` (kind, process count, every rank's RKD value, the total
+own rows (with ``gradient``: token attention from saliencies, the student on eager attention). The main process writes ``OUT_DIR/result.json`` (kind, process count, every rank's RKD value, the total
 loss and each term averaged over ranks) and ``OUT_DIR/grads.safetensors`` (the full gradient of every student parameter). With
 ``MINIDISTILL_TEST_CPU_SHARDING=1`` the CPU sharding patch is applied first (FSDP2 / DeepSpeed on CPU processes).
 """
@@ -75,6 +75,7 @@ def full_grad(p: torch.Tensor, kind: str) -> torch.Tensor:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    gradient = sys.argv[2:] == ["gradient"]
     torch.set_num_threads(1)
     if os.environ.get(CPU_SHARDING_ENV) == "1":
         enable_cpu_sharding_for_tests()
@@ -86,7 +87,11 @@ def main() -> None:
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.eval()
-    objective = DistillObjective(DistillLossConfig.from_dict(LOSS), teacher=teacher, student=student, prune_map=pmap)
+    loss = LOSS
+    if gradient:
+        student.set_attn_implementation("eager")
+        loss = {**LOSS, "extra": {**LOSS["extra"], "token_attention": {"source": "gradient"}}}
+    objective = DistillObjective(DistillLossConfig.from_dict(loss), teacher=teacher, student=student, prune_map=pmap)
     module = DistillationModule(student, objective)
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.0)
     world = accelerator.num_processes
