@@ -1,7 +1,8 @@
 """The distillation objective: one step's loss from one forward of each model.
 
 A :class:`DistillObjective` owns named loss terms (a registry: logits, hidden, attention, relations,
-and any term added with :func:`register_loss_term`), their learnable parts (hidden-state channel
+the knowledge-matching terms under ``loss.extra`` -- weights, mmd, nst, token_attention,
+activation_boundary, fsp, rkd -- and any term added with :func:`register_loss_term`), their learnable parts (hidden-state channel
 projections) and the loss balancer. Each term says which features it needs from which model role
 (``student``, ``teacher``; more roles fit, e.g. a second student for mutual learning); the features
 are captured during the single forward of each model (:func:`model_features`), and the logit term
@@ -705,7 +706,8 @@ class TokenAttentionSettings(ExtraTermSettings):
 
     source: Literal["activation", "gradient"] = "activation"
     """activation: per-token norm of the hidden states; gradient: of |dCE/dh| (one more teacher forward + backward,
-    a double backward through the student, and B x T x vocab logits of both models)."""
+    a double backward through the student, B x T x vocab logits of both models, ~2.4x a step; needs eager student
+    attention, one process or DDP)."""
     pairing: LayerPairing = field(default_factory=LayerPairing)
     """Layer pairs compared."""
 
