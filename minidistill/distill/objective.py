@@ -2,8 +2,8 @@
 
 A :class:`DistillObjective` owns named loss terms (a registry: logits, hidden, attention, relations,
 the knowledge-matching terms under ``loss.extra`` -- weights, mmd, nst, token_attention,
-activation_boundary, fsp, rkd -- and any term added with :func:`register_loss_term`), their learnable parts (hidden-state channel
-projections) and the loss balancer. Each term says which features it needs from which model role
+activation_boundary, fsp, rkd -- and any term added with :func:`register_loss_term`), their learnable
+parts (hidden-state channel projections, weight maps) and the loss balancer. Each term says which features it needs from which model role
 (``student``, ``teacher``; more roles fit, e.g. a second student for mutual learning); the features
 are captured during the single forward of each model (:func:`model_features`), and the logit term
 works from final hidden states and the output-head weight so that no tokens x vocabulary logits exist.
@@ -15,8 +15,8 @@ every trainable parameter (student and projections) inside the wrapped forward.
 
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
