@@ -368,10 +368,34 @@ def _eval_main(argv: list[str], prog: str | None = None) -> int:
     return lm_eval_main(argv)
 
 
-def _export_gguf_main(argv: list[str], prog: str | None = None) -> int:
-    from .export_gguf import main as export_main
+EXPORT_GGUF_DESCRIPTION = """\
+Write a run's model (or any saved model folder) as one GGUF file for llama.cpp / Ollama / LM Studio,
+tokenizer and teacher / prune-map metadata included. Written under a temporary name, then renamed."""
 
-    return export_main(argv, prog=prog)
+
+def export_gguf_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """Options of ``minidistill export-gguf`` / ``recipes/export_gguf.py``."""
+    from .export_gguf import OUTTYPES
+
+    p = argparse.ArgumentParser(prog=prog, description=EXPORT_GGUF_DESCRIPTION, formatter_class=_FORMATTER)
+    p.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a run folder (runs/<name>) or a saved model folder")
+    p.add_argument("--outtype", default="f16",
+                   help=f"weight type of the matrices: {', '.join(OUTTYPES)} (vectors stay f32; a recipe sets it as export.gguf)")
+    p.add_argument("--output", default=None, help="the .gguf file (default: <model folder>.<outtype>.gguf next to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--teacher", default=None, help="teacher source for the metadata when the folder does not record it")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def _export_gguf_main(argv: list[str], prog: str | None = None) -> int:
+    from .export_gguf import export_gguf
+
+    args = export_gguf_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = export_gguf(args.source, args.output, outtype=args.outtype, overwrite=args.overwrite, teacher=args.teacher)
+    print(result.path)
+    return 0
 
 
 # ------------------------------------------------------------------ the commands

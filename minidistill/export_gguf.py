@@ -345,26 +345,3 @@ def export_run(cfg: GGUFExportConfig, model_dir: str | Path, run_dir: str | Path
         return None
     out = Path(run_dir) / f"model.{cfg.gguf}.gguf"
     return export_gguf(model_dir, out, outtype=cfg.gguf, overwrite=True, teacher=teacher).path
-
-
-def build_parser(prog: str | None = None):
-    """Options of ``recipes/export_gguf.py`` / ``minidistill export-gguf``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a run folder (runs/<name>) or a saved model folder")
-    p.add_argument("--outtype", default="f16", help=f"weight type of the matrices: {', '.join(OUTTYPES)} (vectors stay f32)")
-    p.add_argument("--output", default=None, help="the .gguf file (default: <model folder>.<outtype>.gguf next to it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--teacher", default=None, help="teacher source for the metadata when the folder does not record it")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    return p
-
-
-def main(argv: list[str], prog: str | None = None) -> int:
-    """The export command: parse ``argv``, write the file, print its path."""
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = export_gguf(args.source, args.output, outtype=args.outtype, overwrite=args.overwrite, teacher=args.teacher)
-    print(result.path)
-    return 0
