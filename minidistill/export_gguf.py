@@ -43,6 +43,11 @@ _GGUF_ARCH: dict[str, gguf.MODEL_ARCH] = {
 }
 EXPORTABLE: tuple[str, ...] = tuple(sorted(_GGUF_ARCH))
 NOT_EXPORTABLE: tuple[str, ...] = tuple(t for t in SUPPORTED_MODEL_TYPES if t not in _GGUF_ARCH)
+# Why an adapter-table type is not exported (shown in the error).
+_WHY_NOT = {
+    "gemma3_text": "llama.cpp fixes gemma3's sliding-window layer pattern (every 6th layer global), which a "
+                   "depth-pruned student no longer follows",
+}
 
 _FILE_TYPE = {
     "f32": gguf.LlamaFileType.ALL_F32,
@@ -93,8 +98,9 @@ def check_exportable(config) -> gguf.MODEL_ARCH:
     get_adapter(config)  # unknown and mixture-of-experts models get the adapter table's error
     model_type = config.model_type
     if model_type not in _GGUF_ARCH:
+        why = f" ({_WHY_NOT[model_type]})" if model_type in _WHY_NOT else ""
         raise UnsupportedArchitectureError(
-            f"GGUF export does not support model type {model_type!r}; exportable: {', '.join(EXPORTABLE)} "
+            f"GGUF export does not support model type {model_type!r}{why}; exportable: {', '.join(EXPORTABLE)} "
             f"(not exportable: {', '.join(NOT_EXPORTABLE)})"
         )
     rope = dict(getattr(config, "rope_parameters", None) or {})
