@@ -282,7 +282,7 @@ def _ratio(value: float | None, ref: float | None, name: str) -> str:
     return f"{value / ref:.2f}x"
 
 
-def measure_speed(model, *, batch_size: int = 8, seq_len: int = 128, new_tokens: int = 32, prompt_len: int = 16,
+def measure_speed(model, *, batch_size: int = 4, seq_len: int = 64, new_tokens: int = 16, prompt_len: int = 16,
                   repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     """Tokens/s of a forward over ``batch_size x seq_len`` random tokens and of greedy generation.
 
