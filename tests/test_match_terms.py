@@ -362,3 +362,54 @@ def test_identity_student_scores_zero_on_every_term_and_architecture(model_type)
     gate = got["g"] if adapter.gate_proj else got["g"][..., : got["g"].shape[-1] // 2]
     assert feats.gates[1].shape[-1] == teacher.config.intermediate_size
     assert torch.equal(feats.gates[1], gate)
+
+
+# ---------------------------------------------------------------------------------------------- gradients on the tiny model
+
+
+def _grad_refs(pmap):
+    """Reference loss of each term from hook-captured float64 features (``sf`` with graph, ``tf`` without)."""
+    kept, pairs = _kept(pmap), list(enumerate(pmap.kept_layers))
+
+    def boundary(sf, tf):
+        return torch.stack([
+            torch.where(tf["gates"][j][..., torch.tensor(pmap.layers[i].kept_neurons)] > 0, F.relu(0.3 - sf["gates"][i]), F.relu(0.3 + sf["gates"][i])).pow(2).mean()
+            for i, j in pairs
+        ]).mean()
+
+    return {
+        "mmd": ({"sigma": 0.5}, lambda sf, tf: torch.stack([_mmd_ref(sf["hidden"][i], tf["hidden"][j][..., kept], "gaussian", "tokens", 0.5) for i, j in pairs]).mean()),
+        "nst": (1.0, lambda sf, tf: torch.stack([_mmd_ref(sf["hidden"][i], tf["hidden"][j], "polynomial", "neurons") for i, j in pairs]).mean()),
+        "token_attention": (1.0, lambda sf, tf: torch.stack([(_at(sf["hidden"][i]) - _at(tf["hidden"][j])).pow(2).sum(-1).mean() for i, j in pairs]).mean()),
+        "activation_boundary": ({"margin": 0.3}, boundary),
+        "fsp": (1.0, lambda sf, tf: (_fsp(sf["hidden"][0], sf["hidden"][1]) - _fsp(tf["hidden"][0], tf["hidden"][2], kept)).pow(2).mean()),
+        "rkd": (1.0, lambda sf, tf: _naive_rkd(sf["final"].mean(1), tf["final"].mean(1), 1.0, 2.0)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mmd", "nst", "token_attention", "activation_boundary", "fsp", "rkd"])
+def test_term_gradients_match_float64_reference(name):
+    """The term's gradient w.r.t. student weights (objective on float64 models) equals the reference's."""
+    teacher, student, pmap = _pruned_pair()
+    teacher, student = teacher.double(), student.double()
+    settings, reference = _grad_refs(pmap)[name]
+    objective = DistillObjective(DistillLossConfig.from_dict({"extra": {name: settings}}), teacher=teacher, student=student, prune_map=pmap)
+    features = {"student": model_features(student, IDS, objective.request_for("student")), "teacher": teacher_features(teacher, IDS, objective)}
+    value = objective.terms[name](features, IDS)
+    params = [p for n, p in student.named_parameters() if "layers.0." in n and n.endswith("proj.weight")]
+    grads = torch.autograd.grad(value, params)
+
+    twin = copy.deepcopy(student)
+    got = {"hidden": {}, "gates": {}}
+    for i, layer in enumerate(get_adapter(twin).decoder_layers(twin)):
+        layer.register_forward_hook(lambda m, a, o, i=i: got["hidden"].__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        layer.mlp.gate_proj.register_forward_hook(lambda m, a, o, i=i: got["gates"].__setitem__(i, o))
+    twin.model.norm.register_forward_hook(lambda m, a, o: got.__setitem__("final", o))
+    twin(IDS)
+    ref = reference(got, _features(teacher))
+    ref_grads = torch.autograd.grad(ref, [p for n, p in twin.named_parameters() if "layers.0." in n and n.endswith("proj.weight")])
+    assert value.item() == pytest.approx(ref.item(), rel=1e-9)
+    assert len(grads) == 7
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-7, atol=1e-12 + 1e-9 * r.abs().max().item())
+    assert sum(r.abs().sum() for r in ref_grads) > 0

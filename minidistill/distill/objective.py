@@ -946,9 +946,10 @@ class RelationalKDTerm(LossTerm):
                 f"loss.extra.rkd needs at least {MIN_SEQUENCES_PER_RANK} sequences per process in each micro-batch, "
                 f"got {h_s.shape[0]}: raise train.batch_size (it is split over processes and accumulation steps)"
             )
-        pooled_s = gather_rows(h_s.float().mean(1))
+        dtype = torch.promote_types(h_s.dtype, torch.float32)
+        pooled_s = gather_rows(h_s.to(dtype).mean(1))
         with torch.no_grad():
-            pooled_t = gather_rows(h_t.float().mean(1))
+            pooled_t = gather_rows(h_t.to(dtype).mean(1))
         return scale_gradient(self.loss(pooled_s, pooled_t))
 
 
