@@ -96,10 +96,13 @@ def test_sensitivity_can_skip_the_refit_that_scored_candidates_get():
     search = {"sensitivity": True, "sensitivity_ratios": [0.5], "max_layer_drop": 0.5, "reconstruct": True,
               "max_candidates": 1}
     recon = {"enabled": True, "mode": "teacher"}
-    plain = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon,
+    # Neurons ranked by activation: the re-fit then has removed neurons' output to take over.
+    importance = {"batch_size": 4, "cache": False, "neuron_ranking": "method"}
+    plain = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon, importance=importance,
                                                        search={**search, "sensitivity_reconstruct": False}),
                         teacher_source="tiny")
-    refit = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon, search=search),
+    refit = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, reconstruction=recon, importance=importance,
+                                                       search=search),
                         teacher_source="tiny")
     assert plain.prune_map.notes["sensitivity"]["reconstructed"] is False
     assert refit.prune_map.notes["sensitivity"]["reconstructed"] is True

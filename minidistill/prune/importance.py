@@ -23,6 +23,12 @@ order), ``random`` (seeded uniform). A unit owns: head = its q rows and o_proj c
 k and v rows plus its heads; neuron = its gate and up rows and down_proj column; hidden channel = its
 embedding and lm_head column, the input columns of q/k/v/gate/up, the output rows of o/down, and its
 norm weights; layer = all of the layer's weights.
+
+MLP neurons are then re-ranked inside each layer (``neuron_ranking="refit"``, the default) by greedy
+elimination on the Gram matrix of the down_proj inputs, collected in the same forward
+(:mod:`.refit_order`): the ranking that leaves the least output error after the least-squares
+re-fit. On the bundled teacher at I512 (64 calibration blocks, teacher-mode re-fit) it lowered the
+pruned student's held-out perplexity from 164 to 128 (news) and 336 to 279 (Wikipedia).
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -47,6 +55,7 @@ from ..adapters import ArchAdapter, get_adapter, lm_head_is_tied
 from ..config import ConfigBase, ConfigError
 from ..models import cache_root, state_dict_sha256
 from .layer_importance import LayerSimilarity, layer_similarity_hooks
+from .refit_order import refit_elimination_scores
 from .types import UnitImportance
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,7 @@ METHODS = ("activation", "magnitude", "taylor", "random")
 TOKEN_AGGS = ("mean_abs", "l2")
 BATCH_AGGS = ("mean", "l2", "var")
 HEAD_SIGNALS = ("input", "output")
+NEURON_RANKINGS = ("method", "refit")
 
 
 @dataclass
@@ -77,6 +87,10 @@ class ImportanceConfig(ConfigBase):
     """Positions projected to the vocabulary at once in the ``taylor`` loss."""
     cache: bool = True
     """Cache scores on disk under ``cache_root()/importance`` (keyed by model, data and settings)."""
+    neuron_ranking: Literal["method", "refit"] = "refit"
+    """How a layer's MLP neurons are ranked: ``refit`` by greedy elimination on the Gram matrix of the
+    down_proj inputs (the output error left after the least-squares re-fit, :mod:`.refit_order`; holds
+    ``num_layers x intermediate_size^2`` float64 during calibration), ``method`` by the method's own scores."""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -91,10 +105,12 @@ class ImportanceConfig(ConfigBase):
             raise ConfigError(f"importance.batch_size={self.batch_size}: must be >= 1")
         if self.chunk_tokens < 1:
             raise ConfigError(f"importance.chunk_tokens={self.chunk_tokens}: must be >= 1")
+        if self.neuron_ranking not in NEURON_RANKINGS:
+            raise ConfigError(f"importance.neuron_ranking={self.neuron_ranking!r}: choose one of {list(NEURON_RANKINGS)}")
 
     def settings(self) -> dict:
         """The settings that change the scores (recorded in the prune map and the cache key)."""
-        out = {"method": self.method}
+        out = {"method": self.method, "neuron_ranking": self.neuron_ranking}
         if self.method == "activation":
             out.update(token_agg=self.token_agg, batch_agg=self.batch_agg, head_signal=self.head_signal)
         if self.method == "random":
@@ -247,10 +263,12 @@ def activation_importance(
     batch_agg: str = "l2",
     head_signal: str = "input",
     progress: Callable[[Iterable], Iterable] | None = None,
+    neuron_grams: list[torch.Tensor] | None = None,
 ) -> tuple[UnitImportance, LayerSimilarity]:
     """Activation importance and layer similarity statistics from ONE forward over ``batches``.
 
-    ``UnitImportance.layers`` holds the block influence of each layer.
+    ``UnitImportance.layers`` holds the block influence of each layer. ``neuron_grams`` (an empty list):
+    filled with each layer's down_proj input Gram matrix from the same forward.
     """
     adapter = get_adapter(model)
     shape = adapter.shape(model.config)
@@ -259,7 +277,11 @@ def activation_importance(
     sim = LayerSimilarity(shape["num_layers"])
     was_training = model.training
     model.eval()
-    with activation_hooks(model, token_agg, head_signal) as acc, layer_similarity_hooks(model, sim):
+    with contextlib.ExitStack() as stack:
+        acc = stack.enter_context(activation_hooks(model, token_agg, head_signal))
+        stack.enter_context(layer_similarity_hooks(model, sim))
+        if neuron_grams is not None:
+            neuron_grams.extend(stack.enter_context(down_proj_gram_hooks(model)))
         for ids in progress(batches) if progress else batches:
             backbone(input_ids=ids.to(device))
     model.train(was_training)
@@ -273,6 +295,53 @@ def activation_importance(
         settings={"method": "activation", "token_agg": token_agg, "batch_agg": batch_agg, "head_signal": head_signal},
     )
     return units, sim
+
+
+@contextmanager
+def down_proj_gram_hooks(model: nn.Module):
+    """Hooks accumulating each layer's ``X^T X`` of the down_proj inputs (float64; each batch's product in
+    float32, or float64 for float64 models); yields the list of [intermediate, intermediate] matrices."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    size = adapter.shape(model.config)["intermediate_size"]
+    device = next(model.parameters()).device
+    grams = [torch.zeros(size, size, dtype=torch.float64, device=device) for _ in layers]
+
+    def hook(i):
+        def accumulate(_m, args):
+            x = _wide(args[0].detach()).reshape(-1, size)
+            grams[i].add_((x.T @ x).double())
+        return accumulate
+
+    handles = [adapter.layer_part(layer, "down_proj").register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield grams
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def refit_neuron_scores(model: nn.Module, grams: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[num_layers, intermediate_size] re-fit-aware keep scores (:func:`.refit_order.refit_elimination_scores`)."""
+    adapter = get_adapter(model)
+    weights = [adapter.layer_part(layer, "down_proj").weight for layer in adapter.decoder_layers(model)]
+    return torch.stack([refit_elimination_scores(g, w) for g, w in zip(grams, weights)])
+
+
+@torch.no_grad()
+def down_proj_grams(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's down_proj input Gram matrix from one forward over ``batches``."""
+    adapter = get_adapter(model)
+    backbone = model.get_submodule(adapter.backbone)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with down_proj_gram_hooks(model) as grams:
+        for ids in batches:
+            backbone(input_ids=ids.to(device))
+    model.train(was_training)
+    return grams
 
 
 # ---------------------------------------------------------------------------- weight-based baselines
@@ -447,10 +516,11 @@ def compute_importance(
             logger.info("importance read from the cache (%s)", key[:16])
             return cached
     batches = importance_batches(calibration, cfg.batch_size)
+    grams: list[torch.Tensor] | None = [] if cfg.neuron_ranking == "refit" else None
     if cfg.method == "activation":
         units, sim = activation_importance(
             model, batches, token_agg=cfg.token_agg, batch_agg=cfg.batch_agg, head_signal=cfg.head_signal,
-            progress=progress,
+            progress=progress, neuron_grams=grams,
         )
     else:
         from .layer_importance import layer_similarity
@@ -463,6 +533,11 @@ def compute_importance(
                                       progress=None if with_stats else progress)
         else:
             units = random_importance(model, cfg.seed)
+        if grams is not None:
+            grams = down_proj_grams(model, batches)
+    if grams is not None:
+        units.neurons = refit_neuron_scores(model, grams)
+        del grams
     units.settings = {**cfg.settings(), "calibration_blocks": int(calibration.shape[0]),
                       "calibration_tokens": int(calibration.numel())}
     if key is not None:
