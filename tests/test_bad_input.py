@@ -36,15 +36,16 @@ SCRIPTS = {
     "prune_distill": REPO / "recipes" / "prune_distill.py",
     "push": REPO / "recipes" / "push.py",
     "eval": REPO / "eval" / "run_lm_eval.py",
+    "export_gguf": REPO / "recipes" / "export_gguf.py",
 }
 CODE = {kind: code for code, kind, _ in EXIT_CODES.values()}
 TRACEBACK = "Traceback (most recent call last)"
 
 # README "What is checked" categories, in the order they are listed there.
 CATEGORIES = {
-    "model": "model sources: missing folder, file instead of folder, folder without config.json, Hub id while offline, unsupported architecture, tokenizer mismatch",
-    "output": "output folders: not empty, the source model itself (even with --overwrite), under a file, not writable, a user's folder as prune.output_dir",
-    "config": "config: YAML syntax / encoding / shape (named with file and line), unknown keys, non-finite lr, non-integer parameter counts, bad overrides, --resume followed by an override",
+    "model": "model sources: missing folder, file instead of folder, folder without config.json, Hub id while offline, unsupported architecture (also for GGUF export), tokenizer mismatch",
+    "output": "output folders: not empty, the source model itself (even with --overwrite), under a file, not writable, a user's folder as prune.output_dir, an existing GGUF file without --overwrite",
+    "config": "config: YAML syntax / encoding / shape (named with file and line), unknown keys, non-finite lr, non-integer parameter counts, bad overrides, --resume followed by an override, feature terms paired by a missing prune map, an unknown GGUF type",
     "data": "data files: missing, empty, whitespace only, not UTF-8, a folder, unknown type, malformed JSON lines, missing column, offline Hub dataset, too little text",
     "target": "prune targets: budget above the teacher, shapes the architecture refuses",
     "checkpoint": "checkpoints and run folders: resume without a checkpoint, an incomplete checkpoint, a truncated or empty trainer_state.json",
@@ -128,6 +129,11 @@ def _checkpoint_files(state: str) -> dict[str, str]:
     return {f"ckpt/step-2/{k}": v for k, v in {**files, "manifest.json": json.dumps(manifest)}.items()}
 
 
+# config.json of a gemma3 model: an adapter-table architecture that llama.cpp cannot run once depth-pruned.
+GEMMA3_CONFIG = json.dumps({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "hidden_size": 64,
+                            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 256})
+
 HUB_ENV = {"HF_TOKEN": None, "HF_HUB_OFFLINE": "0"}  # no token anywhere (HF_HOME is the case's empty folder)
 
 CASES: list[Case] = [
@@ -152,6 +158,14 @@ CASES: list[Case] = [
          r"tokenizers differ.*student\.tokenizer=", "model"),
     Case("distill_unsupported_teacher", "prune_distill", _distill(*PRUNE_STUDENT, "teacher.source={gpt2}"), 7,
          r"gpt2", "model"),
+    Case("distill_gguf_unsupported_architecture", "prune_distill",
+         _distill("student.source={case}/gemma", "export.gguf=q8_0"), 7,
+         r"export\.gguf: GGUF export does not support model type 'gemma3_text' \(llama\.cpp fixes.*export\.gguf=null",
+         "model", files={"gemma/config.json": GEMMA3_CONFIG}),
+    Case("export_gguf_unsupported_architecture", "export_gguf", ["{case}/gemma", "--output", "{case}/m.gguf"], 7,
+         r"GGUF export does not support model type 'gemma3_text'.*exportable: llama, mistral", "model",
+         files={"gemma/config.json": GEMMA3_CONFIG}),
+    Case("export_gguf_gpt2", "export_gguf", ["{gpt2}", "--output", "{case}/m.gguf"], 7, r"gpt2", "model"),
     Case("eval_model_missing", "eval", ["--model", "a={teacher}", "--model", "b={case}/no_model", "--limit", "2"], 8,
          r"no such folder: .*no_model", "model"),
     # ------------------------------------------------------------------ output folders
@@ -180,6 +194,8 @@ CASES: list[Case] = [
          r"runs\.txt is a file, not a folder", "output", files={"runs.txt": "keep"}),
     Case("distill_output_root_not_writable", "prune_distill", _distill("output_root=/proc/minidistill-runs"), 11,
          r"/proc is not writable", "output"),
+    Case("export_gguf_output_exists", "export_gguf", ["{student}", "--outtype", "f32", "--output", "{case}/m.gguf"], 11,
+         r"m\.gguf exists; pass --overwrite to replace it", "output", files={"m.gguf": "keep me"}),
     Case("eval_output_under_a_file", "eval", ["--model", "a={teacher}", "--output_dir", "{case}/f.txt/eval"], 11,
          r"f\.txt is a file, not a folder", "output", files={"f.txt": "keep"}),
     # ------------------------------------------------------------------ config
@@ -216,6 +232,10 @@ CASES: list[Case] = [
          r"data\.seq_len=4096 exceeds the teacher's max_position_embeddings=256", "config"),
     Case("distill_feature_loss_without_map", "prune_distill", _distill("student.source={student_nomap}", "loss.hidden.weight=1.0"), 2,
          r"loss\.hidden pairs layers by the prune map.*pairing\.strategy=explicit", "config"),
+    Case("distill_extra_feature_loss_without_map", "prune_distill", _distill("student.source={student_nomap}", "loss.extra.nst=0.5"), 2,
+         r"loss\.extra\.nst pairs layers by the prune map.*loss\.extra\.nst\.pairing\.strategy=explicit", "config"),
+    Case("export_gguf_unknown_outtype", "export_gguf", ["{student}", "--outtype", "q4_k", "--output", "{case}/m.gguf"], 2,
+         r"--outtype 'q4_k': choose one of f32, f16, q8_0", "config"),
     Case("distill_push_without_repo", "prune_distill", _distill("push_to_hub=true"), 2,
          r"push_to_hub=true needs hub\.repo_id", "config"),
     Case("prune_params_not_integer", "prune", _prune("--target_params", "1234.5"), 2,
@@ -531,13 +551,14 @@ def readme_section() -> str:
     counts["fault"] += 2  # test_sigkill_during_prune_then_rerun_completes (two kill points)
     lines = [
         README_START,
-        "Every entry point (`recipes/prune.py`, `recipes/prune_distill.py`, `recipes/push.py`, `eval/run_lm_eval.py`)",
-        "checks its input before loading a model where it can, and reports bad input as one line on stderr,",
-        "`error [<kind>, exit <code>]: <what is wrong, the file or key, the fix>`, with no traceback (`--debug` or",
-        "`MINIDISTILL_DEBUG=1` shows it) and nothing written or deleted. Under `accelerate launch` the launcher",
-        "adds its own `CalledProcessError` traceback after that line; `accelerate launch -q` leaves the line last",
-        "(and exits 1). `tests/test_bad_input.py` runs the catalogue below through the real commands, checking",
-        "the exit code, the message, that no traceback is printed and that no input file changed.",
+        "Every entry point (`recipes/prune.py`, `recipes/prune_distill.py`, `recipes/push.py`, `eval/run_lm_eval.py`,",
+        "`recipes/export_gguf.py`) checks its input before loading a model where it can, and reports bad input as",
+        "one line on stderr, `error [<kind>, exit <code>]: <what is wrong, the file or key, the fix>`, with no",
+        "traceback (`--debug` or `MINIDISTILL_DEBUG=1` shows it) and nothing written or deleted. Under",
+        "`accelerate launch` the launcher adds its own `CalledProcessError` traceback after that line;",
+        "`accelerate launch -q` leaves the line last (and exits 1). `tests/test_bad_input.py` runs the catalogue",
+        "below through the real commands, checking the exit code, the message, that no traceback is printed and",
+        "that no input file changed.",
         "",
         "| exit | kind | raised for |",
         "| --- | --- | --- |",
