@@ -20,6 +20,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import count_parameters
+from ..cli import doc_of
 from ..config import ConfigBase, ConfigError
 from ..data import DataConfig, TextData, check_data_source
 from ..models import ModelConfig, load_model_and_tokenizer, resolve_source
@@ -92,6 +93,7 @@ class EvalTable:
     rows: list[EvalRow]
     tasks: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
+    """``num_fewshot``, ``limit``, ``batch_size`` and ``versions`` (lm-eval's version of each task)."""
 
     def row(self, name: str) -> EvalRow:
         """The row of the model called ``name``."""
@@ -251,6 +253,7 @@ def run_lm_eval(
         include_paths.append(str(Path(task_dir).resolve()))
     task_manager = _task_manager_for([t for t in cfg.tasks if t not in LOCAL_TASKS], include_paths)
     rows = []
+    versions: dict[str, Any] = {}
     for name, entry in models.items():
         model, tokenizer = _resolve_entry(entry)
         original_device = next(model.parameters()).device
@@ -277,6 +280,7 @@ def run_lm_eval(
         wall = time.perf_counter() - start
         if out is None:
             raise RuntimeError("lm-eval returned no results (non-zero rank?)")
+        versions.update({str(task): v for task, v in (out.get("versions") or {}).items()})
         rows.append(
             EvalRow(
                 name=name,
@@ -291,7 +295,8 @@ def run_lm_eval(
     table = EvalTable(
         rows=rows,
         tasks=list(cfg.tasks),
-        settings={"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "batch_size": cfg.batch_size},
+        settings={"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "batch_size": cfg.batch_size,
+                  "versions": versions},
     )
     if cfg.output_dir:
         table.save(cfg.output_dir)
@@ -308,13 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Score models side by side on lm-eval tasks (offline local tasks by default).")
     parser.add_argument("--model", action="append", required=True, metavar="NAME=SOURCE",
                         help="a model to score: a saved folder or 'bundled' (repeat for several)")
-    parser.add_argument("--tasks", default=",".join(LOCAL_TASKS), help="comma-separated task names")
-    parser.add_argument("--num_fewshot", type=int, default=None)
-    parser.add_argument("--limit", type=float, default=None, help="items per task (>= 1) or a fraction (< 1)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--output_dir", default=None, help="writes lm_eval.md and lm_eval.json here")
-    parser.add_argument("--data_source", default="bundled", help="corpus whose held-out split feeds the local tasks")
+    parser.add_argument("--tasks", default=",".join(LOCAL_TASKS),
+                        help=doc_of(LmEvalConfig, "tasks", " Comma-separated."))
+    parser.add_argument("--num_fewshot", type=int, default=None, help=doc_of(LmEvalConfig, "num_fewshot"))
+    parser.add_argument("--limit", type=float, default=None,
+                        help=doc_of(LmEvalConfig, "limit", " Here a value >= 1 is a count."))
+    parser.add_argument("--batch_size", type=int, default=8, help=doc_of(LmEvalConfig, "batch_size"))
+    parser.add_argument("--device", default=None, help=doc_of(LmEvalConfig, "device"))
+    parser.add_argument("--output_dir", default=None, help=doc_of(LmEvalConfig, "output_dir"))
+    parser.add_argument("--data_source", default="bundled",
+                        help="corpus whose held-out split feeds the local tasks: " + doc_of(DataConfig, "source"))
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     limit = None if args.limit is None else int(args.limit) if args.limit >= 1 else args.limit
