@@ -369,7 +369,15 @@ def test_ineligible_candidates_are_scored_but_never_win():
     t = get_adapter(teacher).shape(teacher.config)
     cands = [Candidate({**t, "num_layers": best}, 100, 0.0, "depth", in_band=False, eligible=False),
              Candidate({**t, "num_layers": worst}, 100, 1.0, "depth")]
-    res = score_candidates(teacher, cands, lambda s, r: (others[s["num_layers"]], s["num_layers"]), heldout,
-                           SearchConfig(), full_params=1000)
+    built = []
+
+    def build(shape, refit):
+        built.append((shape["num_layers"], refit))
+        return others[shape["num_layers"]], shape["num_layers"]
+
+    res = score_candidates(teacher, cands, build, heldout, SearchConfig(reconstruct=True), full_params=1000)
     assert res.best_map == worst and res.rows[0]["num_layers"] == worst and res.rows[1]["eligible"] is False
     assert res.prescore_spearman is None  # two rows: no rank correlation
+    # the one that cannot win is not re-fitted (the re-fit is the search's main cost)
+    assert sorted(built) == sorted([(best, False), (worst, True)])
+    assert {r["num_layers"]: r["refit"] for r in res.rows} == {best: False, worst: True}

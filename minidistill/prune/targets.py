@@ -754,18 +754,20 @@ def score_candidates(
 
     Rows hold the shape, family, parameter count, its fraction of ``full_params``, pre-score and rank,
     the score (lower is better) and the seconds spent; they are logged as a table and returned best
-    first. Only ``eligible`` candidates can win; the others are shown with ``eligible=False``.
+    first. Only ``eligible`` candidates can win; the others are shown with ``eligible=False`` and, since
+    they cannot win, scored without the re-fit (``refit`` says which rows were re-fitted).
     """
     score_fn = score_fn or make_score_fn(teacher, heldout, search)
     rows: list[dict[str, Any]] = []
     best: tuple[float, nn.Module, Any] | None = None
     for i, cand in enumerate(candidates):
         t0 = time.perf_counter()
-        student, pmap = build(cand.shape, search.reconstruct)
+        refit = search.reconstruct and cand.eligible
+        student, pmap = build(cand.shape, refit)
         score = score_fn(student)
         rows.append({**{k: cand.shape[k] for k in SHAPE_TARGET_KEYS}, "family": cand.family, "params": cand.params,
                      "fraction": cand.params / full_params, "in_band": cand.in_band, "eligible": cand.eligible,
-                     "prescore": cand.cost, "prerank": i, search.score: score,
+                     "refit": refit, "prescore": cand.cost, "prerank": i, search.score: score,
                      "score_s": time.perf_counter() - t0})
         if cand.eligible and (best is None or score < best[0]):
             best = (score, student, pmap)
@@ -777,7 +779,8 @@ def score_candidates(
     rows.sort(key=lambda r: (not r["eligible"], r[search.score]))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
-    rho = spearman([r["prescore"] for r in rows], [r[search.score] for r in rows])
+    scored_alike = [r for r in rows if r["eligible"]]  # the ineligible ones skip the re-fit
+    rho = spearman([r["prescore"] for r in scored_alike], [r[search.score] for r in scored_alike])
     logger.info("budget search (lower %s is better; pre-score vs score Spearman %s):\n%s", search.score,
                 "n/a" if rho is None else f"{rho:.3f}", format_rows(rows))
     return SearchResult(rows=rows, best_student=best[1], best_map=best[2], best_reconstructed=search.reconstruct,
