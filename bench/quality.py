@@ -1,17 +1,22 @@
 """Quality study on the bundled teacher at ~50% of its non-embedding parameters: what recovers quality.
 
-Four comparisons, each row scored the same way (held-out perplexity on the project's held-out blocks,
-and the offline lm-eval tasks ``minidistill_heldout_ppl`` / ``minidistill_lastword``):
+Comparisons (``--groups``), each row scored the same way (held-out perplexity on the project's held-out
+blocks, and the offline lm-eval tasks ``minidistill_heldout_ppl`` / ``minidistill_lastword``):
 
-1. importance method before any retraining: activation vs magnitude vs Taylor vs random (each
-   method's own layer scores; least-squares reconstruction on, as in the library's default);
-2. retraining objective at equal tokens, from the activation-pruned student: LM loss only vs logit KD
-   vs logit KD + hidden + attention vs that + relations;
-3. width-only vs depth-only vs both at equal parameters (logit KD + hidden + attention);
-4. pruned-then-distilled vs the same shape randomly initialised and distilled, at equal tokens.
+1. ``importance``: importance method before any retraining: activation (neurons re-fit-ranked, the
+   default; and neurons by activation) vs magnitude vs Taylor vs random (each method's own scores and
+   layer scores; least-squares reconstruction on, as in the library's default);
+2. ``objective``: retraining objective at equal tokens, from the activation-pruned student: LM loss only
+   vs logit KD vs logit KD + hidden + attention vs that + relations;
+3. ``shape``: width-only vs depth-only vs both at equal parameters (logit KD + hidden + attention);
+4. ``init``: pruned-then-distilled vs the same shape randomly initialised and distilled, at equal tokens;
+5. ``match``: what else the student matches besides logits (``bench/quality_match.py``), equal tokens;
+6. ``pruning``: pruning options before retraining: re-fit off / teacher / sequential at the searched
+   shape, and depth-only at half the layers with each layer method.
 
-    python bench/quality.py --write            # ~1 hour on 2 CPU cores; table into bench/RESULTS.md
-    python bench/quality.py --quick            # CI-sized run of every row (a couple of minutes)
+    python bench/quality.py --write            # ~2 hours on 2 CPU cores; table into bench/RESULTS.md
+    python bench/quality.py --groups pruning   # one comparison (the teacher row is always measured)
+    python bench/quality.py --quick            # CI-sized run of every row (a few minutes)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -36,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from results_file import write_section  # noqa: E402  (bench/ is on sys.path when run as a script)
+import quality_match  # noqa: E402  (bench/ is on sys.path when run as a script)
+from results_file import write_section  # noqa: E402
 
 from minidistill.adapters import count_parameters, get_adapter  # noqa: E402
 from minidistill.data import DataConfig, TextData, build_text_data  # noqa: E402
@@ -48,6 +55,7 @@ from minidistill.evaluation.tasks import prepare_local_tasks  # noqa: E402
 from minidistill.models import ModelConfig, load_model_and_tokenizer  # noqa: E402
 from minidistill.prune.importance import ImportanceConfig  # noqa: E402
 from minidistill.prune.pipeline import PruneConfig, prune_model  # noqa: E402
+from minidistill.prune.reconstruct import ReconstructionConfig  # noqa: E402
 from minidistill.prune.targets import SearchConfig, TargetConfig  # noqa: E402
 from minidistill.training.config import EvalConfig, TrainConfig  # noqa: E402
 from minidistill.training.loop import Distiller  # noqa: E402
@@ -64,8 +72,15 @@ OBJECTIVES = {
     "logit KD": {},
     "KD + hidden + attention": {**FEATURES, "balance": "auto"},
     "KD + hidden + attention + relations": {**FEATURES, "relations": {"weight": 1.0}, "balance": "auto"},
+    **{f"match: {name}": loss for name, loss in quality_match.OBJECTIVES.items()},
 }
 MAIN_OBJECTIVE = "KD + hidden + attention"
+IMPORTANCE = "1. importance (no retraining)"
+OBJECTIVE = "2. objective (equal tokens)"
+SHAPE = "3. width vs depth (equal params)"
+INIT = "4. initialisation (equal tokens)"
+MATCH = f"5. {quality_match.GROUP}"
+PRUNING = "6. pruning options (no retraining)"
 
 logger = logging.getLogger("bench.quality")
 
@@ -144,14 +159,17 @@ class Study:
         return again
 
     def prune(self, method: str, target: TargetConfig | dict[str, int], layer_method: str,
-              search: SearchConfig | None = None):
+              search: SearchConfig | None = None, *, neuron_ranking: str = "refit",
+              reconstruction: ReconstructionConfig | None = None):
         """(student, prune map, seconds) from the library's pruning pipeline; ``target``: a budget or a shape."""
         cfg = PruneConfig(
-            importance=ImportanceConfig(method=method, batch_size=self.sizes.batch_size, cache=False),
+            importance=ImportanceConfig(method=method, batch_size=self.sizes.batch_size, cache=False,
+                                        neuron_ranking=neuron_ranking),
             layer_method=layer_method,
             calib_blocks=self.sizes.calib_blocks,
             target=target if isinstance(target, TargetConfig) else TargetConfig(**target),
             search=search or SearchConfig(),
+            reconstruction=reconstruction or ReconstructionConfig(),
             show_progress=False,
         )
         t0 = time.perf_counter()
@@ -171,7 +189,7 @@ class Study:
                             schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
         distiller = Distiller(
             student=copy.deepcopy(student), teacher=self.teacher, data=self.data, prune_map=pmap, loss=loss, train=train,
-            eval=EvalConfig(max_blocks=1, batch_size=s.batch_size), run_dir=self.work_dir / name.replace(" ", "_"),
+            eval=EvalConfig(max_blocks=1, batch_size=s.batch_size), run_dir=self.work_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name),
             config_dict={"objective": objective},
         )
         result = distiller.run()
@@ -179,42 +197,95 @@ class Study:
         shutil.rmtree(distiller.run_dir, ignore_errors=True)  # its checkpoint (weights + optimizer state)
         return trained, result.tokens, result.seconds, start_ppl
 
-    # ------------------------------------------------------------------ the four comparisons
-    def run(self) -> None:
+    # ------------------------------------------------------------------ the comparisons
+    def run(self, groups: list[str]) -> None:
         self.score("teacher", "teacher", self.teacher, tokens=0, seconds=0.0)
-        # The budget search picks the width + depth shape with activation importance; the other
-        # methods prune to that same shape, each with its own layer scores.
+        for name in groups:
+            GROUPS[name](self)
+
+    def main_pruned(self):
+        """(student, prune map, row) of the budget search's pick with activation importance, scored once.
+
+        Group 1 lists it; the objective, initialisation and match comparisons all start from it.
+        """
+        if not hasattr(self, "_main"):
+            tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
+            student, pmap, seconds = self.prune("activation", HALF, layer_method="block_influence")
+            row = self.score(IMPORTANCE, "activation", student, tokens=tokens, seconds=seconds)
+            self._main = (student, pmap, row)
+        return self._main
+
+    def importance_group(self) -> None:
+        # The budget search picks the shape with activation importance; the other methods prune to that
+        # same shape, each with its own unit and layer scores (neurons too: no re-fit ranking).
+        student, pmap, _ = self.main_pruned()
         tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
-        student, pmap, seconds = self.prune("activation", HALF, layer_method="block_influence")
-        pruned_row = self.score("1. importance (no retraining)", "activation", student, tokens=tokens, seconds=seconds)
         both = {k: v for k, v in pmap.student_shape.items() if k != "head_dim"}
+        other, _, seconds = self.prune("activation", both, layer_method="block_influence", neuron_ranking="method")
+        self.score(IMPORTANCE, "activation, neurons by activation", other, tokens=tokens, seconds=seconds)
         for method in METHODS[1:]:
-            other, _, seconds = self.prune(method, both, layer_method="unit")
-            self.score("1. importance (no retraining)", method, other, tokens=tokens, seconds=seconds)
+            other, _, seconds = self.prune(method, both, layer_method="unit", neuron_ranking="method")
+            self.score(IMPORTANCE, method, other, tokens=tokens, seconds=seconds)
             del other
-        main_row = None
-        for objective in OBJECTIVES:
+
+    def _objective_rows(self, group: str, names: list[str], label=lambda name: name) -> dict[str, Row]:
+        student, pmap, pruned_row = self.main_pruned()
+        rows = {}
+        for objective in names:
             model, tokens, seconds, start = self.distill(student, pmap, objective, f"objective {objective}",
                                                          start_ppl=pruned_row.perplexity)
-            row = self.score("2. objective (equal tokens)", objective, model, tokens=tokens, seconds=seconds,
-                             start_perplexity=start)
-            if objective == MAIN_OBJECTIVE:
-                main_row = row
+            rows[objective] = self.score(group, label(objective), model, tokens=tokens, seconds=seconds,
+                                         start_perplexity=start)
             del model
+        return rows
+
+    def main_distilled(self) -> Row:
+        """The searched student distilled with the main objective (measured once, listed where compared)."""
+        if not hasattr(self, "_main_distilled"):
+            self._main_distilled = self._objective_rows(OBJECTIVE, [MAIN_OBJECTIVE])[MAIN_OBJECTIVE]
+        return self._main_distilled
+
+    def objective_group(self) -> None:
+        self.main_distilled()
+        self._objective_rows(OBJECTIVE, [o for o in OBJECTIVES if o != MAIN_OBJECTIVE and not o.startswith("match: ")])
+
+    def shape_group(self) -> None:
         # Width only: the budget search restricted to all layers; depth only: half the layers, full width.
         targets = {"width only": (HALF, SearchConfig(max_layer_drop=0.0)),
                    "depth only": ({"num_layers": self.teacher_shape["num_layers"] // 2}, SearchConfig())}
         for label, (target, search) in targets.items():
             s, p, _ = self.prune("activation", target, layer_method="block_influence", search=search)
             model, tokens, seconds, start = self.distill(s, p, MAIN_OBJECTIVE, label)
-            self.score("3. width vs depth (equal params)", label, model, tokens=tokens, seconds=seconds,
-                       start_perplexity=start)
+            self.score(SHAPE, label, model, tokens=tokens, seconds=seconds, start_perplexity=start)
             del s, p, model
-        self.repeat(main_row, "3. width vs depth (equal params)", "width + depth")
-        self.repeat(main_row, "4. initialisation (equal tokens)", "pruned, distilled")
+        self.repeat(self.main_distilled(), SHAPE, "width + depth")
+
+    def init_group(self) -> None:
+        student, pmap, _ = self.main_pruned()
+        self.repeat(self.main_distilled(), INIT, "pruned, distilled")
         model, tokens, seconds, start = self.distill(self.random_init(student), pmap, MAIN_OBJECTIVE, "random init")
-        self.score("4. initialisation (equal tokens)", "random init, distilled", model, tokens=tokens, seconds=seconds,
-                   start_perplexity=start)
+        self.score(INIT, "random init, distilled", model, tokens=tokens, seconds=seconds, start_perplexity=start)
+
+    def match_group(self) -> None:
+        self._objective_rows(MATCH, [f"match: {name}" for name in quality_match.OBJECTIVES],
+                             label=lambda name: name.removeprefix("match: "))
+
+    def pruning_group(self) -> None:
+        """Pruning options before retraining: re-fit modes at the searched shape, layer methods at half depth."""
+        _, pmap, _ = self.main_pruned()
+        tokens = min(self.sizes.calib_blocks, len(self.data.train)) * self.sizes.seq_len
+        both = {k: v for k, v in pmap.student_shape.items() if k != "head_dim"}
+        for label, recon in (("no re-fit", ReconstructionConfig(enabled=False)),
+                             ("teacher-mode re-fit", ReconstructionConfig(mode="teacher")),
+                             ("sequential re-fit", ReconstructionConfig(mode="sequential"))):
+            s, _, seconds = self.prune("activation", both, layer_method="block_influence", reconstruction=recon)
+            self.score(PRUNING, f"searched shape, {label}", s, tokens=tokens, seconds=seconds)
+            del s
+        half = {"num_layers": self.teacher_shape["num_layers"] // 2}
+        for method in ("block_influence", "contiguous", "iterative"):
+            s, _, seconds = self.prune("activation", half, layer_method=method)
+            self.score(PRUNING, f"depth only (half the layers), {method}", s, tokens=tokens, seconds=seconds)
+            del s
 
     @staticmethod
     def random_init(student):
@@ -223,6 +294,16 @@ class Study:
 
         torch.manual_seed(0)
         return AutoModelForCausalLM.from_config(student.config, dtype=next(student.parameters()).dtype)
+
+
+GROUPS = {
+    "importance": Study.importance_group,
+    "objective": Study.objective_group,
+    "shape": Study.shape_group,
+    "init": Study.init_group,
+    "match": Study.match_group,
+    "pruning": Study.pruning_group,
+}
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -272,10 +353,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized run: tiny blocks, 2 steps, few lm-eval items")
     p.add_argument("--steps", type=int, help="retraining steps per row (default 32; 2 with --quick)")
-    p.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md")
+    p.add_argument("--groups", default=",".join(GROUPS),
+                   help=f"comma-separated comparisons to run, of {', '.join(GROUPS)} (default: all)")
+    p.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md (all groups only)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--work-dir", type=Path, help="folder for run files (default: a temporary folder)")
     args = p.parse_args(argv)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        p.error(f"--groups {args.groups!r}: choose from {', '.join(GROUPS)}")
+    if args.write and set(groups) != set(GROUPS):
+        p.error("--write replaces the whole study table; run every group (no --groups) to write it")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = Sizes.quick() if args.quick else Sizes()
@@ -286,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="minidistill-quality-") as tmp:
         study = Study(sizes, args.work_dir or Path(tmp))
-        study.run()
+        study.run(groups)
     wall = time.perf_counter() - started
     table = render(study, args, wall)
     print(table)

@@ -38,11 +38,20 @@ def _by_group(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def test_every_comparison_has_its_rows(rows):
     g = _by_group(rows)
-    assert set(g["1. importance (no retraining)"]) == {"activation", "magnitude", "taylor", "random"}
+    assert set(g["1. importance (no retraining)"]) == {"activation", "activation, neurons by activation", "magnitude",
+                                                      "taylor", "random"}
     assert set(g["2. objective (equal tokens)"]) == {
         "LM loss only", "logit KD", "KD + hidden + attention", "KD + hidden + attention + relations"}
     assert set(g["3. width vs depth (equal params)"]) == {"width only", "depth only", "width + depth"}
     assert set(g["4. initialisation (equal tokens)"]) == {"pruned, distilled", "random init, distilled"}
+    sys.path.insert(0, str(ROOT / "bench"))
+    import quality_match
+
+    assert set(g["5. match (equal tokens)"]) == set(quality_match.OBJECTIVES)
+    assert set(g["6. pruning options (no retraining)"]) == {
+        "searched shape, no re-fit", "searched shape, teacher-mode re-fit", "searched shape, sequential re-fit",
+        "depth only (half the layers), block_influence", "depth only (half the layers), contiguous",
+        "depth only (half the layers), iterative"}
     for r in rows:
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1, r
         assert set(r["lm_eval"]) == {"minidistill_heldout_ppl", "minidistill_lastword"}, r
@@ -68,7 +77,7 @@ def test_shapes_and_budgets_are_what_the_comparisons_claim(rows):
 
 
 def test_training_rows_see_equal_tokens(rows):
-    trained = [r for r in rows if r["group"][0] in "234"]
+    trained = [r for r in rows if r["group"][0] in "2345"]
     tokens = {r["tokens"] for r in trained}
     assert tokens == {2 * 2 * 64}  # --quick: 2 steps of 2 x 64 tokens each
 
@@ -81,7 +90,7 @@ def test_measurements_separate_informed_from_uninformed_choices(rows):
     init = g["4. initialisation (equal tokens)"]
     assert init["pruned, distilled"]["perplexity"] * 3 < init["random init, distilled"]["perplexity"]
     # Every objective starts from the activation-pruned student of group 1, and training moves it.
-    for r in g["2. objective (equal tokens)"].values():
+    for r in [*g["2. objective (equal tokens)"].values(), *g["5. match (equal tokens)"].values()]:
         assert r["extra"]["start_perplexity"] == pytest.approx(imp["activation"]["perplexity"], rel=1e-6)
         assert r["perplexity"] != pytest.approx(r["extra"]["start_perplexity"], rel=1e-6)
     assert "top1_agreement" not in g["teacher"]["teacher"]["extra"]
@@ -89,3 +98,18 @@ def test_measurements_separate_informed_from_uninformed_choices(rows):
         if r["group"] != "teacher":
             assert 0.0 <= r["extra"]["top1_agreement"] <= 1.0
     assert g["teacher"]["teacher"]["perplexity"] < min(r["perplexity"] for r in rows if r["group"] != "teacher")
+    # Re-fit on calibration data lowers held-out loss against the plain slices at the same shape.
+    pruning = g["6. pruning options (no retraining)"]
+    assert pruning["searched shape, teacher-mode re-fit"]["perplexity"] < pruning["searched shape, no re-fit"]["perplexity"]
+    shapes = {r["name"]: r["shape"] for r in pruning.values()}
+    assert shapes["searched shape, no re-fit"] == imp["activation"]["shape"]
+
+
+def test_groups_option_runs_only_the_comparisons_named(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--groups", "nope"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "choose from importance" in bad.stderr
+    partial = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--groups", "pruning",
+                              "--write"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 2 and "--write replaces the whole study table" in partial.stderr
