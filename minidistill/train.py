@@ -33,7 +33,8 @@ STUDENT_INIT = "student_init"
 MODEL_DIR = "model"
 REPORT_SPEED = {"batch_size": 1, "seq_len": 64, "new_tokens": 8, "repeats": 2}
 """:func:`~minidistill.report.measure_speed` settings of the run report (teacher and distilled model):
-about 8 s for the bundled 135M teacher on 2 busy CPU cores, less for its pruned student."""
+8 s for the bundled 135M teacher on 2 CPU cores (up to ~20 s while other work shares them), less for its
+pruned student."""
 
 __all__ = [
     "CheckpointError",
@@ -412,8 +413,9 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
                       timer) -> None:
     """metrics.json, report.md and loss.png: teacher, pruned and distilled models measured the same way.
 
-    The teacher's and the distilled model's speed is measured with :data:`REPORT_SPEED`. Besides ``data.source``'s held-out split (measured during training), each ``data.mix`` source's held-out
-    split is measured here for all three models.
+    Besides ``data.source``'s held-out split (measured during training), each ``data.mix`` source's held-out
+    split is measured here for all three models; the teacher's and the distilled model's speed with
+    :data:`REPORT_SPEED`.
     """
     import platform
     import time
