@@ -22,7 +22,7 @@ def rows(tmp_path_factory) -> list[dict]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--json", str(out / "rows.json"),
          "--work-dir", str(out / "work")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=2400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "## Quality study" in proc.stdout

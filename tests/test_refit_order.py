@@ -85,7 +85,7 @@ def test_compute_importance_ranks_neurons_from_the_calibration_gram():
     from minidistill.prune.importance import ImportanceConfig, compute_importance
 
     model = tiny_model("llama", num_layers=2, intermediate_size=48, dtype=torch.float64)
-    calibration = torch.randint(3, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(0))
+    calibration = torch.randint(3, model.config.vocab_size, (16, 16), generator=torch.Generator().manual_seed(0))
     for method in ("activation", "magnitude"):
         units, _ = compute_importance(model, calibration, ImportanceConfig(method=method, batch_size=4, cache=False))
         assert units.settings["neuron_ranking"] == "refit"
@@ -104,7 +104,7 @@ def test_refit_ranking_leaves_less_refit_error_on_a_model():
     from minidistill.prune.importance import ImportanceConfig, compute_importance
 
     model = tiny_model("llama", num_layers=2, intermediate_size=64, dtype=torch.float64)
-    calibration = torch.randint(3, model.config.vocab_size, (8, 24), generator=torch.Generator().manual_seed(1))
+    calibration = torch.randint(3, model.config.vocab_size, (12, 24), generator=torch.Generator().manual_seed(1))
     cfg = {"batch_size": 4, "cache": False}
     refit, _ = compute_importance(model, calibration, ImportanceConfig(**cfg))
     activation, _ = compute_importance(model, calibration, ImportanceConfig(neuron_ranking="method", **cfg))
@@ -115,3 +115,17 @@ def test_refit_ranking_leaves_less_refit_error_on_a_model():
         errors = {name: _refit_error(x, w, u.neurons[i].topk(32).indices.tolist(), lam)
                   for name, u in (("refit", refit), ("activation", activation))}
         assert errors["refit"] < errors["activation"], errors
+
+
+def test_too_few_calibration_tokens_fall_back_to_the_method_scores(caplog):
+    from conftest import tiny_model
+
+    from minidistill.prune.importance import MIN_REFIT_TOKENS_PER_NEURON, ImportanceConfig, compute_importance
+
+    model = tiny_model("llama", num_layers=2, intermediate_size=48, dtype=torch.float64)
+    short = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert short.numel() < MIN_REFIT_TOKENS_PER_NEURON * 48
+    units, _ = compute_importance(model, short, ImportanceConfig(batch_size=4, cache=False))
+    plain, _ = compute_importance(model, short, ImportanceConfig(neuron_ranking="method", batch_size=4, cache=False))
+    assert torch.equal(units.neurons, plain.neurons) and units.settings["neuron_ranking"] == "method"
+    assert "raise prune.calib_blocks" in caplog.text
