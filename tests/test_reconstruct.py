@@ -433,3 +433,40 @@ def test_auto_mode_is_sequential_with_input_refit_when_hidden_channels_are_cut()
             reconstruct(student, teacher, pm, calibration_batches(2), ReconstructionConfig(mode=mode, refit_inputs=inputs))
             got[mode] = student.state_dict()
         assert all(torch.equal(got["auto"][k], got[same_as][k]) for k in got["auto"]), (inputs, same_as)
+
+
+def test_teacher_mode_from_calibration_grams_equals_the_forward_refit(model_type):
+    """The re-fit solved from compute_importance's Gram matrices equals the one that runs the teacher, and
+    runs no model forward; a cut of hidden channels (input re-fits) still takes the forward path."""
+    from minidistill.prune.importance import ImportanceConfig, compute_importance, importance_batches
+
+    teacher = tiny_model(model_type, num_layers=4, dtype=torch.float64)
+    t = get_adapter(teacher).shape(teacher.config)
+    shape = dict(t, num_layers=t["num_layers"] - 1, num_heads=2, num_kv_heads=2, intermediate_size=40)
+    pmap = select_units(teacher, random_importance(teacher), shape)
+    calibration = torch.cat(calibration_batches())
+    grams: dict = {}
+    compute_importance(teacher, calibration, ImportanceConfig(batch_size=2, cache=False, neuron_ranking="method"),
+                       gram_out=grams)
+    assert set(grams) == {"o_proj", "down_proj", "tokens"} and grams["tokens"] == calibration.numel()
+    batches = importance_batches(calibration, 2)
+    cfg = ReconstructionConfig(mode="teacher", damping=0.01)
+    by_forward, by_grams = apply_prune_map(teacher, pmap), apply_prune_map(teacher, pmap)
+    names = reconstruct(by_forward, teacher, pmap, batches, cfg)
+    calls = []
+    handle = get_adapter(teacher).decoder_layers(teacher)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        assert reconstruct(by_grams, teacher, pmap, batches, cfg, teacher_grams=grams) == names
+    finally:
+        handle.remove()
+    assert not calls and names
+    want, got = dict(by_forward.named_parameters()), dict(by_grams.named_parameters())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10)
+    cut = select_units(teacher, random_importance(teacher), dict(shape, hidden_size=t["hidden_size"] - 8))
+    handle = get_adapter(teacher).decoder_layers(teacher)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        reconstruct(apply_prune_map(teacher, cut), teacher, cut, batches, cfg, teacher_grams=grams)
+    finally:
+        handle.remove()
+    assert calls  # the input projections need the forward

@@ -129,3 +129,19 @@ def test_too_few_calibration_tokens_fall_back_to_the_method_scores(caplog):
     plain, _ = compute_importance(model, short, ImportanceConfig(neuron_ranking="method", batch_size=4, cache=False))
     assert torch.equal(units.neurons, plain.neurons) and units.settings["neuron_ranking"] == "method"
     assert "raise prune.calib_blocks" in caplog.text
+
+
+def test_gram_matrices_beyond_the_memory_cap_are_not_collected(monkeypatch, caplog):
+    from conftest import tiny_model
+
+    from minidistill.prune import importance
+    from minidistill.prune.importance import ImportanceConfig, compute_importance
+
+    model = tiny_model("llama", num_layers=2, intermediate_size=48, dtype=torch.float64)
+    calibration = torch.randint(3, model.config.vocab_size, (16, 16), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(importance, "MAX_GRAM_BYTES", 1000)
+    grams: dict = {}
+    units, _ = compute_importance(model, calibration, ImportanceConfig(batch_size=4, cache=False), gram_out=grams)
+    plain, _ = compute_importance(model, calibration, ImportanceConfig(neuron_ranking="method", batch_size=4, cache=False))
+    assert not grams and torch.equal(units.neurons, plain.neurons)
+    assert "Gram matrices would take" in caplog.text

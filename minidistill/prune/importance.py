@@ -65,6 +65,10 @@ TOKEN_AGGS = ("mean_abs", "l2")
 BATCH_AGGS = ("mean", "l2", "var")
 HEAD_SIGNALS = ("input", "output")
 NEURON_RANKINGS = ("method", "refit")
+REFIT_GRAM_PARTS = ("o_proj", "down_proj")
+MAX_GRAM_BYTES = 4 << 30
+"""Largest size of all layers' float64 o_proj + down_proj input Gram matrices held during calibration
+(0.6 GiB for SmolLM2-135M, 52 GiB for Llama-3-8B, where neither the re-fit ranking nor the Gram re-fit runs)."""
 MIN_REFIT_TOKENS_PER_NEURON = 4
 """Below this many calibration tokens per MLP neuron the Gram matrix is too poorly estimated for the re-fit
 ranking (bundled teacher, 1,536 neurons: worse than activation ranking at 256 tokens, better at 16,384)."""
@@ -266,12 +270,12 @@ def activation_importance(
     batch_agg: str = "l2",
     head_signal: str = "input",
     progress: Callable[[Iterable], Iterable] | None = None,
-    neuron_grams: list[torch.Tensor] | None = None,
-) -> tuple[UnitImportance, LayerSimilarity]:
+    gram_parts: Sequence[str] = (),
+) -> tuple[UnitImportance, LayerSimilarity] | tuple[UnitImportance, LayerSimilarity, dict[str, list[torch.Tensor]]]:
     """Activation importance and layer similarity statistics from ONE forward over ``batches``.
 
-    ``UnitImportance.layers`` holds the block influence of each layer. ``neuron_grams`` (an empty list):
-    filled with each layer's down_proj input Gram matrix from the same forward.
+    ``UnitImportance.layers`` holds the block influence of each layer. With ``gram_parts`` the same forward
+    also collects those projections' input Gram matrices (:func:`projection_gram_hooks`), returned third.
     """
     adapter = get_adapter(model)
     shape = adapter.shape(model.config)
@@ -283,8 +287,7 @@ def activation_importance(
     with contextlib.ExitStack() as stack:
         acc = stack.enter_context(activation_hooks(model, token_agg, head_signal))
         stack.enter_context(layer_similarity_hooks(model, sim))
-        if neuron_grams is not None:
-            neuron_grams.extend(stack.enter_context(down_proj_gram_hooks(model)))
+        grams = stack.enter_context(projection_gram_hooks(model, gram_parts)) if gram_parts else None
         for ids in progress(batches) if progress else batches:
             backbone(input_ids=ids.to(device))
     model.train(was_training)
@@ -297,26 +300,32 @@ def activation_importance(
         layers=sim.block_influence(),
         settings={"method": "activation", "token_agg": token_agg, "batch_agg": batch_agg, "head_signal": head_signal},
     )
-    return units, sim
+    return (units, sim, grams) if gram_parts else (units, sim)
 
 
 @contextmanager
-def down_proj_gram_hooks(model: nn.Module):
-    """Hooks accumulating each layer's ``X^T X`` of the down_proj inputs (float64; each batch's product in
-    float32, or float64 for float64 models); yields the list of [intermediate, intermediate] matrices."""
+def projection_gram_hooks(model: nn.Module, parts: Sequence[str] = ("down_proj",)):
+    """Hooks accumulating each layer's ``X^T X`` of the inputs of ``parts`` (adapter names, e.g. ``down_proj``,
+    ``o_proj``); float64, each batch's product in float32 (float64 for float64 models). Yields
+    ``{part: [per-layer matrix]}``."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    size = adapter.shape(model.config)["intermediate_size"]
     device = next(model.parameters()).device
-    grams = [torch.zeros(size, size, dtype=torch.float64, device=device) for _ in layers]
+    grams: dict[str, list[torch.Tensor]] = {}
+    handles = []
 
-    def hook(i):
+    def hook(store: list[torch.Tensor], i: int):
         def accumulate(_m, args):
-            x = _wide(args[0].detach()).reshape(-1, size)
-            grams[i].add_((x.T @ x).double())
+            x = _wide(args[0].detach())
+            x = x.reshape(-1, x.shape[-1])
+            if store[i] is None:
+                store[i] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=device)
+            store[i].add_((x.T @ x).double())
         return accumulate
 
-    handles = [adapter.layer_part(layer, "down_proj").register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    for part in parts:
+        store = grams[part] = [None] * len(layers)
+        handles += [adapter.layer_part(layer, part).register_forward_pre_hook(hook(store, i)) for i, layer in enumerate(layers)]
     try:
         yield grams
     finally:
@@ -333,14 +342,14 @@ def refit_neuron_scores(model: nn.Module, grams: Sequence[torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def down_proj_grams(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Each layer's down_proj input Gram matrix from one forward over ``batches``."""
+def projection_grams(model: nn.Module, batches: Iterable[torch.Tensor], parts: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """Each layer's input Gram matrix of ``parts`` from one forward over ``batches``."""
     adapter = get_adapter(model)
     backbone = model.get_submodule(adapter.backbone)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with down_proj_gram_hooks(model) as grams:
+    with projection_gram_hooks(model, parts) as grams:
         for ids in batches:
             backbone(input_ids=ids.to(device))
     model.train(was_training)
@@ -501,12 +510,16 @@ def compute_importance(
     *,
     layer_stats: bool = True,
     progress: Callable[[Iterable], Iterable] | None = None,
+    gram_out: dict | None = None,
 ) -> tuple[UnitImportance, LayerSimilarity | None]:
     """Unit importance by ``cfg.method`` and layer similarity statistics over ``calibration`` ([N, T] ids).
 
     The layer statistics come from a forward pass: the activation pass itself, or for the baselines a
     separate one, run only when ``layer_stats`` (otherwise None is returned for them). Results are read
-    from / written to the on-disk cache when ``cfg.cache``.
+    from / written to the on-disk cache when ``cfg.cache``. ``gram_out`` (a dict): receives the teacher's
+    o_proj / down_proj input Gram matrices of the same calibration forward (``{"o_proj": [...],
+    "down_proj": [...], "tokens": n}``) for :func:`.reconstruct.reconstruct` to re-fit from without
+    another forward; left empty when the scores come from the cache.
     """
     cfg.validate()
     if calibration.ndim != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
@@ -519,18 +532,29 @@ def compute_importance(
             logger.info("importance read from the cache (%s)", key[:16])
             return cached
     batches = importance_batches(calibration, cfg.batch_size)
-    grams: list[torch.Tensor] | None = [] if cfg.neuron_ranking == "refit" else None
+    rank = cfg.neuron_ranking == "refit"
     size = get_adapter(model).shape(model.config)["intermediate_size"]
-    if grams is not None and calibration.numel() < MIN_REFIT_TOKENS_PER_NEURON * size:
+    if rank and calibration.numel() < MIN_REFIT_TOKENS_PER_NEURON * size:
         logger.warning("importance.neuron_ranking=refit needs >= %d calibration tokens (%d x intermediate_size); "
                        "%d given, so MLP neurons are ranked by the %s scores (raise prune.calib_blocks)",
                        MIN_REFIT_TOKENS_PER_NEURON * size, MIN_REFIT_TOKENS_PER_NEURON, calibration.numel(), cfg.method)
-        grams = None
+        rank = False
+    shape = get_adapter(model).shape(model.config)
+    gram_bytes = 8 * shape["num_layers"] * (size**2 + (shape["num_heads"] * shape["head_dim"]) ** 2)
+    if (rank or gram_out is not None) and gram_bytes > MAX_GRAM_BYTES:
+        logger.warning("the o_proj / down_proj input Gram matrices would take %.1f GiB (> %.0f GiB): MLP neurons are "
+                       "ranked by the %s scores and re-fits run their own calibration forwards",
+                       gram_bytes / 2**30, MAX_GRAM_BYTES / 2**30, cfg.method)
+        rank, gram_out = False, None
+    parts = REFIT_GRAM_PARTS if gram_out is not None else ("down_proj",) if rank else ()
+    grams: dict[str, list[torch.Tensor]] = {}
     if cfg.method == "activation":
-        units, sim = activation_importance(
+        out = activation_importance(
             model, batches, token_agg=cfg.token_agg, batch_agg=cfg.batch_agg, head_signal=cfg.head_signal,
-            progress=progress, neuron_grams=grams,
+            progress=progress, gram_parts=parts,
         )
+        units, sim = out[0], out[1]
+        grams = out[2] if parts else {}
     else:
         from .layer_importance import layer_similarity
 
@@ -542,13 +566,14 @@ def compute_importance(
                                       progress=None if with_stats else progress)
         else:
             units = random_importance(model, cfg.seed)
-        if grams is not None:
-            grams = down_proj_grams(model, batches)
-    ranked = grams is not None
-    if ranked:
-        units.neurons = refit_neuron_scores(model, grams)
-        del grams
-    units.settings = {**cfg.settings(), "neuron_ranking": "refit" if ranked else "method", "calibration_blocks": int(calibration.shape[0]),
+        if parts:
+            grams = projection_grams(model, batches, parts)
+    if rank:
+        units.neurons = refit_neuron_scores(model, grams["down_proj"])
+    if gram_out is not None:
+        gram_out.update(grams, tokens=int(calibration.numel()))
+    del grams
+    units.settings = {**cfg.settings(), "neuron_ranking": "refit" if rank else "method", "calibration_blocks": int(calibration.shape[0]),
                       "calibration_tokens": int(calibration.numel())}
     if key is not None:
         save_cached_importance(key, units, sim)

@@ -218,9 +218,11 @@ def prune_model(
     # ---- calibration (one forward for activation importance and layer statistics)
     t0 = time.perf_counter()
     calibration = data.train.input_ids[: cfg.calib_blocks]
+    teacher_grams: dict = {}  # o_proj / down_proj input Grams: teacher-mode re-fits of every candidate without a forward
     units, similarity = compute_importance(
         teacher, calibration, cfg.importance, layer_stats=cfg.layer_method in SIMILARITY_METHODS,
         progress=_progress(cfg.show_progress, "calibration"),
+        gram_out=teacher_grams if cfg.reconstruction.enabled and cfg.reconstruction.mode != "sequential" else None,
     )
     timings["importance_s"] = time.perf_counter() - t0
     loss_increase, layer_record = None, {}
@@ -245,7 +247,7 @@ def prune_model(
         pmap = select_units(teacher, scores, target_shape, teacher_info=teacher_info, importance_settings=settings)
         student = apply_prune_map(teacher, pmap)
         if with_reconstruction and cfg.reconstruction.enabled:
-            reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
+            reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction, teacher_grams=teacher_grams)
         return student, pmap
 
     rows: list[dict[str, Any]] = []

@@ -452,6 +452,44 @@ def _reconstruct_teacher(a, student, teacher, pmap, batches, cfg, plan, report) 
     return refit
 
 
+def _grams_cover(plan: dict[int, list[_Group]], pmap: PruneMap, grams: dict | None) -> bool:
+    """Whether ``grams`` (teacher input Grams by part and teacher layer) hold every group of ``plan``."""
+    if not grams:
+        return False
+    for i, groups in plan.items():
+        for g in groups:
+            per_layer = grams.get(g.kind)
+            if g.cols is None or per_layer is None or per_layer[pmap.kept_layers[i]] is None:
+                return False
+    return True
+
+
+def _reconstruct_from_grams(a, student, teacher, pmap, grams, cfg, plan, report) -> list[str]:
+    """Teacher mode from the teacher's input Gram matrices ``X^T X`` of the calibration pass, no forward.
+
+    With ``G`` the Gram of the full projection input, ``K`` the kept columns and ``W_R`` the teacher weight
+    on the kept rows, the statistics of :class:`ProjectionStats` are ``G[K, K]`` and ``G[K, :] W_R^T``.
+    """
+    student_layers = a.decoder_layers(student)
+    teacher_layers = a.decoder_layers(teacher)
+    kept_rows = torch.as_tensor(pmap.kept_hidden, dtype=torch.long)
+    report.tokens = int(grams.get("tokens", 0))
+    logger.info("reconstruction (teacher inputs, from the calibration Gram matrices): %d layers", len(plan))
+    refit: list[str] = []
+    for i, groups in plan.items():
+        for g in groups:
+            gram = grams[g.kind][pmap.kept_layers[i]]
+            cols = g.cols.to(gram.device)
+            weight = a.layer_part(teacher_layers[pmap.kept_layers[i]], g.kind).weight.detach()
+            target = weight.index_select(0, kept_rows.to(weight.device)).to(gram.device, torch.float64)  # [R, N]
+            gram_k = gram.index_select(0, cols)
+            cross = gram_k @ target.T  # [K, R]
+            report.peak_stat_bytes = max(report.peak_stat_bytes, gram_k.numel() * 8 + cross.numel() * 8)
+            refit += _write(a, student_layers[i], i, g, solve_refit(gram_k.index_select(1, cols), cross, cfg.damping).T, None)
+            report.groups += 1
+    return refit
+
+
 def _reconstruct_sequential(a, student, teacher, pmap, batches, cfg, plan, report) -> list[str]:
     """Sequential mode: student layer by student layer, on the student's own (already re-fitted) stream."""
     student_layers = a.decoder_layers(student)
@@ -519,11 +557,15 @@ def reconstruct(
     cfg: ReconstructionConfig,
     *,
     report: ReconstructionReport | None = None,
+    teacher_grams: dict | None = None,
 ) -> list[str]:
     """Re-fit the student's pruned projections in place (see the module docstring).
 
     ``batches`` yields ``input_ids``. Returns the re-fitted parameter names, also appended to
     ``pmap.refit``; ``report`` (optional) receives the token count and the statistics' peak size.
+    ``teacher_grams``: the teacher's o_proj / down_proj input Gram matrices of the same calibration
+    batches (``compute_importance(..., gram_out=...)``); a teacher-mode re-fit that only touches those
+    projections is then solved from them without running the models.
     """
     cfg.validate()
     if not cfg.enabled:
@@ -539,6 +581,9 @@ def reconstruct(
         return []
     report = report if report is not None else ReconstructionReport()
     run = _reconstruct_sequential if cfg.mode == "sequential" else _reconstruct_teacher
+    if cfg.mode == "teacher" and _grams_cover(plan, pmap, teacher_grams):
+        def run(a, student, teacher, pmap, batches, cfg, plan, report):
+            return _reconstruct_from_grams(a, student, teacher, pmap, teacher_grams, cfg, plan, report)
     was_training = (teacher.training, student.training)
     teacher.eval()
     student.eval()
