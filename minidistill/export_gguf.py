@@ -189,8 +189,8 @@ def _pretokenizer(tokenizer_json: dict[str, Any], teacher: str | None) -> str:
     return "default"
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_rows: int, *, teacher: str | None) -> None:
-    """``tokenizer.ggml.*``: a byte-level BPE tokenizer as llama.cpp's ``gpt2`` model, padded to ``vocab_rows``."""
+def check_tokenizer_exportable(tokenizer) -> dict:
+    """The tokenizer's ``tokenizer.json`` as a dict; ModelError unless it is a byte-level BPE (llama.cpp ``gpt2``)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ModelError("GGUF export needs a fast tokenizer (tokenizer.json); this tokenizer has none")
@@ -202,6 +202,13 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_rows: int, *, teache
             f"GGUF export supports byte-level BPE tokenizers only; this one is {model.get('type')!r} with a "
             f"{decoder.get('type')!r} decoder (tokenizer.json)"
         )
+    return data
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_rows: int, *, teacher: str | None) -> None:
+    """``tokenizer.ggml.*``: a byte-level BPE tokenizer as llama.cpp's ``gpt2`` model, padded to ``vocab_rows``."""
+    data = check_tokenizer_exportable(tokenizer)
+    model = data["model"]
     by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     special: dict[int, bool] = {}
     for added in data.get("added_tokens") or []:

@@ -311,6 +311,13 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     accelerator = build_accelerator(cfg.train, run_dir)
     with timer.stage("load teacher"), parallel.full_weights_init(accelerator):  # ZeRO-3 would partition at load
         teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
+    if cfg.export.gguf is not None:  # before pruning and training, not after them
+        from .export_gguf import check_tokenizer_exportable
+
+        try:
+            check_tokenizer_exportable(tokenizer)
+        except ModelError as e:
+            raise ModelError(f"export.gguf: {e}; or set export.gguf=null") from None
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
         student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_scripts.tiny_setup import make_student_dir, tiny_overrides
+from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minidistill.config import ConfigError, field_docs
@@ -154,3 +154,16 @@ def test_extra_term_paired_by_a_missing_prune_map_is_refused(name):
     check_pairing_possible(DistillLossConfig(extra={name: {"weight": 0.0, "pairing": {"strategy": "prune_map"}}}), None)
     check_pairing_possible(by_map, PruneMap.identity({"num_layers": 2, "hidden_size": 8, "num_heads": 2,
                                                        "num_kv_heads": 1, "intermediate_size": 8, "head_dim": 4}))
+
+
+def test_gguf_export_of_a_tokenizer_llama_cpp_cannot_read_is_refused_before_training(tmp_path):
+    """A word-level tokenizer with export.gguf: exit 8 right after loading, no model folder written."""
+    teacher = make_teacher_dir(tmp_path / "teacher")
+    student = make_student_dir(teacher, tmp_path / "student")
+    overrides = tiny_overrides(tmp_path / "runs", teacher, student, **{"train.max_steps": 2, "export.gguf": "f32"})
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "prune_distill.py"), *overrides], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 8, proc.stderr[-2000:]
+    assert "export.gguf: GGUF export supports byte-level BPE tokenizers only" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs" / "tiny" / "model").exists()
