@@ -470,3 +470,18 @@ def test_teacher_mode_from_calibration_grams_equals_the_forward_refit(model_type
     finally:
         handle.remove()
     assert calls  # the input projections need the forward
+
+
+def test_gram_matrices_are_collected_even_when_the_scores_are_cached(tmp_path, monkeypatch):
+    from minidistill.prune.importance import ImportanceConfig, compute_importance
+
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path))
+    teacher = tiny_model("llama", num_layers=2, dtype=torch.float64)
+    calibration = torch.cat(calibration_batches())
+    cfg = ImportanceConfig(batch_size=2, neuron_ranking="method")
+    first, _ = compute_importance(teacher, calibration, cfg)
+    assert list((tmp_path / "importance").iterdir())  # cached
+    grams: dict = {}
+    again, _ = compute_importance(teacher, calibration, cfg, gram_out=grams)
+    assert set(grams) == {"o_proj", "down_proj", "tokens"}
+    assert torch.equal(first.neurons, again.neurons) and torch.equal(first.heads, again.heads)

@@ -519,14 +519,16 @@ def compute_importance(
     from / written to the on-disk cache when ``cfg.cache``. ``gram_out`` (a dict): receives the teacher's
     o_proj / down_proj input Gram matrices of the same calibration forward (``{"o_proj": [...],
     "down_proj": [...], "tokens": n}``) for :func:`.reconstruct.reconstruct` to re-fit from without
-    another forward; left empty when the scores come from the cache.
+    another forward; the cache is then written but not read (one calibration forward costs less than
+    the forwards of the re-fits it saves).
     """
     cfg.validate()
     if calibration.ndim != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
         raise ValueError(f"calibration ids must be [num_blocks >= 1, seq_len >= 2], got {tuple(calibration.shape)}")
     with_stats = layer_stats or cfg.method == "activation"
     key = importance_cache_key(model, calibration, {**cfg.settings(), "layer_stats": with_stats}) if cfg.cache else None
-    if key is not None:
+    # The Gram matrices are not cached (hundreds of MB): a run that asks for them recomputes the forward.
+    if key is not None and gram_out is None:
         cached = load_cached_importance(key)
         if cached is not None:
             logger.info("importance read from the cache (%s)", key[:16])
