@@ -535,13 +535,13 @@ def compute_importance(
             return cached
     batches = importance_batches(calibration, cfg.batch_size)
     rank = cfg.neuron_ranking == "refit"
-    size = get_adapter(model).shape(model.config)["intermediate_size"]
+    shape = get_adapter(model).shape(model.config)
+    size = shape["intermediate_size"]
     if rank and calibration.numel() < MIN_REFIT_TOKENS_PER_NEURON * size:
         logger.warning("importance.neuron_ranking=refit needs >= %d calibration tokens (%d x intermediate_size); "
                        "%d given, so MLP neurons are ranked by the %s scores (raise prune.calib_blocks)",
                        MIN_REFIT_TOKENS_PER_NEURON * size, MIN_REFIT_TOKENS_PER_NEURON, calibration.numel(), cfg.method)
         rank = False
-    shape = get_adapter(model).shape(model.config)
     gram_bytes = 8 * shape["num_layers"] * (size**2 + (shape["num_heads"] * shape["head_dim"]) ** 2)
     if (rank or gram_out is not None) and gram_bytes > MAX_GRAM_BYTES:
         logger.warning("the o_proj / down_proj input Gram matrices would take %.1f GiB (> %.0f GiB): MLP neurons are "
