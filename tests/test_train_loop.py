@@ -129,6 +129,19 @@ def test_accumulating_two_micro_batches_equals_one_double_batch(tmp_path):
     assert sum(not torch.equal(s1[k], initial[k]) for k in s1) > 10  # the step did move the weights
 
 
+def test_auto_balance_is_measured_per_optimizer_step_not_per_micro_batch(tmp_path):
+    """balance=auto: 2 accumulated micro-batches give the 1-micro-batch run's losses and weights at every step."""
+    runs = []
+    for accum in (1, 2):
+        d = make_distiller(tmp_path / f"a{accum}", train={"grad_accum_steps": accum}, loss={"hidden": {"weight": 1.0}, "balance": "auto"})
+        runs.append([d.train_step(step) for step in range(3)])
+    for r1, r2 in zip(*runs):
+        for key in ("loss", "loss/logits", "loss/hidden", "weight/hidden"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
+    assert runs[0][0]["weight/hidden"] == 1.0  # the first step has no measured magnitudes yet
+    assert runs[0][1]["weight/hidden"] != pytest.approx(1.0, rel=1e-2)  # later steps are rescaled
+
+
 def test_non_finite_loss_stops_naming_step_and_component(tmp_path):
     d = make_distiller(tmp_path / "run", train={"max_steps": 6, "save_every": 2})
     term = d.module.objective.terms["hidden"]

@@ -4,17 +4,22 @@
 
 ``auto`` (as in Minitron): every component other than the anchor is rescaled to the anchor's
 magnitude, ``weight_i = w_i * |anchor| / |loss_i|`` with the ratio detached (it steers the size of each
-term, never its gradient direction); the anchor keeps ``w_anchor``. With ``momentum > 0`` the
-magnitudes are exponential moving averages over training steps (``ema = momentum * ema + (1 -
-momentum) * |value|``, started at the first value), held in buffers so they checkpoint with
-``state_dict``; they are updated only in training mode. A component whose magnitude is below 1e-12
-keeps its fixed weight (the ratio would be meaningless). Under data parallelism each rank uses its
-own magnitudes.
+term, never its gradient direction); the anchor keeps ``w_anchor``. Magnitudes are measured per
+optimizer step: in training mode every forward adds ``|loss_i|`` to the step's sums, and
+:meth:`LossBalancer.end_step` (called once per optimizer step) sums them over the step's micro-batches
+and over all processes and takes the mean, so one process, data parallelism and gradient accumulation
+on the same global batch measure the same value. The weights of step ``t`` use the steps before it:
+with ``momentum > 0`` an exponential moving average over steps (``ema = momentum * ema + (1 -
+momentum) * step_mean``, started at the first step's mean), with ``momentum = 0`` the previous step's
+mean. Until a component has one measured step (the first optimizer step) it keeps its fixed weight. The
+moving averages are buffers, so they checkpoint with ``state_dict``; eval-mode forwards measure
+nothing. A component whose magnitude is below 1e-12 keeps its fixed weight (the ratio would be
+meaningless).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -54,24 +59,51 @@ class LossBalancer(nn.Module):
         self.names = list(weights)
         self.register_buffer("magnitudes", torch.zeros(len(self.names), dtype=torch.float64))
         self.register_buffer("seen", torch.zeros(len(self.names), dtype=torch.bool))
+        # The current step's sums: plain tensors, not buffers (DDP broadcasts buffers at every forward).
+        self._step_sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self._step_counts = torch.zeros(len(self.names), dtype=torch.float64)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, anchor={self.anchor!r}, momentum={self.momentum}, weights={self.weights}"
 
-    def _magnitudes(self, components: dict[str, Tensor]) -> dict[str, float]:
-        """Current (smoothed) magnitude of each given component; updates the EMA in training mode."""
-        names = list(components)
-        current = torch.stack([components[n].detach().abs().to(torch.float64).reshape(()) for n in names]).cpu()
-        idx = torch.tensor([self.names.index(n) for n in names])
-        if self.momentum == 0.0:
-            smoothed = current
-        else:
-            previous, seen = self.magnitudes[idx].cpu(), self.seen[idx].cpu()
-            smoothed = torch.where(seen, self.momentum * previous + (1 - self.momentum) * current, current)
-        if self.training:
-            self.magnitudes[idx] = smoothed.to(self.magnitudes.device)
-            self.seen[idx] = True
-        return dict(zip(names, smoothed.tolist()))
+    def _measure(self, components: dict[str, Tensor]) -> None:
+        """Add each component's ``|value|`` to the current optimizer step's sums (training mode, auto only)."""
+        if self.mode != "auto" or not self.training:
+            return
+        idx = torch.tensor([self.names.index(n) for n in components])
+        values = torch.stack([components[n].detach().abs().to(torch.float64).reshape(()) for n in components])
+        self._step_sums = self._step_sums.to(values.device).index_add(0, idx.to(values.device), values)
+        self._step_counts[idx] += 1.0
+
+    def end_step(self, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Close one optimizer step: fold the mean magnitude of its micro-batches into the moving averages.
+
+        ``reduce_sum`` sums a tensor over all processes (e.g. ``lambda t: accelerator.reduce(t, "sum")``);
+        every process must call it at the same step. Without it the step's own sums are used.
+        """
+        if self.mode != "auto":
+            return
+        stacked = torch.cat([self._step_sums.to(self.magnitudes.device), self._step_counts.to(self.magnitudes.device)])
+        if reduce_sum is not None:
+            stacked = reduce_sum(stacked)
+        sums, counts = stacked.to(torch.float64).cpu().chunk(2)
+        self._step_sums = torch.zeros_like(self._step_sums)
+        self._step_counts = torch.zeros_like(self._step_counts)
+        measured = counts > 0
+        if not bool(measured.any()):
+            return
+        mean = sums / counts.clamp(min=1.0)
+        previous, seen = self.magnitudes.cpu(), self.seen.cpu()
+        if self.momentum > 0.0:
+            mean = torch.where(seen, self.momentum * previous + (1 - self.momentum) * mean, mean)
+        self.magnitudes.copy_(torch.where(measured, mean, previous).to(self.magnitudes.device))
+        self.seen.copy_((seen | measured).to(self.seen.device))
+
+    def _magnitudes(self, components: dict[str, Tensor]) -> dict[str, float | None]:
+        """Each component's magnitude over the completed optimizer steps (``None`` before its first)."""
+        idx = torch.tensor([self.names.index(n) for n in components])
+        mags, seen = self.magnitudes[idx].cpu().tolist(), self.seen[idx].cpu().tolist()
+        return {n: (m if s else None) for n, m, s in zip(components, mags, seen)}
 
     def effective_weights(self, components: dict[str, Tensor]) -> dict[str, float]:
         """The weight each component is multiplied by this step."""
@@ -80,11 +112,12 @@ class LossBalancer(nn.Module):
         if self.anchor not in components:
             raise ValueError(f"auto balancing needs the anchor component {self.anchor!r}; got {sorted(components)}")
         mags = self._magnitudes(components)
+        anchor = mags[self.anchor]
         out = {}
         for name in components:
             w = self.weights[name]
-            if name != self.anchor and mags[name] > TINY:
-                w = w * mags[self.anchor] / mags[name]
+            if name != self.anchor and anchor is not None and mags[name] is not None and mags[name] > TINY:
+                w = w * anchor / mags[name]
             out[name] = w
         return out
 
@@ -96,6 +129,7 @@ class LossBalancer(nn.Module):
         if not components:
             raise ValueError("no loss components given")
         weights = self.effective_weights(components)
+        self._measure(components)
         total = sum(weights[n] * components[n] for n in components)
         names = list(components)
         raw = torch.stack([components[n].detach().float().reshape(()) for n in names] + [total.detach().float().reshape(())])

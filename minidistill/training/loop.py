@@ -421,6 +421,8 @@ class Distiller:
             values = {"loss": out["loss"].detach().float(), **out["components"]}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.to(acc.device)
+        # loss.balance=auto: the step's loss magnitudes, over its micro-batches and all processes.
+        self._objective().balancer.end_step(lambda t: acc.reduce(t, "sum"))
         names = list(sums)
         stacked = torch.stack([sums[k] / tc.grad_accum_steps for k in names])
         if grad_norm is not None:
