@@ -183,9 +183,11 @@ def student_init_dir(cfg: PruneDistillConfig) -> Path:
 def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, resume: Path | None):
     """(student, prune_map): from ``student.source``, from the run's saved pruned student, or by pruning.
 
-    Pruning runs on the main process and saves the student (with its prune map) to
-    :func:`student_init_dir`; every process then loads that folder, so all ranks start from the same
-    weights, and a resumed run rebuilds the same architecture without pruning again.
+    Every process takes part in pruning (each runs the calibration pass on its share of the blocks, the
+    statistics are summed over processes: :mod:`minidistill.prune.distributed`); the main process saves
+    the student (with its prune map) to :func:`student_init_dir`, and every process then loads that
+    folder, so all ranks start from the same weights, and a resumed run rebuilds the same architecture
+    without pruning again.
     """
     if cfg.student is not None:
         student = load_model(cfg.student)
@@ -195,15 +197,17 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
     if resume is not None and not saved:
         raise CheckpointError(f"{init_dir} is missing: the pruned student of this run cannot be rebuilt for resuming")
     if resume is None:
+        from .prune.distributed import CalibrationShard
         from .prune.pipeline import prune_model
 
+        prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
+        result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source,
+                             shard=CalibrationShard.from_accelerator(accelerator))
         if accelerator.is_main_process:
-            prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
-            result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source)
             logger.info(
                 "pruned %s -> %s parameters; student saved to %s", result.params_before, result.params_after, init_dir
             )
-            del result
+        del result
         accelerator.wait_for_everyone()
     else:
         logger.info("using the pruned student saved in %s", init_dir)

@@ -323,3 +323,41 @@ def test_auto_balance_same_losses_and_weights_for_one_process_ddp_and_accumulati
                 assert got[key] == pytest.approx(ref[key], rel=TIGHT["loss_rtol"], abs=1e-8), f"step {ref['step']} {key}"
     # The weights did follow the magnitudes (else the comparison only re-tests fixed weights).
     assert single[0]["weight/hidden"] == 1.0 and single[1]["weight/hidden"] != pytest.approx(1.0, rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- distributed calibration
+
+PRUNE_CALIBRATION = ROOT / "tests" / "dist_scripts" / "prune_calibration.py"
+STATS_RTOL = 1e-5
+"""Relative to each tensor's largest entry. The ranks' forwards batch other sequences together than one
+process does (float32 rounding of the per-sequence values, ~1e-7 relative, seen up to 6e-7 on the Grams);
+a rank's statistics not summed over the ranks would be off by ~0.5."""
+
+
+def test_two_process_calibration_equals_one_process(folders):
+    """Activation sums, Grams, Taylor gradients and layer statistics summed over 2 gloo ranks = 1 process on all blocks."""
+    from safetensors.torch import load_file
+
+    root = folders[0]
+    one, two = root / "calib-1", root / "calib-2"
+    _launch([sys.executable, str(PRUNE_CALIBRATION), str(one)], _env(root, sharded=False), "one-process calibration")
+    flags = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()))
+    _launch([*_accelerate(*flags), str(PRUNE_CALIBRATION), str(two)], _env(root, sharded=False), "two-process calibration")
+    ref, got = load_file(str(one / "stats.safetensors")), load_file(str(two / "stats.safetensors"))
+    assert ref.keys() == got.keys()
+    assert {k.split(".")[0] for k in ref} == {"activation", "similarity", "gram", "taylor", "taylor_similarity"}
+    for name, value in ref.items():
+        scale = value.abs().max().clamp_min(1e-30)
+        assert ((got[name] - value).abs().max() / scale).item() <= STATS_RTOL, name
+    assert got["similarity.layer_tokens"].item() == 10 * 48
+    single = json.loads((one / "rank0.json").read_text())
+    ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    # The same prune map everywhere, the same student on both ranks; only rank 0 saved it.
+    assert ranks[0]["prune_map"] == ranks[1]["prune_map"] == single["prune_map"]
+    assert single["prune_map"]["kept_layers"] != [0, 1, 2]
+    assert ranks[0]["student_sha256"] == ranks[1]["student_sha256"]
+    assert [r["saved"] for r in ranks] == [True, False]
+    ref_state, state = _state(one / "student"), _state(two / "student")
+    for name, value in ref_state.items():
+        assert (state[name] - value).abs().max().item() <= 1e-5, name

@@ -54,6 +54,7 @@ from torch import nn
 from ..adapters import ArchAdapter, get_adapter, lm_head_is_tied
 from ..config import ConfigBase, ConfigError
 from ..models import cache_root, state_dict_sha256
+from .distributed import SINGLE, CalibrationShard
 from .layer_importance import LayerSimilarity, layer_similarity_hooks
 from .refit_order import refit_elimination_scores
 from .types import UnitImportance
@@ -152,6 +153,19 @@ class ScoreAccumulator:
         self.sumsq[target] += s.pow(2).sum(0)
         if row is None or row == 0:
             self.count += s.shape[0]
+
+    def sum_over(self, shard: CalibrationShard) -> None:
+        """Sum the running sums and count over ``shard``'s ranks (every rank calls it; one with no sequence adds zeros)."""
+        if not shard.distributed:
+            return
+        if self.sum is None:
+            self.sum = torch.zeros(self.shape, dtype=torch.float64)
+            self.sumsq = torch.zeros_like(self.sum)
+        n = self.sum.numel()
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        packed = shard.sum(torch.cat([self.sum.reshape(-1), self.sumsq.reshape(-1), count]))
+        self.sum, self.sumsq = packed[:n].reshape(self.shape), packed[n : 2 * n].reshape(self.shape)
+        self.count = int(round(packed[-1].item()))
 
     def result(self, batch_agg: str) -> torch.Tensor:
         """Aggregated scores on the CPU (float64)."""
@@ -271,11 +285,13 @@ def activation_importance(
     head_signal: str = "input",
     progress: Callable[[Iterable], Iterable] | None = None,
     gram_parts: Sequence[str] = (),
+    shard: CalibrationShard = SINGLE,
 ) -> tuple[UnitImportance, LayerSimilarity] | tuple[UnitImportance, LayerSimilarity, dict[str, list[torch.Tensor]]]:
     """Activation importance and layer similarity statistics from ONE forward over ``batches``.
 
     ``UnitImportance.layers`` holds the block influence of each layer. With ``gram_parts`` the same forward
     also collects those projections' input Gram matrices (:func:`projection_gram_hooks`), returned third.
+    With a distributed ``shard``, ``batches`` are this rank's and every statistic is summed over the ranks.
     """
     adapter = get_adapter(model)
     shape = adapter.shape(model.config)
@@ -291,6 +307,11 @@ def activation_importance(
         for ids in progress(batches) if progress else batches:
             backbone(input_ids=ids.to(device))
     model.train(was_training)
+    for accumulator in acc.values():
+        accumulator.sum_over(shard)
+    sim.sum_over(shard)
+    if grams is not None:
+        sum_grams(model, grams, shard)
     heads = acc["heads"].result(batch_agg)
     units = UnitImportance(
         heads=heads,
@@ -333,6 +354,21 @@ def projection_gram_hooks(model: nn.Module, parts: Sequence[str] = ("down_proj",
             h.remove()
 
 
+def sum_grams(model: nn.Module, grams: dict[str, list[torch.Tensor | None]], shard: CalibrationShard) -> None:
+    """Sum :func:`projection_gram_hooks` matrices over ``shard``'s ranks in place (a layer no batch reached adds zeros)."""
+    if not shard.distributed:
+        return
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    device = next(model.parameters()).device
+    for part, store in grams.items():
+        for i, gram in enumerate(store):
+            if gram is None:
+                n = adapter.layer_part(layers[i], part).weight.shape[1]
+                gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+            store[i] = shard.sum(gram)
+
+
 @torch.no_grad()
 def refit_neuron_scores(model: nn.Module, grams: Sequence[torch.Tensor]) -> torch.Tensor:
     """[num_layers, intermediate_size] re-fit-aware keep scores (:func:`.refit_order.refit_elimination_scores`)."""
@@ -342,8 +378,10 @@ def refit_neuron_scores(model: nn.Module, grams: Sequence[torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def projection_grams(model: nn.Module, batches: Iterable[torch.Tensor], parts: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-    """Each layer's input Gram matrix of ``parts`` from one forward over ``batches``."""
+def projection_grams(
+    model: nn.Module, batches: Iterable[torch.Tensor], parts: Sequence[str], shard: CalibrationShard = SINGLE
+) -> dict[str, list[torch.Tensor]]:
+    """Each layer's input Gram matrix of ``parts`` from one forward over ``batches`` (summed over ``shard``'s ranks)."""
     adapter = get_adapter(model)
     backbone = model.get_submodule(adapter.backbone)
     device = next(model.parameters()).device
@@ -353,6 +391,7 @@ def projection_grams(model: nn.Module, batches: Iterable[torch.Tensor], parts: S
         for ids in batches:
             backbone(input_ids=ids.to(device))
     model.train(was_training)
+    sum_grams(model, grams, shard)
     return grams
 
 
@@ -463,8 +502,10 @@ def taylor_importance(
     *,
     chunk_tokens: int = 2048,
     progress: Callable[[Iterable], Iterable] | None = None,
+    shard: CalibrationShard = SINGLE,
 ) -> UnitImportance:
-    """First-order Taylor importance ``sum |w * dL/dw|`` with the LM-loss gradient summed over ``batches``."""
+    """First-order Taylor importance ``sum |w * dL/dw|`` with the LM-loss gradient summed over ``batches``
+    (and over ``shard``'s ranks)."""
     device = next(model.parameters()).device
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     saved_grads = {n: p.grad for n, p in model.named_parameters()}
@@ -476,6 +517,9 @@ def taylor_importance(
             p.grad = None
         for ids in progress(batches) if progress else batches:
             lm_loss_backward(model, ids.to(device), chunk_tokens)
+        if shard.distributed:
+            for p in model.parameters():
+                p.grad = shard.sum(p.grad if p.grad is not None else torch.zeros_like(p))
         sums = unit_weight_sums(model, lambda w: (w * w.grad).abs() if w.grad is not None else torch.zeros_like(w))
     finally:
         for n, p in model.named_parameters():
@@ -511,6 +555,7 @@ def compute_importance(
     layer_stats: bool = True,
     progress: Callable[[Iterable], Iterable] | None = None,
     gram_out: dict | None = None,
+    shard: CalibrationShard = SINGLE,
 ) -> tuple[UnitImportance, LayerSimilarity | None]:
     """Unit importance by ``cfg.method`` and layer similarity statistics over ``calibration`` ([N, T] ids).
 
@@ -521,6 +566,11 @@ def compute_importance(
     "down_proj": [...], "tokens": n}``) for :func:`.reconstruct.reconstruct` to re-fit from without
     another forward; the cache is then written but not read (one calibration forward costs less than
     the forwards of the re-fits it saves).
+
+    With a distributed ``shard`` (every rank calls this with the same ``calibration``), each rank runs the
+    forward (and backward) on its blocks ``rank::world`` and the statistics are summed over the ranks, so
+    every rank returns the one-process result; the cache is read only when every rank finds the entry
+    and written by rank 0.
     """
     cfg.validate()
     if calibration.ndim != 2 or calibration.shape[0] == 0 or calibration.shape[1] < 2:
@@ -530,10 +580,10 @@ def compute_importance(
     # The Gram matrices are not cached (hundreds of MB): a run that asks for them recomputes the forward.
     if key is not None and gram_out is None:
         cached = load_cached_importance(key)
-        if cached is not None:
+        if shard.all(cached is not None):
             logger.info("importance read from the cache (%s)", key[:16])
             return cached
-    batches = importance_batches(calibration, cfg.batch_size)
+    batches = importance_batches(shard.blocks(calibration), cfg.batch_size)
     rank = cfg.neuron_ranking == "refit"
     shape = get_adapter(model).shape(model.config)
     size = shape["intermediate_size"]
@@ -553,23 +603,23 @@ def compute_importance(
     if cfg.method == "activation":
         out = activation_importance(
             model, batches, token_agg=cfg.token_agg, batch_agg=cfg.batch_agg, head_signal=cfg.head_signal,
-            progress=progress, gram_parts=parts,
+            progress=progress, gram_parts=parts, shard=shard,
         )
         units, sim = out[0], out[1]
         grams = out[2] if parts else {}
     else:
         from .layer_importance import layer_similarity
 
-        sim = layer_similarity(model, progress(batches) if progress else batches) if with_stats else None
+        sim = layer_similarity(model, progress(batches) if progress else batches, shard) if with_stats else None
         if cfg.method == "magnitude":
             units = magnitude_importance(model)
         elif cfg.method == "taylor":
             units = taylor_importance(model, batches, chunk_tokens=cfg.chunk_tokens,
-                                      progress=None if with_stats else progress)
+                                      progress=None if with_stats else progress, shard=shard)
         else:
             units = random_importance(model, cfg.seed)
         if parts:
-            grams = projection_grams(model, batches, parts)
+            grams = projection_grams(model, batches, parts, shard)
     if rank:
         units.neurons = refit_neuron_scores(model, grams["down_proj"])
     if gram_out is not None:
@@ -577,7 +627,7 @@ def compute_importance(
     del grams
     units.settings = {**cfg.settings(), "neuron_ranking": "refit" if rank else "method", "calibration_blocks": int(calibration.shape[0]),
                       "calibration_tokens": int(calibration.numel())}
-    if key is not None:
+    if key is not None and shard.is_main:
         save_cached_importance(key, units, sim)
     return units, sim
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..evaluation.perplexity import heldout_loss
+from .distributed import CalibrationShard
 
 LAYER_METHODS = ("block_influence", "angular", "contiguous", "lm_loss", "iterative")
 SIMILARITY_METHODS = ("block_influence", "angular", "contiguous")
@@ -59,6 +60,17 @@ class LayerSimilarity:
         self.cos_sum += cos.sum(0).double().cpu()
         self.angle_sum += (torch.arccos(cos) / math.pi).sum(0).double().cpu()
         self.tokens += unit.shape[1]
+
+    def sum_over(self, shard: CalibrationShard) -> None:
+        """Sum the statistics over ``shard``'s ranks (every rank calls it)."""
+        if not shard.distributed:
+            return
+        n = self.cos_sum.numel()
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64)
+        packed = shard.sum(torch.cat([self.cos_sum.reshape(-1), self.angle_sum.reshape(-1), tokens]))
+        self.cos_sum = packed[:n].reshape(self.cos_sum.shape)
+        self.angle_sum = packed[n : 2 * n].reshape(self.angle_sum.shape)
+        self.tokens = int(round(packed[-1].item()))
 
     def mean_cos(self) -> torch.Tensor:
         return self.cos_sum / max(self.tokens, 1)
@@ -129,8 +141,8 @@ def layer_similarity_hooks(model: nn.Module, similarity: LayerSimilarity):
 
 
 @torch.no_grad()
-def layer_similarity(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerSimilarity:
-    """Block influence and angular distances from one forward pass over ``batches``."""
+def layer_similarity(model: nn.Module, batches: Iterable[torch.Tensor], shard: CalibrationShard | None = None) -> LayerSimilarity:
+    """Block influence and angular distances from one forward pass over ``batches`` (summed over ``shard``'s ranks)."""
     num_layers = len(get_adapter(model).decoder_layers(model))
     sim = LayerSimilarity(num_layers)
     backbone = model.get_submodule(get_adapter(model).backbone)
@@ -138,6 +150,8 @@ def layer_similarity(model: nn.Module, batches: Iterable[torch.Tensor]) -> Layer
     with layer_similarity_hooks(model, sim):
         for ids in batches:
             backbone(input_ids=ids.to(device))
+    if shard is not None:
+        sim.sum_over(shard)
     return sim
 
 

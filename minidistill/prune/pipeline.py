@@ -3,6 +3,14 @@
 Every check (config, architecture, target shape or budget, calibration and held-out data, output
 folder) runs before the calibration pass. Calibration uses ``data.train`` blocks, search scoring uses
 ``data.heldout`` blocks.
+
+Several processes (``shard``, :class:`~.distributed.CalibrationShard`): every rank calls
+:func:`prune_model` with the same teacher, data and config. The calibration pass (unit importance,
+layer-similarity statistics, the o_proj / down_proj Gram matrices of teacher-mode re-fits, Taylor
+gradients) is split: each rank runs its blocks ``rank::world`` and the sums are all-reduced, so every
+rank holds the one-process statistics and derives the same student from them. The later steps (layer
+loss scores, budget search, sequential re-fits) run whole on every rank, without collectives. Only
+rank 0 writes files (the student folder and the importance cache).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from ..data import DataError, TextData
 from ..errors import OutputError
 from ..models import state_dict_sha256
 from .distill_rank import check_distill_data, distill_rank
+from .distributed import SINGLE, CalibrationShard
 from .importance import ImportanceConfig, compute_importance, importance_batches
 from .layer_importance import LAYER_METHODS, LOSS_METHODS, SIMILARITY_METHODS, LayerSimilarity, layer_loss_scores, layer_scores
 from .prune_map import PruneMap
@@ -184,13 +193,20 @@ def prune_model(
     cfg: PruneConfig,
     *,
     teacher_source: str,
+    shard: CalibrationShard = SINGLE,
 ) -> PruneResult:
-    """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget)."""
+    """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget).
+
+    ``shard``: this process's share of a distributed calibration (see the module docstring); only its
+    rank 0 saves to ``cfg.output_dir``.
+    """
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     cfg.validate()
     adapter = get_adapter(teacher)  # unsupported / MoE architectures fail here
     teacher_shape = adapter.shape(teacher.config)
+    if not shard.is_main:
+        cfg = cfg.replace(output_dir=None)
     check_output_dir(cfg.output_dir, cfg.overwrite)
     check_data(data, cfg, needs_heldout=cfg.target.is_budget)
     params_before = count_parameters(teacher)
@@ -223,6 +239,7 @@ def prune_model(
         teacher, calibration, cfg.importance, layer_stats=cfg.layer_method in SIMILARITY_METHODS,
         progress=_progress(cfg.show_progress, "calibration"),
         gram_out=teacher_grams if cfg.reconstruction.enabled and cfg.reconstruction.mode != "sequential" else None,
+        shard=shard,
     )
     timings["importance_s"] = time.perf_counter() - t0
     loss_increase, layer_record = None, {}
