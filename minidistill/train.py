@@ -202,7 +202,7 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
 
         prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
         result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source,
-                             shard=CalibrationShard.from_accelerator(accelerator))
+                             shard=CalibrationShard.from_accelerator(accelerator), device=accelerator.device)
         if accelerator.is_main_process:
             logger.info(
                 "pruned %s -> %s parameters; student saved to %s", result.params_before, result.params_after, init_dir
@@ -281,8 +281,11 @@ def _own_student_init(cfg: PruneDistillConfig, init_dir: Path) -> bool:
         saved_teacher = json.loads((init_dir / PRUNE_MAP_FILENAME).read_text()).get("teacher", {}).get("source")
     except (OSError, ValueError, AttributeError):
         return False
-    expected = cfg.prune.replace(output_dir=str(init_dir), overwrite=True).to_dict()
-    return saved_prune == json.loads(json.dumps(expected)) and saved_teacher == cfg.teacher.source
+    expected = json.loads(json.dumps(cfg.prune.replace(output_dir=str(init_dir), overwrite=True).to_dict()))
+    if isinstance(saved_prune, dict):  # prune.device does not change the student
+        saved_prune.pop("device", None)
+    expected.pop("device", None)
+    return saved_prune == expected and saved_teacher == cfg.teacher.source
 
 
 def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = None) -> RecipeResult:
@@ -305,6 +308,10 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     if resume_path is None and finished(cfg.run_dir):
         raise CheckpointError(f"{cfg.run_dir} holds a finished run; choose another run_name (or pass --resume auto)")
     check_outputs_and_inputs(cfg, resume_path)
+    if cfg.student is None and resume_path is None:
+        from .prune.pipeline import resolve_prune_device
+
+        resolve_prune_device(cfg.prune.device)  # a named device this machine lacks fails before any loading
     check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
     if cfg.student is not None:
         check_seq_len(cfg.student, cfg.data.seq_len, "student")

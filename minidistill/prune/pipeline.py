@@ -88,6 +88,11 @@ class PruneConfig(ConfigBase):
     """Replace a non-empty ``output_dir``."""
     show_progress: bool = True
     """tqdm bar over the calibration batches."""
+    device: str = "auto"
+    """Where pruning runs (the teacher is moved there and back; the student is returned on the teacher's
+    device): ``auto`` (the process's accelerator device in the recipe; elsewhere CUDA when available, else
+    CPU) or a torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``). It does not change the result
+    beyond floating-point rounding, so a saved student is reused whatever device made it."""
 
     def validate(self) -> None:
         for section in (self.importance, self.target, self.search, self.reconstruction):
@@ -98,6 +103,35 @@ class PruneConfig(ConfigBase):
             raise ConfigError(f"prune.calib_blocks={self.calib_blocks}: must be >= 1")
         if self.layer_loss_blocks < 1:
             raise ConfigError(f"prune.layer_loss_blocks={self.layer_loss_blocks}: must be >= 1")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ConfigError(
+                    f"prune.device={self.device!r} is not a device: use auto, cpu, cuda, cuda:<index> or mps"
+                ) from None
+
+
+def resolve_prune_device(setting: str, default: torch.device | str | None = None) -> torch.device:
+    """The device ``prune.device`` names: ``auto`` is ``default`` when given, else CUDA when available, else CPU.
+
+    ConfigError when the named device is not available on this machine.
+    """
+    if setting == "auto":
+        if default is not None:
+            return torch.device(default)
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(
+                f"prune.device={setting!r}: this machine has {count} CUDA device(s); use auto or cpu"
+                + (f", or an index below {count}" if count else "")
+            )
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"prune.device={setting!r}: MPS is not available on this machine; use auto or cpu")
+    return device
 
 
 @dataclass
@@ -194,12 +228,39 @@ def prune_model(
     *,
     teacher_source: str,
     shard: CalibrationShard = SINGLE,
+    device: torch.device | str | None = None,
 ) -> PruneResult:
     """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget).
 
     ``shard``: this process's share of a distributed calibration (see the module docstring); only its
-    rank 0 saves to ``cfg.output_dir``.
+    rank 0 saves to ``cfg.output_dir``. ``device``: what ``prune.device=auto`` means here (the caller's
+    accelerator device; None: CUDA when available, else CPU). Pruning runs on ``prune.device``; the
+    teacher is moved back afterwards and the student is returned on the teacher's device.
     """
+    cfg.validate()
+    target = resolve_prune_device(cfg.device, device)
+    home = next(teacher.parameters()).device
+    if target == home:
+        return _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard)
+    logger.info("pruning on %s (the teacher is on %s)", target, home)
+    teacher.to(target)
+    try:
+        result = _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard)
+    finally:
+        teacher.to(home)
+    result.student.to(home)
+    return result
+
+
+def _prune_model(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    data: TextData,
+    cfg: PruneConfig,
+    *,
+    teacher_source: str,
+    shard: CalibrationShard,
+) -> PruneResult:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     cfg.validate()
@@ -399,4 +460,7 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str) + "\n"
 
 
-__all__ = ["PruneConfig", "PruneResult", "check_data", "check_output_dir", "format_rows", "prune_model", "units_for_shape"]
+__all__ = [
+    "PruneConfig", "PruneResult", "check_data", "check_output_dir", "format_rows", "prune_model", "resolve_prune_device",
+    "units_for_shape",
+]

@@ -1,0 +1,98 @@
+"""Pruning at scale: ``prune.device``, the process-group timeout, and a prune restarted from the importance cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_prune_pipeline import prune_cfg, tiny_data
+
+from minidistill.config import ConfigError
+from minidistill.models import state_dict_sha256
+from minidistill.prune.pipeline import PruneConfig, prune_model, resolve_prune_device
+
+SHAPE = {"params": None, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+
+
+# ---------------------------------------------------------------------------------------------- prune.device
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", "tpu0"])
+def test_prune_device_that_is_not_a_device_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match=r"prune\.device=.*is not a device: use auto, cpu"):
+        PruneConfig.from_dict({"device": bad})
+
+
+def test_prune_device_resolution():
+    assert resolve_prune_device("cpu") == torch.device("cpu")
+    assert resolve_prune_device("auto", "cpu") == torch.device("cpu")
+    assert resolve_prune_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError, match=rf"prune\.device='cuda:{count}': this machine has {count} CUDA device"):
+        resolve_prune_device(f"cuda:{count}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_prune_on_a_missing_cuda_device_fails_before_calibration():
+    teacher = tiny_model("llama", num_layers=3)
+    with pytest.raises(ConfigError, match=r"prune\.device='cuda': this machine has 0 CUDA device"):
+        prune_model(teacher, None, tiny_data(), prune_cfg(target=SHAPE, device="cuda"), teacher_source="t")
+
+
+def test_prune_on_cpu_gives_the_auto_student_and_leaves_the_teacher_alone():
+    teacher = tiny_model("llama", num_layers=3)
+    before = state_dict_sha256(teacher)
+    results = [prune_model(teacher, None, tiny_data(), prune_cfg(target=SHAPE, device=d), teacher_source="t", device="cpu")
+               for d in ("auto", "cpu")]
+    assert state_dict_sha256(teacher) == before
+    assert results[0].prune_map.to_dict() == results[1].prune_map.to_dict()
+    assert state_dict_sha256(results[0].student) == state_dict_sha256(results[1].student)
+    assert next(results[1].student.parameters()).device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prune_on_cuda_matches_cpu_and_returns_to_the_teacher_device():
+    teacher = tiny_model("llama", num_layers=3)
+    cfg = {"target": SHAPE, "reconstruction": {"enabled": True, "mode": "teacher"}}
+    on_cpu = prune_model(teacher, None, tiny_data(), prune_cfg(**cfg, device="cpu"), teacher_source="t")
+    on_gpu = prune_model(teacher, None, tiny_data(), prune_cfg(**cfg, device="cuda"), teacher_source="t")
+    assert next(teacher.parameters()).device.type == "cpu"
+    assert next(on_gpu.student.parameters()).device.type == "cpu"
+    assert on_cpu.prune_map.to_dict()["layers"] == on_gpu.prune_map.to_dict()["layers"]
+    ref = on_cpu.student.state_dict()
+    for name, value in on_gpu.student.state_dict().items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-5)
+
+
+def _recipe_cfg(tmp_path, *extra):
+    from train_scripts.tiny_setup import tiny_overrides
+
+    from minidistill.recipe_config import load_recipe_config
+
+    overrides = [o for o in tiny_overrides(tmp_path / "runs", tmp_path / "teacher", "x") if not o.startswith("student.source=")]
+    return load_recipe_config(None, [*overrides, "student=null", "prune.target.num_layers=2", *extra])
+
+
+def test_a_saved_student_from_another_prune_device_is_this_runs_own(tmp_path):
+    """The run folder's student_init saved with prune.device=cpu is accepted by a run with prune.device=auto."""
+    from minidistill.train import _own_student_init, check_outputs_and_inputs, student_init_dir
+
+    saved = _recipe_cfg(tmp_path, "prune.device=cpu")
+    init_dir = student_init_dir(saved)
+    init_dir.mkdir(parents=True)
+    prune_config = saved.prune.replace(output_dir=str(init_dir), overwrite=True).to_dict()
+    assert prune_config["device"] == "cpu"
+    (init_dir / "prune_config.json").write_text(json.dumps(prune_config))
+    (init_dir / "prune_map.json").write_text(json.dumps({"teacher": {"source": saved.teacher.source}}))
+    rerun = _recipe_cfg(tmp_path)
+    assert rerun.prune.device == "auto"
+    assert _own_student_init(rerun, init_dir)
+    check_outputs_and_inputs(rerun, None)  # not refused
+    # A folder written before prune.device existed (no such key) is accepted too ...
+    del prune_config["device"]
+    (init_dir / "prune_config.json").write_text(json.dumps(prune_config))
+    assert _own_student_init(rerun, init_dir)
+    # ... while a setting that changes the student still refuses the folder.
+    assert not _own_student_init(_recipe_cfg(tmp_path, "prune.calib_blocks=3"), init_dir)
