@@ -96,3 +96,26 @@ def test_a_saved_student_from_another_prune_device_is_this_runs_own(tmp_path):
     assert _own_student_init(rerun, init_dir)
     # ... while a setting that changes the student still refuses the folder.
     assert not _own_student_init(_recipe_cfg(tmp_path, "prune.calib_blocks=3"), init_dir)
+
+
+# ---------------------------------------------------------------------------------------------- process-group timeout
+
+
+def test_process_group_timeout_reaches_the_accelerator(tmp_path):
+    from datetime import timedelta
+
+    from minidistill.training.config import TrainConfig
+    from minidistill.training.loop import build_accelerator
+
+    assert TrainConfig().process_group_timeout_minutes == 120.0
+    acc = build_accelerator(TrainConfig.from_dict({"process_group_timeout_minutes": 7.5, "progress_bar": False}), tmp_path)
+    assert acc.init_handler is not None
+    assert acc.init_handler.to_kwargs() == {"timeout": timedelta(minutes=7.5)}
+
+
+@pytest.mark.parametrize("bad", [0, -3, float("inf"), float("nan")])
+def test_process_group_timeout_must_be_positive_minutes(bad):
+    from minidistill.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"process_group_timeout_minutes=.*must be a (positive|finite) number"):
+        TrainConfig.from_dict({"process_group_timeout_minutes": bad})

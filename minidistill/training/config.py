@@ -88,6 +88,10 @@ class TrainConfig(ConfigBase):
     """tqdm bar with ETA on the main process."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all student weights (None: full training)."""
+    process_group_timeout_minutes: float = 120.0
+    """Timeout of the process group's collectives and barriers in a multi-process run (torch's own default
+    is 10 minutes under NCCL): long enough for a rank waiting at a barrier while another loads, prunes on
+    CPU or saves a large model."""
 
     def validate(self) -> None:
         for key in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
@@ -113,6 +117,9 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"train.decay_fraction={self.decay_fraction}: must be in (0, 1]")
         if self.max_grad_norm < 0:
             raise ConfigError(f"train.max_grad_norm={self.max_grad_norm}: must be >= 0")
+        timeout = self.process_group_timeout_minutes
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"train.process_group_timeout_minutes={timeout}: must be a positive number of minutes")
         unknown = [t for t in self.log_with if t not in ("tensorboard", "wandb")]
         if unknown:
             raise ConfigError(f"train.log_with: unknown tracker {unknown[0]!r}; choose tensorboard or wandb")

@@ -61,9 +61,12 @@ class TrainResult:
 
 
 def build_accelerator(train: TrainConfig, run_dir: Path):
-    """An Accelerator for ``train``: gradient accumulation, precision (auto: bf16 on GPU), trackers."""
+    """An Accelerator for ``train``: gradient accumulation, precision (auto: bf16 on GPU), trackers, and the
+    process-group timeout ``train.process_group_timeout_minutes``."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     precision = train.mixed_precision
     if precision == "auto":
@@ -75,6 +78,7 @@ def build_accelerator(train: TrainConfig, run_dir: Path):
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=train.process_group_timeout_minutes))],
     )
 
 
