@@ -119,3 +119,44 @@ def test_process_group_timeout_must_be_positive_minutes(bad):
 
     with pytest.raises(ConfigError, match=r"process_group_timeout_minutes=.*must be a (positive|finite) number"):
         TrainConfig.from_dict({"process_group_timeout_minutes": bad})
+
+
+# ---------------------------------------------------------------------------------------------- resumable prune
+
+
+def test_a_stopped_prune_restarts_from_the_importance_cache(tmp_path, monkeypatch):
+    """A prune killed after calibration: the re-run reads scores and Gram matrices from the cache (no teacher
+    forward at all with teacher-mode re-fits from the Grams) and gives the uninterrupted run's student."""
+    from minidistill.adapters import get_adapter
+    from minidistill.prune.importance import GRAMS_FILE, importance_cache_dir
+
+    monkeypatch.setenv("MINIDISTILL_CACHE", str(tmp_path / "cache"))
+    teacher = tiny_model("llama", num_layers=3)
+    data = tiny_data(train=8, seq_len=64)  # 512 tokens: enough for the re-fit neuron ranking (4 x 96)
+    cfg = prune_cfg(target=SHAPE, layer_method="contiguous", importance={"cache": True},
+                    reconstruction={"enabled": True, "mode": "teacher"})
+    forwards = []
+    get_adapter(teacher).decoder_layers(teacher)[0].register_forward_pre_hook(lambda *_: forwards.append(1))
+
+    uninterrupted = prune_model(teacher, None, data, cfg.replace(importance=cfg.importance.replace(cache=False)),
+                                teacher_source="t")
+    assert uninterrupted.prune_map.importance["neuron_ranking"] == "refit"
+    calibration_forwards = len(forwards)
+    assert calibration_forwards > 0
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after calibration")
+
+    with monkeypatch.context() as m:
+        m.setattr("minidistill.prune.select.select_units", killed)
+        with pytest.raises(KeyboardInterrupt):
+            prune_model(teacher, None, data, cfg, teacher_source="t")
+    entries = [p for p in importance_cache_dir().iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / GRAMS_FILE).is_file()
+
+    forwards.clear()
+    restarted = prune_model(teacher, None, data, cfg, teacher_source="t")
+    assert forwards == []  # neither the calibration forward nor a re-fit forward ran again
+    assert restarted.prune_map.to_dict() == uninterrupted.prune_map.to_dict()
+    assert any("down_proj" in name for name in restarted.prune_map.to_dict()["refit"])  # re-fitted from cached Grams
+    assert state_dict_sha256(restarted.student) == state_dict_sha256(uninterrupted.student)

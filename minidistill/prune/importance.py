@@ -564,8 +564,9 @@ def compute_importance(
     from / written to the on-disk cache when ``cfg.cache``. ``gram_out`` (a dict): receives the teacher's
     o_proj / down_proj input Gram matrices of the same calibration forward (``{"o_proj": [...],
     "down_proj": [...], "tokens": n}``) for :func:`.reconstruct.reconstruct` to re-fit from without
-    another forward; the cache is then written but not read (one calibration forward costs less than
-    the forwards of the re-fits it saves).
+    another forward; the cache entry then holds them too (``grams.safetensors``, float64), so a pruning
+    run that stopped after calibration restarts without the calibration forward; an entry without them
+    is recomputed and replaced.
 
     With a distributed ``shard`` (every rank calls this with the same ``calibration``), each rank runs the
     forward (and backward) on its blocks ``rank::world`` and the statistics are summed over the ranks, so
@@ -577,13 +578,6 @@ def compute_importance(
         raise ValueError(f"calibration ids must be [num_blocks >= 1, seq_len >= 2], got {tuple(calibration.shape)}")
     with_stats = layer_stats or cfg.method == "activation"
     key = importance_cache_key(model, calibration, {**cfg.settings(), "layer_stats": with_stats}) if cfg.cache else None
-    # The Gram matrices are not cached (hundreds of MB): a run that asks for them recomputes the forward.
-    if key is not None and gram_out is None:
-        cached = load_cached_importance(key)
-        if shard.all(cached is not None):
-            logger.info("importance read from the cache (%s)", key[:16])
-            return cached
-    batches = importance_batches(shard.blocks(calibration), cfg.batch_size)
     rank = cfg.neuron_ranking == "refit"
     shape = get_adapter(model).shape(model.config)
     size = shape["intermediate_size"]
@@ -598,6 +592,17 @@ def compute_importance(
                        "ranked by the %s scores and re-fits run their own calibration forwards",
                        gram_bytes / 2**30, MAX_GRAM_BYTES / 2**30, cfg.method)
         rank, gram_out = False, None
+    if key is not None:
+        cached = load_cached_importance(key, with_grams=gram_out is not None)
+        if shard.all(cached is not None):
+            logger.info("importance read from the cache (%s)", key[:16])
+            units, sim, cached_grams = cached
+            if gram_out is not None:
+                device = next(model.parameters()).device
+                gram_out.update({part: [g.to(device) for g in store] for part, store in cached_grams.items()},
+                                tokens=int(calibration.numel()))
+            return units, sim
+    batches = importance_batches(shard.blocks(calibration), cfg.batch_size)
     parts = REFIT_GRAM_PARTS if gram_out is not None else ("down_proj",) if rank else ()
     grams: dict[str, list[torch.Tensor]] = {}
     if cfg.method == "activation":
@@ -624,11 +629,11 @@ def compute_importance(
         units.neurons = refit_neuron_scores(model, grams["down_proj"])
     if gram_out is not None:
         gram_out.update(grams, tokens=int(calibration.numel()))
-    del grams
     units.settings = {**cfg.settings(), "neuron_ranking": "refit" if rank else "method", "calibration_blocks": int(calibration.shape[0]),
                       "calibration_tokens": int(calibration.numel())}
     if key is not None and shard.is_main:
-        save_cached_importance(key, units, sim)
+        save_cached_importance(key, units, sim, grams=grams if gram_out is not None else None)
+    del grams
     return units, sim
 
 
@@ -648,10 +653,14 @@ def importance_cache_key(model: nn.Module, calibration: torch.Tensor, settings: 
 
 
 _TENSOR_FIELDS = ("heads", "kv_groups", "neurons", "hidden", "layers")
+GRAMS_FILE = "grams.safetensors"
 
 
-def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity | None) -> Path:
-    """Write ``<cache>/importance/<key>/{scores.safetensors, settings.json}`` atomically."""
+def save_cached_importance(
+    key: str, units: UnitImportance, sim: LayerSimilarity | None, *, grams: dict[str, list[torch.Tensor]] | None = None
+) -> Path:
+    """Write ``<cache>/importance/<key>/{scores.safetensors, settings.json[, grams.safetensors]}`` atomically
+    (replacing an existing entry)."""
     target = importance_cache_dir() / key
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -660,7 +669,12 @@ def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity
         if sim is not None:
             tensors.update(sim.to_tensors())
         save_file(tensors, str(tmp / "scores.safetensors"))
+        if grams:
+            save_file({f"{part}.{i}": g.detach().cpu().contiguous() for part, store in grams.items()
+                       for i, g in enumerate(store)}, str(tmp / GRAMS_FILE))
         (tmp / "settings.json").write_text(json.dumps(units.settings, sort_keys=True, indent=1))
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -669,16 +683,28 @@ def save_cached_importance(key: str, units: UnitImportance, sim: LayerSimilarity
     return target
 
 
-def load_cached_importance(key: str) -> tuple[UnitImportance, LayerSimilarity | None] | None:
+def load_cached_importance(
+    key: str, *, with_grams: bool = False
+) -> tuple[UnitImportance, LayerSimilarity | None, dict[str, list[torch.Tensor]]] | None:
+    """(units, layer statistics, Gram matrices by part) of a cache entry; None when it is missing (or lacks the
+    Gram matrices ``with_grams`` asks for)."""
     folder = importance_cache_dir() / key
     if not (folder / "scores.safetensors").is_file() or not (folder / "settings.json").is_file():
         return None
+    grams: dict[str, list[torch.Tensor]] = {}
+    if with_grams:
+        if not (folder / GRAMS_FILE).is_file():
+            return None
+        stored = load_file(str(folder / GRAMS_FILE))
+        for part in REFIT_GRAM_PARTS:
+            names = sorted((k for k in stored if k.startswith(part + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
+            grams[part] = [stored[k] for k in names]
     tensors = load_file(str(folder / "scores.safetensors"))
     units = UnitImportance(
         **{k: tensors.get(k) for k in _TENSOR_FIELDS},
         settings=json.loads((folder / "settings.json").read_text()),
     )
-    return units, LayerSimilarity.from_tensors(tensors) if "layer_cos_sum" in tensors else None
+    return units, LayerSimilarity.from_tensors(tensors) if "layer_cos_sum" in tensors else None, grams
 
 
 def importance_batches(calibration: torch.Tensor, batch_size: int) -> Sequence[torch.Tensor]:
