@@ -117,6 +117,8 @@ RESUMABLE_CHANGES = (
     "train.log_every",
     "train.log_with",
     "train.progress_bar",
+    "train.process_group_timeout_minutes",
+    "prune.device",
     "eval",
     "hub",
     "push_to_hub",

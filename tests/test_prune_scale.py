@@ -160,3 +160,14 @@ def test_a_stopped_prune_restarts_from_the_importance_cache(tmp_path, monkeypatc
     assert restarted.prune_map.to_dict() == uninterrupted.prune_map.to_dict()
     assert any("down_proj" in name for name in restarted.prune_map.to_dict()["refit"])  # re-fitted from cached Grams
     assert state_dict_sha256(restarted.student) == state_dict_sha256(uninterrupted.student)
+
+
+def test_resume_accepts_another_prune_device_and_timeout_and_checkpoints_without_them():
+    from minidistill.recipe_config import incompatible_fields
+
+    saved = {"prune": {"device": "cpu", "calib_blocks": 64}, "train": {"process_group_timeout_minutes": 120.0, "lr": 1e-4}}
+    current = {"prune": {"device": "auto", "calib_blocks": 64}, "train": {"process_group_timeout_minutes": 30.0, "lr": 1e-4}}
+    assert incompatible_fields(saved, current) == []
+    older = {"prune": {"calib_blocks": 64}, "train": {"lr": 1e-4}}  # a checkpoint from before these settings
+    assert incompatible_fields(older, current) == []
+    assert incompatible_fields(older, {**current, "train": {"lr": 3e-4}}) == ["train.lr"]
