@@ -361,3 +361,33 @@ def test_two_process_calibration_equals_one_process(folders):
     ref_state, state = _state(one / "student"), _state(two / "student")
     for name, value in ref_state.items():
         assert (state[name] - value).abs().max().item() <= 1e-5, name
+
+
+def test_recipe_prunes_on_every_rank_and_matches_single_process(folders):
+    """student=null under 2-process DDP: the calibration is split over both ranks, rank 0 saves student_init,
+    and the pruned student, its map and the training losses match the one-process run."""
+    root, teacher, student = folders
+    prune = ["student=null", "prune.target.num_layers=2", "prune.target.intermediate_size=64",
+             "prune.target.num_heads=2", "prune.calib_blocks=8", "prune.show_progress=false",
+             "prune.reconstruction.mode=teacher", "prune.layer_method=contiguous"]
+
+    def run(name: str, processes: int) -> Path:
+        overrides = [o for o in _overrides(root, teacher, student, name) if not o.startswith("student.source=")]
+        env = {**_env(root, sharded=False), "MINIDISTILL_CACHE": str(root / f"cache-{name}")}
+        command = [sys.executable, str(WRAPPER), *overrides, *prune]
+        if processes > 1:
+            flags = ("--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(_free_port()))
+            command = [*_accelerate(*flags), str(WRAPPER), *overrides, *prune]
+        _launch(command, env, f"{name} run")
+        return root / "runs" / name
+
+    single, ddp = run("prune-single", 1), run("prune-ddp", 2)
+    from minidistill.prune.prune_map import PruneMap
+
+    ref_map, got_map = PruneMap.load(single / "student_init").to_dict(), PruneMap.load(ddp / "student_init").to_dict()
+    assert got_map == ref_map and ref_map["refit"]
+    ref_state, state = _state(single / "student_init"), _state(ddp / "student_init")
+    for name, value in ref_state.items():
+        assert (state[name] - value).abs().max().item() <= 1e-5, name
+    for ref, got in zip(_train_records(single), _train_records(ddp)):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=TIGHT["loss_rtol"]), ref["step"]
