@@ -3,7 +3,9 @@
 Every run distills the same tiny tied-embedding student (logit + hidden-state + attention losses) for a
 few steps on the same global batches; each must reproduce the single-process run step by step, save a
 final model that ``from_pretrained`` reloads equal to the single-process one, and (FSDP2, ZeRO-3) hold
-only its shard of the teacher.
+only its shard of the teacher. Further: ``loss.balance: auto`` gives the same losses and weights in one
+process, 2-process DDP and with gradient accumulation; calibration statistics summed over 2 ranks equal
+one process's (``dist_scripts/prune_calibration.py``); the recipe prunes under DDP to the one-process student.
 
 Why the CPU patch: accelerate runs CPU multi-process jobs as MULTI_CPU and then enables neither FSDP
 nor DeepSpeed (DeepSpeed even starts every process as rank 0 of 1). The FSDP2 / DeepSpeed runs
