@@ -78,20 +78,21 @@ def check_seq_len(model_cfg: ModelConfig, seq_len: int, role: str) -> None:
         )
 
 
-def check_same_vocabulary(teacher, teacher_tok, student, student_tok) -> None:
-    """ValueError when teacher and student do not share a tokenizer vocabulary and an output vocabulary size."""
+def _align(teacher_rows: int, student_rows: int, teacher_tok, student_tok):
+    from .distill.pairing import PairingError, align_vocabularies
+
+    try:
+        return align_vocabularies(teacher_rows, student_rows, teacher_tok.get_vocab(), student_tok.get_vocab())
+    except PairingError as e:
+        raise ModelError(str(e)) from None
+
+
+def check_same_vocabulary(teacher, teacher_tok, student, student_tok):
+    """The heads' :class:`~minidistill.distill.pairing.VocabAlignment`; ModelError when teacher and student do not
+    share a tokenizer or a head is more than the tokenizer plus padding rows."""
     t_rows = teacher.get_output_embeddings().weight.shape[0]
     s_rows = student.get_output_embeddings().weight.shape[0]
-    if t_rows != s_rows:
-        raise ModelError(
-            f"teacher and student vocabularies differ: the teacher's lm_head has {t_rows} rows, the student's {s_rows}; "
-            "logit distillation needs the same vocabulary (prune the student from this teacher)"
-        )
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise ModelError(
-            "teacher and student tokenizers differ (their vocabularies do not match token for token); "
-            "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
-        )
+    return _align(t_rows, s_rows, teacher_tok, student_tok)
 
 
 def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) -> None:
@@ -332,16 +333,8 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
         student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)
-        if getattr(student_cfg_only, "vocab_size", None) != getattr(teacher.config, "vocab_size", None):
-            raise ModelError(
-                f"teacher and student vocabularies differ: teacher vocab_size={teacher.config.vocab_size}, "
-                f"student vocab_size={student_cfg_only.vocab_size}; logit distillation needs the same vocabulary"
-            )
-        if student_tok.get_vocab() != tokenizer.get_vocab():
-            raise ModelError(
-                "teacher and student tokenizers differ (their vocabularies do not match token for token); "
-                "use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
-            )
+        _align(teacher.get_output_embeddings().weight.shape[0], int(getattr(student_cfg_only, "vocab_size", 0) or 0),
+               tokenizer, student_tok)
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
     with timer.stage("data"):
         data = build_text_data(cfg.data, tokenizer)
@@ -354,7 +347,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     with timer.stage("prune" if cfg.student is None and resume_path is None else "load student"):
         with parallel.full_weights_init(accelerator):
             student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
-    check_same_vocabulary(teacher, tokenizer, student, tokenizer)
+    alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     check_pairing_possible(cfg.loss, prune_map)
     distiller = Distiller(
         student=student,
@@ -368,6 +361,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         config_dict=cfg.to_dict(),
         accelerator=accelerator,
         run_name=cfg.run_name,
+        vocab_size=alignment.mask_from,
     )
     with timer.stage("distill"):
         result = distiller.run(resume=resume_path)

@@ -44,14 +44,15 @@ def test_tokenizers_that_differ_are_refused(tiny_dirs, tmp_path, monkeypatch):
         run_prune_distill(cfg)
 
 
-def test_vocabulary_sizes_that_differ_are_refused(tiny_dirs, tmp_path, monkeypatch):
+def test_a_head_smaller_than_the_tokenizer_is_refused(tiny_dirs, tmp_path, monkeypatch):
     teacher, _ = tiny_dirs
-    student = make_student_dir(teacher, tmp_path / "student640")
+    student = make_student_dir(teacher, tmp_path / "student400")
     config = json.loads((student / "config.json").read_text())
-    (student / "config.json").write_text(json.dumps({**config, "vocab_size": 640}))
+    (student / "config.json").write_text(json.dumps({**config, "vocab_size": 400}))
     _fail_before_data(monkeypatch)
     cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student))
-    with pytest.raises(ValueError, match=r"vocabularies differ: teacher vocab_size=512, student vocab_size=640"):
+    with pytest.raises(ValueError, match=r"vocabularies differ: the teacher's lm_head has 512 rows, the student's 400, but "
+                                         r"their shared tokenizer has ids 0\.\.511"):
         run_prune_distill(cfg)
 
 

@@ -324,6 +324,8 @@ class ObjectiveContext:
     models: dict[str, nn.Module]
     prune_map: PruneMap | None
     config: DistillLossConfig
+    vocab_size: int | None = None
+    """Token ids of the shared tokenizer when the two heads differ by padding rows (those rows are masked)."""
 
 
 class LossTerm(nn.Module):
@@ -396,7 +398,7 @@ def _pairs(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> list[tupl
 class LogitTerm(LossTerm):
     """Fused (chunked) logit distillation from final hidden states and the lm_head weights."""
 
-    def __init__(self, cfg: LogitLossSettings):
+    def __init__(self, cfg: LogitLossSettings, vocab_size: int | None = None):
         super().__init__()
         from .losses.fused import FusedLogitKDLoss
 
@@ -410,6 +412,7 @@ class LogitTerm(LossTerm):
             chunk_tokens=cfg.chunk_tokens,
             bound_margin=cfg.teacher_bound_margin,
             token_weighting=cfg.token_weighting,
+            vocab_size=vocab_size,
         )
         self.ce = self.loss.loss_fn.needs_labels
 
@@ -425,7 +428,13 @@ class LogitTerm(LossTerm):
 
 @register_loss_term("logits")
 def _build_logits(ctx: ObjectiveContext) -> LossTerm:
-    return LogitTerm(ctx.config.logits)
+    rows = {role: unwrap_module(m).get_output_embeddings().weight.shape[0] for role, m in ctx.models.items()}
+    if ctx.vocab_size is None and len(set(rows.values())) > 1:
+        raise ConfigError(
+            f"the teacher's lm_head has {rows[TEACHER]} rows and the student's {rows[STUDENT]}: pass vocab_size (the shared "
+            "tokenizer's ids, see minidistill.distill.pairing.align_vocabularies) so that the padding rows are masked"
+        )
+    return LogitTerm(ctx.config.logits, ctx.vocab_size)
 
 
 class HiddenTerm(LossTerm):
@@ -981,12 +990,13 @@ class DistillObjective(nn.Module):
     are in ``state_dict()`` and ``parameters()``.
     """
 
-    def __init__(self, cfg: DistillLossConfig, *, teacher: nn.Module, student: nn.Module, prune_map: PruneMap | None = None):
+    def __init__(self, cfg: DistillLossConfig, *, teacher: nn.Module, student: nn.Module, prune_map: PruneMap | None = None,
+                 vocab_size: int | None = None):
         super().__init__()
         from .balance import LossBalancer
 
         self.config = cfg
-        ctx = ObjectiveContext(models={STUDENT: student, TEACHER: teacher}, prune_map=prune_map, config=cfg)
+        ctx = ObjectiveContext(models={STUDENT: student, TEACHER: teacher}, prune_map=prune_map, config=cfg, vocab_size=vocab_size)
         weights = cfg.weights()
         unknown = [n for n in weights if n not in LOSS_TERMS]
         if unknown:

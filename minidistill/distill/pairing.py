@@ -1,7 +1,10 @@
-"""Which student layer / head is compared with which teacher layer / head in feature losses."""
+"""Which student layer / head is compared with which teacher layer / head in feature losses, and how the
+two output vocabularies line up (:func:`align_vocabularies`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 from minidistill.prune.prune_map import SHAPE_KEYS, PruneMap
@@ -95,3 +98,53 @@ def pair_heads(prune_map: PruneMap, student_layer: int) -> list[int]:
     if not 0 <= student_layer < len(prune_map.layers):
         raise PairingError(f"student layer {student_layer} is outside the prune map's {len(prune_map.layers)} layers")
     return list(prune_map.layers[student_layer].kept_query_heads)
+
+
+@dataclass(frozen=True)
+class VocabAlignment:
+    """How the teacher's and the student's output rows line up: the shared tokenizer's tokens, then padding.
+
+    Rows ``>= vocab_size`` of either head belong to no token; when the heads differ in rows, logit losses
+    set those rows to -inf before the softmax (:attr:`mask_from`).
+    """
+
+    teacher_rows: int
+    student_rows: int
+    vocab_size: int
+    """Rows the shared tokenizer needs: its largest token id + 1."""
+
+    @property
+    def mask_from(self) -> int | None:
+        """First padding row to mask (``vocab_size``) when the heads differ in rows; None when they match."""
+        return None if self.teacher_rows == self.student_rows else self.vocab_size
+
+
+def _token_rows(vocab: Mapping[str, int]) -> int:
+    return max(vocab.values()) + 1 if vocab else 0
+
+
+def align_vocabularies(
+    teacher_rows: int, student_rows: int, teacher_vocab: Mapping[str, int], student_vocab: Mapping[str, int]
+) -> VocabAlignment:
+    """Pair the output heads of teacher and student through their tokenizers' vocabularies (token -> id).
+
+    Heads may differ only in padding rows past the shared tokenizer's ids. Raises :class:`PairingError`
+    naming both head sizes and the tokenizer difference otherwise.
+    """
+    t_tokens, s_tokens = _token_rows(teacher_vocab), _token_rows(student_vocab)
+    if teacher_vocab != student_vocab:
+        differing = sum(1 for tok, i in teacher_vocab.items() if student_vocab.get(tok) != i)
+        raise PairingError(
+            f"teacher and student tokenizers differ: the teacher's has {len(teacher_vocab)} tokens (ids 0..{t_tokens - 1}), "
+            f"the student's {len(student_vocab)} (ids 0..{s_tokens - 1}), {differing} teacher token(s) missing or "
+            f"renumbered in the student's; lm_head rows: teacher {teacher_rows}, student {student_rows}. Logit "
+            "distillation needs one tokenizer: use the teacher's tokenizer for the student (student.tokenizer=<teacher source>)"
+        )
+    if teacher_rows < t_tokens or student_rows < t_tokens:
+        raise PairingError(
+            f"teacher and student vocabularies differ: the teacher's lm_head has {teacher_rows} rows, the student's "
+            f"{student_rows}, but their shared tokenizer has ids 0..{t_tokens - 1} ({t_tokens} rows needed); heads may "
+            "differ only by padding rows past the tokenizer's ids: give a student whose lm_head covers the tokenizer "
+            "(prune the student from this teacher)"
+        )
+    return VocabAlignment(int(teacher_rows), int(student_rows), t_tokens)

@@ -121,6 +121,7 @@ class Distiller:
         config_dict: dict[str, Any],
         accelerator=None,
         run_name: str = "distill",
+        vocab_size: int | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
         self.run_dir = Path(run_dir)
@@ -156,7 +157,7 @@ class Distiller:
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
-        objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map)
+        objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
         module = DistillationModule(student, objective)
         params = [p for p in module.parameters() if p.requires_grad]

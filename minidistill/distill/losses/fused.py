@@ -122,7 +122,7 @@ class _FusedLinearKD(torch.autograd.Function):
 class FusedLogitKDLoss(nn.Module):
     """:class:`LogitKDLoss` on ``hidden @ W^T (+ b)`` of both models, without materialising full logits.
 
-    Takes the same arguments as :class:`LogitKDLoss` (the teacher bound and the per-token weights are formed
+    Takes the same arguments as :class:`LogitKDLoss` (``vocab_size`` for heads that differ by padding rows; the teacher bound and the per-token weights are formed
     chunk by chunk too) plus ``chunk_tokens`` (positions per chunk;
     peak extra memory grows with ``chunk_tokens x vocab``). Logits are computed in float32 per chunk
     whatever the input dtype (half-precision head weights are upcast once per call, V x D each);
@@ -144,6 +144,7 @@ class FusedLogitKDLoss(nn.Module):
         chunk_tokens: int = 256,
         bound_margin: float | None = None,
         token_weighting: TokenWeighting = "none",
+        vocab_size: int | None = None,
     ):
         super().__init__()
         if chunk_tokens < 1:
@@ -152,6 +153,7 @@ class FusedLogitKDLoss(nn.Module):
         self.loss_fn = LogitKDLoss(
             divergence, temperature=temperature, beta=beta, top_k=top_k, top_p=top_p, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, bound_margin=bound_margin, token_weighting=token_weighting,
+            vocab_size=vocab_size,
         )
 
     def extra_repr(self) -> str:
@@ -174,8 +176,7 @@ class FusedLogitKDLoss(nn.Module):
             raise ValueError(f"student head weight {tuple(student_head_weight.shape)} does not take hidden size {d_s}")
         if teacher_head_weight.dim() != 2 or teacher_head_weight.shape[1] != d_t:
             raise ValueError(f"teacher head weight {tuple(teacher_head_weight.shape)} does not take hidden size {d_t}")
-        vocab = student_head_weight.shape[0]
-        student_shape = torch.Size((*student_hidden.shape[:-1], vocab))
+        student_shape = torch.Size((*student_hidden.shape[:-1], student_head_weight.shape[0]))
         teacher_shape = torch.Size((*teacher_hidden.shape[:-1], teacher_head_weight.shape[0]))
         self.loss_fn.check_inputs(student_shape, teacher_shape, labels)
         flat_labels = None if labels is None else labels.reshape(-1)

@@ -33,6 +33,10 @@ Teacher-bounded KD (``bound_margin = m``, needs ``labels``): the KD term of a po
 already beats the teacher on the true next token by at least ``m`` nats, i.e. where
 ``CE_student + m <= CE_teacher`` (both at temperature 1); elsewhere it is unchanged. The CE term is not bounded.
 
+Padded heads (``vocab_size = n``): teacher and student heads may differ in rows past the tokenizer's ``n`` ids.
+Both logits are widened with -inf columns to the larger head and every column ``>= n`` is set to -inf
+before the softmax, so padding rows get no probability (and the student's no gradient).
+
 Per-token weighting (``token_weighting``) multiplies each position's KD term by a weight from the teacher's
 distribution at temperature 1 (no gradient), the mean still dividing by the number of counted positions:
 ``confidence``: the teacher's top probability ``max_v p_T``; ``entropy``: ``H(p_T) / log V`` (in [0, 1]),
@@ -101,13 +105,16 @@ def teacher_keep_mask(lp_t: Tensor, top_k: int | None, top_p: float | None) -> T
     return keep
 
 
-def sparse_buckets(lp_t: Tensor, lp_s: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def sparse_buckets(lp_t: Tensor, lp_s: Tensor, keep: Tensor, columns: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Kept tokens plus one rest bucket: (lp_t, lp_s, valid) of shape [..., V + 1].
 
     Dropped tokens and an empty rest bucket are invalid; their log-probabilities are set to 0
     (finite placeholders, so that no nan reaches the backward pass) and must be masked by ``valid``.
+    ``columns`` (bool [V], optional): the token columns; others (padding) are neither kept nor in the rest.
     """
-    dropped = ~keep
+    if columns is not None:
+        keep = keep & columns
+    dropped = ~keep if columns is None else ~keep & columns
     has_rest = dropped.any(-1, keepdim=True)
     # Rows without a rest bucket take logsumexp over all tokens (finite; masked out below).
     rest_from = dropped | ~has_rest
@@ -119,6 +126,16 @@ def sparse_buckets(lp_t: Tensor, lp_s: Tensor, keep: Tensor) -> tuple[Tensor, Te
     bucket_t = torch.cat([torch.where(keep, lp_t, zero), torch.where(has_rest, rest(lp_t), zero)], -1)
     bucket_s = torch.cat([torch.where(keep, lp_s, zero), torch.where(has_rest, rest(lp_s), zero)], -1)
     return bucket_t, bucket_s, torch.cat([keep, has_rest], -1)
+
+
+def _mask_padding(logits: Tensor, width: int, vocab_size: int) -> Tensor:
+    """``logits`` widened to ``width`` columns with -inf, and columns ``>= vocab_size`` set to -inf."""
+    if logits.shape[-1] < width:
+        pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), float("-inf"))
+        logits = torch.cat([logits, pad], -1)
+    if vocab_size < width:
+        logits = logits.masked_fill(torch.arange(width, device=logits.device) >= vocab_size, float("-inf"))
+    return logits
 
 
 class LogitKDLoss(nn.Module):
@@ -137,8 +154,12 @@ class LogitKDLoss(nn.Module):
         reduction: Literal["mean", "sum"] = "mean",
         bound_margin: float | None = None,
         token_weighting: TokenWeighting = "none",
+        vocab_size: int | None = None,
     ):
         super().__init__()
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size!r} must be >= 1 (or None: heads of equal size, nothing masked)")
+        self.vocab_size = vocab_size
         if bound_margin is not None and not bound_margin >= 0:
             raise ValueError(f"bound_margin={bound_margin!r} must be >= 0 (or None for no bound)")
         if token_weighting not in TOKEN_WEIGHTINGS:
@@ -172,13 +193,19 @@ class LogitKDLoss(nn.Module):
         return (
             f"divergence={self.divergence!r}, temperature={self.temperature}, beta={self.beta}, top_k={self.top_k}, "
             f"top_p={self.top_p}, ce_weight={self.ce_weight}, reduction={self.reduction!r}, "
-            f"bound_margin={self.bound_margin}, token_weighting={self.token_weighting!r}"
+            f"bound_margin={self.bound_margin}, token_weighting={self.token_weighting!r}, vocab_size={self.vocab_size}"
         )
 
     # ------------------------------------------------------------------ building blocks
     def check_inputs(self, student_shape: torch.Size, teacher_shape: torch.Size, labels: Tensor | None) -> None:
         """Raise ValueError on mismatched shapes or missing labels."""
-        if student_shape[-1] != teacher_shape[-1]:
+        if self.vocab_size is not None:
+            if min(student_shape[-1], teacher_shape[-1]) < self.vocab_size:
+                raise ValueError(
+                    f"student vocabulary ({student_shape[-1]}) or teacher vocabulary ({teacher_shape[-1]}) is smaller than "
+                    f"vocab_size={self.vocab_size}: both heads must cover the tokenizer's ids"
+                )
+        elif student_shape[-1] != teacher_shape[-1]:
             raise ValueError(
                 f"student vocabulary ({student_shape[-1]}) != teacher vocabulary ({teacher_shape[-1]}): "
                 "student and teacher must share the tokenizer and the lm_head size"
@@ -192,8 +219,21 @@ class LogitKDLoss(nn.Module):
         if labels is not None and labels.shape != student_shape[:-1]:
             raise ValueError(f"labels shape {tuple(labels.shape)} != logits positions {tuple(student_shape[:-1])}")
 
+    def align_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Both logits at the larger head's width with padding columns (``>= vocab_size``) at -inf; as given without vocab_size."""
+        if self.vocab_size is None:
+            return student_logits, teacher_logits
+        width = max(student_logits.shape[-1], teacher_logits.shape[-1])
+        return _mask_padding(student_logits, width, self.vocab_size), _mask_padding(teacher_logits, width, self.vocab_size)
+
+    def token_columns(self, width: int, device: torch.device) -> Tensor | None:
+        """Bool [width] of token columns (None when no column is padding)."""
+        if self.vocab_size is None or self.vocab_size >= width:
+            return None
+        return torch.arange(width, device=device) < self.vocab_size
+
     def kd_per_token(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        """Temperature-scaled divergence per position ([..., V] -> [...]), T^2 included."""
+        """Temperature-scaled divergence per position ([..., V] -> [...]), T^2 included (logits already aligned)."""
         compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
         t = self.temperature
         student_logits, teacher_logits = student_logits.to(compute_dtype), teacher_logits.detach().to(compute_dtype)
@@ -201,11 +241,17 @@ class LogitKDLoss(nn.Module):
             student_logits, teacher_logits = student_logits / t, teacher_logits / t
         lp_s = F.log_softmax(student_logits, dim=-1)
         lp_t = F.log_softmax(teacher_logits, dim=-1)
+        columns = self.token_columns(lp_t.shape[-1], lp_t.device)
         if self.top_k is None and self.top_p is None:
-            per_token = divergence_terms(lp_t, lp_s, self.divergence, self.beta).sum(-1)
+            if columns is None:
+                per_token = divergence_terms(lp_t, lp_s, self.divergence, self.beta).sum(-1)
+            else:  # padding columns: finite placeholders, masked out
+                zero = lp_t.new_zeros(())
+                terms = divergence_terms(torch.where(columns, lp_t, zero), torch.where(columns, lp_s, zero), self.divergence, self.beta)
+                per_token = torch.where(columns, terms, zero).sum(-1)
         else:
             keep = teacher_keep_mask(lp_t, self.top_k, self.top_p)
-            bucket_t, bucket_s, valid = sparse_buckets(lp_t, lp_s, keep)
+            bucket_t, bucket_s, valid = sparse_buckets(lp_t, lp_s, keep, columns)
             terms = divergence_terms(bucket_t, bucket_s, self.divergence, self.beta)
             per_token = torch.where(valid, terms, terms.new_zeros(())).sum(-1)
         return per_token * (t * t)
@@ -226,7 +272,10 @@ class LogitKDLoss(nn.Module):
             if self.token_weighting == "confidence":
                 weight = lp_t.max(-1).values.exp()
             elif self.token_weighting == "entropy":
-                weight = -(lp_t.exp() * lp_t).sum(-1) / math.log(lp_t.shape[-1])
+                plogp = lp_t.exp() * lp_t
+                if self.vocab_size is not None:  # padding columns: 0 * -inf
+                    plogp = torch.where(torch.isfinite(lp_t), plogp, plogp.new_zeros(()))
+                weight = -plogp.sum(-1) / math.log(min(lp_t.shape[-1], self.vocab_size or lp_t.shape[-1]))
             if self.bound_margin is not None:
                 safe = labels.clamp_min(0).unsqueeze(-1)
                 ce_t = -lp_t.gather(-1, safe).squeeze(-1)
@@ -247,6 +296,7 @@ class LogitKDLoss(nn.Module):
 
     def summed_loss(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None) -> Tensor:
         """Sum over counted positions of ``(1 - ce_weight) * KD + ce_weight * CE`` (no reduction by count)."""
+        student_logits, teacher_logits = self.align_logits(student_logits, teacher_logits)
         student_logits = student_logits.reshape(-1, student_logits.shape[-1])
         teacher_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
         labels = None if labels is None else labels.reshape(-1)
