@@ -236,6 +236,37 @@ class ModelFeatures:
     """MLP gate pre-activations [batch, seq, intermediate], by layer."""
 
 
+@dataclass
+class CachedTeacher:
+    """The teacher of one micro-batch read from a teacher cache: top-k ids, their log-probs and the rest log-mass."""
+
+    indices: torch.Tensor
+    """[batch, seq - 1, k] token ids."""
+    logprobs: torch.Tensor
+    """[batch, seq - 1, k] log-probabilities (temperature 1)."""
+    rest: torch.Tensor
+    """[batch, seq - 1] log of the mass outside the top-k."""
+
+
+def check_cache_compatible(cfg: DistillLossConfig) -> None:
+    """ConfigError when ``cfg`` needs more of the teacher than a teacher cache holds (its top-k, temperature 1)."""
+    features = [n for n in cfg.weights() if n != "logits"]
+    if features:
+        key = f"loss.{features[0]}.weight" if features[0] in ("hidden", "attention", "relations") else f"loss.extra.{features[0]}"
+        raise ConfigError(
+            f"teacher_cache.enabled=true holds only the teacher's top-k logits, but {key} asks for teacher features "
+            f"({', '.join(features)}), which need a teacher forward: set {key}=0 or teacher_cache.enabled=false"
+        )
+    lg, default = cfg.logits, LogitLossSettings()
+    for key in ("divergence", "temperature", "top_k", "top_p", "ce_weight", "teacher_bound_margin", "token_weighting"):
+        if getattr(lg, key) != getattr(default, key):
+            raise ConfigError(
+                f"teacher_cache.enabled=true trains the forward KL at temperature 1 against the cached top-k (its k sets the "
+                f"truncation), but loss.logits.{key}={getattr(lg, key)!r}: leave it at {getattr(default, key)!r} or set "
+                "teacher_cache.enabled=false"
+            )
+
+
 def _attention_scaling(model: nn.Module, layer: int) -> float:
     adapter = get_adapter(model)
     attn = adapter.layer_part(adapter.decoder_layers(model)[layer], "self_attn")
@@ -415,9 +446,15 @@ class LogitTerm(LossTerm):
             vocab_size=vocab_size,
         )
         self.ce = self.loss.loss_fn.needs_labels
+        from .losses.cached import CachedLogitKDLoss
+
+        self.cached = CachedLogitKDLoss(chunk_tokens=cfg.chunk_tokens, vocab_size=vocab_size)
 
     def forward(self, features, input_ids):
         s, t = features[STUDENT], features[TEACHER]
+        if isinstance(t, CachedTeacher):
+            h_s = s.final_hidden[:, :-1]
+            return self.cached(h_s, s.head_weight, t.indices, t.logprobs, t.rest, student_head_bias=s.head_bias)
         h_s = s.final_hidden[:, :-1].reshape(-1, s.final_hidden.shape[-1])
         h_t = t.final_hidden[:, :-1].reshape(-1, t.final_hidden.shape[-1])
         labels = input_ids[:, 1:].reshape(-1) if self.ce else None
@@ -1074,7 +1111,9 @@ __all__ = [
     "RelationalKDSettings",
     "TokenAttentionSettings",
     "WeightMatchSettings",
+    "CachedTeacher",
     "CaptureRequest",
+    "check_cache_compatible",
     "DistillLossConfig",
     "DistillObjective",
     "DistillationModule",

@@ -21,7 +21,14 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..data import TextData
-from ..distill.objective import DistillationModule, DistillLossConfig, DistillObjective, teacher_features
+from ..distill.objective import (
+    CachedTeacher,
+    DistillationModule,
+    DistillLossConfig,
+    DistillObjective,
+    check_cache_compatible,
+    teacher_features,
+)
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
@@ -122,6 +129,7 @@ class Distiller:
         accelerator=None,
         run_name: str = "distill",
         vocab_size: int | None = None,
+        teacher_cache=None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
         self.run_dir = Path(run_dir)
@@ -136,6 +144,17 @@ class Distiller:
         self.micro_batch = train.micro_batch_size(acc.num_processes)
         self.sampler = ResumableBlockSampler(len(data.train), self.micro_batch * acc.num_processes, seed=train.seed)
 
+        self.teacher_cache = teacher_cache
+        """A :class:`~minidistill.distill.teacher_cache.TeacherCache` of ``data.train``: the logit term reads the
+        teacher from it and no teacher forward runs for training steps (None: a teacher forward per micro-batch)."""
+        if teacher_cache is not None:
+            check_cache_compatible(loss)
+            m = teacher_cache.manifest
+            if (m["num_blocks"], m["seq_len"]) != tuple(data.train.input_ids.shape):
+                raise ValueError(
+                    f"the teacher cache holds {m['num_blocks']} blocks of {m['seq_len']} tokens but data.train has "
+                    f"{tuple(data.train.input_ids.shape)}: it was built for other data"
+                )
         self.peft_model = None
         if train.lora is not None and _teacher_sharded(acc):
             raise ValueError(
@@ -204,6 +223,12 @@ class Distiller:
     def _teacher_features(self, input_ids: torch.Tensor):
         with self.accelerator.autocast():
             return teacher_features(self.teacher, input_ids, self._objective(), copy_head=self.teacher_sharded)
+
+    def _cached_teacher(self, indices: torch.Tensor) -> CachedTeacher:
+        from ..parallel import local_rows
+
+        rows = (local_rows(self.accelerator, t).to(self.accelerator.device) for t in self.teacher_cache.rows(indices))
+        return CachedTeacher(*rows)
 
     def _objective(self) -> DistillObjective:
         return self.accelerator.unwrap_model(self.module).objective
@@ -408,8 +433,9 @@ class Distiller:
         sums: dict[str, torch.Tensor] = {}
         grad_norm = None
         for _ in range(tc.grad_accum_steps):
-            input_ids = self._global_rows(self.sampler.next_indices())
-            t_feats = self._teacher_features(input_ids)
+            indices = self.sampler.next_indices()
+            input_ids = self._global_rows(indices)
+            t_feats = self._cached_teacher(indices) if self.teacher_cache is not None else self._teacher_features(input_ids)
             with acc.accumulate(self.module):
                 with acc.autocast():
                     out = self.module(input_ids, t_feats)

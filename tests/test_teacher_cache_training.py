@@ -1,0 +1,65 @@
+"""Training from the teacher cache: at k = vocab the losses of the live-teacher run, with no teacher forward per step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from train_scripts.tiny_setup import half_map
+
+from minidistill.config import ConfigError
+from minidistill.data import DataConfig, TextData, TokenBlocks
+from minidistill.distill.objective import DistillLossConfig
+from minidistill.distill.teacher_cache import TeacherCacheConfig, build_teacher_cache
+from minidistill.prune.apply import apply_prune_map
+from minidistill.training.config import EvalConfig, TrainConfig
+from minidistill.training.loop import Distiller
+
+VOCAB = {f"w{i}": i for i in range(128)}
+
+
+def _data() -> TextData:
+    g = torch.Generator().manual_seed(7)
+    return TextData(TokenBlocks(torch.randint(3, 128, (16, 12), generator=g)),
+                    TokenBlocks(torch.randint(3, 128, (2, 12), generator=g)), DataConfig())
+
+
+def _run(run_dir, cache_k: int | None, loss: dict | None = None):
+    teacher = tiny_model("llama", num_layers=3)
+    pmap = half_map(teacher)
+    student = apply_prune_map(teacher, pmap)
+    calls = []
+    teacher.register_forward_pre_hook(lambda *a: calls.append(1))
+    data = _data()
+    cache = None
+    if cache_k is not None:
+        cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=cache_k, dtype="float32", blocks_per_shard=5),
+                                    teacher, data.train.input_ids, run_dir / "cache", tokenizer_vocab=VOCAB)
+        calls.clear()
+    tc = TrainConfig.from_dict({"max_steps": 3, "batch_size": 4, "grad_accum_steps": 2, "lr": 3e-3, "warmup_steps": 1,
+                                "progress_bar": False})
+    d = Distiller(student=student, teacher=teacher, data=data, prune_map=pmap,
+                  loss=DistillLossConfig.from_dict(loss or {}), train=tc, eval=EvalConfig(), run_dir=run_dir,
+                  config_dict={}, teacher_cache=cache)
+    d.run()
+    records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r["kind"] == "train"], len(calls)
+
+
+def test_cached_run_at_full_k_equals_the_live_run_without_teacher_forwards(tmp_path):
+    live, live_calls = _run(tmp_path / "live", None)
+    cached, cached_calls = _run(tmp_path / "cached", 128)
+    assert len(live) == 3
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-5, atol=1e-6)
+    assert live_calls - cached_calls == 3 * 2  # one teacher forward per training micro-batch, none with the cache
+    sparse, _ = _run(tmp_path / "k4", 4)
+    assert abs(sparse[0] - live[0]) > 1e-4  # k < vocab truncates the teacher: a different loss
+
+
+def test_feature_terms_and_other_logit_settings_are_refused_with_the_cache(tmp_path):
+    with pytest.raises(ConfigError, match=r"loss.hidden.weight asks for teacher features.*teacher_cache.enabled=false"):
+        _run(tmp_path / "h", 8, loss={"hidden": {"weight": 1.0}})
+    with pytest.raises(ConfigError, match=r"loss.logits.temperature=2.0"):
+        _run(tmp_path / "t", 8, loss={"logits": {"temperature": 2.0}})
