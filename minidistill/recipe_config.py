@@ -13,7 +13,8 @@ from typing import Any
 
 from .config import ConfigBase, ConfigError, load_config
 from .data import DataConfig
-from .distill.objective import DistillLossConfig
+from .distill.objective import DistillLossConfig, check_cache_compatible
+from .distill.teacher_cache import TeacherCacheConfig
 from .export_gguf import GGUFExportConfig
 from .hub import HubConfig
 from .models import ModelConfig
@@ -59,6 +60,8 @@ class PruneDistillConfig(ConfigBase):
     """Training and held-out text."""
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     """Distillation objective."""
+    teacher_cache: TeacherCacheConfig | None = None
+    """The teacher's top-k over ``data.train`` computed once and read by the logit term (null: a teacher forward per step)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -92,6 +95,8 @@ class PruneDistillConfig(ConfigBase):
                 f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
                 "or set student=null to prune the teacher"
             )
+        if self.teacher_cache is not None and self.teacher_cache.enabled:
+            check_cache_compatible(self.loss)
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "

@@ -348,6 +348,17 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         with parallel.full_weights_init(accelerator):
             student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
     alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
+    cache = None
+    if cfg.teacher_cache is not None and cfg.teacher_cache.enabled:
+        from .distill.teacher_cache import TeacherCache, build_teacher_cache
+
+        cache_dir = Path(cfg.teacher_cache.path or run_dir / "teacher_cache")
+        with timer.stage("teacher cache"):
+            if accelerator.is_main_process:
+                build_teacher_cache(cfg.teacher_cache, teacher, data.train.input_ids, cache_dir,
+                                    tokenizer_vocab=tokenizer.get_vocab(), vocab_size=alignment.mask_from)
+            accelerator.wait_for_everyone()
+            cache = TeacherCache(cache_dir)
     check_pairing_possible(cfg.loss, prune_map)
     distiller = Distiller(
         student=student,
@@ -362,6 +373,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         accelerator=accelerator,
         run_name=cfg.run_name,
         vocab_size=alignment.mask_from,
+        teacher_cache=cache,
     )
     with timer.stage("distill"):
         result = distiller.run(resume=resume_path)

@@ -63,3 +63,22 @@ def test_feature_terms_and_other_logit_settings_are_refused_with_the_cache(tmp_p
         _run(tmp_path / "h", 8, loss={"hidden": {"weight": 1.0}})
     with pytest.raises(ConfigError, match=r"loss.logits.temperature=2.0"):
         _run(tmp_path / "t", 8, loss={"logits": {"temperature": 2.0}})
+
+
+def test_recipe_builds_the_cache_and_trains_from_it(tmp_path):
+    from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+
+    from minidistill.distill.teacher_cache import MANIFEST, TeacherCache
+    from minidistill.recipe_config import load_recipe_config
+    from minidistill.train import run_prune_distill
+
+    teacher = make_teacher_dir(tmp_path / "teacher")
+    student = make_student_dir(teacher, tmp_path / "student")
+    with pytest.raises(ConfigError, match="loss.hidden.weight asks for teacher features"):
+        load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"teacher_cache.enabled": True, "loss.hidden.weight": 1.0}))
+    cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{
+        "teacher_cache.enabled": True, "teacher_cache.k": 16, "train.max_steps": 2}))
+    result = run_prune_distill(cfg)
+    cache = TeacherCache(result.run_dir / "teacher_cache")
+    assert cache.manifest["complete"] and cache.k == 16
+    assert (result.run_dir / "teacher_cache" / MANIFEST).is_file() and result.train.steps == 2
