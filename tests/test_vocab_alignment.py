@@ -110,3 +110,25 @@ def test_objective_masks_padding_rows_of_models_with_different_heads():
         lp_t = F.log_softmax(teacher(ids).logits[:, :-1, :TOKENS].double(), -1)
     want = (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
     torch.testing.assert_close(total.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_recipe_trains_a_student_whose_head_has_padding_rows(tmp_path):
+    import json
+
+    from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+    from transformers import AutoModelForCausalLM
+
+    from minidistill.recipe_config import load_recipe_config
+    from minidistill.train import run_prune_distill
+
+    teacher = make_teacher_dir(tmp_path / "teacher")  # 512 rows, tokenizer ids 0..511
+    student = make_student_dir(teacher, tmp_path / "student")
+    model = AutoModelForCausalLM.from_pretrained(student)
+    model.resize_token_embeddings(576, mean_resizing=False)  # 64 padding rows
+    model.save_pretrained(student)
+    (student / "prune_map.json").unlink()  # the padded head is no slice of the teacher's
+    assert json.loads((student / "config.json").read_text())["vocab_size"] == 576
+    result = run_prune_distill(load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"train.max_steps": 2})))
+    logs = [json.loads(x) for x in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if r["kind"] == "train"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
