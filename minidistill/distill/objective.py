@@ -157,7 +157,8 @@ class DistillLossConfig(ConfigBase):
     """Further loss terms added with ``register_loss_term``, by registered name: a weight, or a mapping of the
     term's settings (``weight`` plus its options, see :data:`EXTRA_SETTINGS`)."""
     balance: Literal["fixed", "auto"] = "fixed"
-    """fixed: weighted sum; auto: feature terms rescaled to the logit term's magnitude, times their weights."""
+    """fixed: weighted sum; auto: feature terms rescaled to the logit term's magnitude, times their weights, with
+    the magnitudes measured over each optimizer step's micro-batches and all processes (used from the next step)."""
 
     def validate(self) -> None:
         for name in self.extra:
