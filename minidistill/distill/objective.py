@@ -1034,6 +1034,7 @@ class DistillObjective(nn.Module):
         from .balance import LossBalancer
 
         self.config = cfg
+        self.vocab_size = vocab_size
         ctx = ObjectiveContext(models={STUDENT: student, TEACHER: teacher}, prune_map=prune_map, config=cfg, vocab_size=vocab_size)
         weights = cfg.weights()
         unknown = [n for n in weights if n not in LOSS_TERMS]
@@ -1089,7 +1090,8 @@ class DistillationModule(nn.Module):
             from ..training.evaluation import heldout_stats
 
             features = model_features(self.student, input_ids, CaptureRequest())
-            return {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features)}
+            return {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
+                                           vocab_size=self.objective.vocab_size)}
         student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT))
         total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids)
         return {"loss": total, "components": components}

@@ -15,15 +15,18 @@ import torch.nn.functional as F
 from ..evaluation.perplexity import iter_token_chunks
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden, weight, bias).float()
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int | None) -> torch.Tensor:
+    return F.linear(hidden, weight, bias).float()[..., :vocab_size]
 
 
 @torch.no_grad()
-def heldout_stats(features, input_ids: torch.Tensor, *, chunk_tokens: int, reference=None) -> torch.Tensor:
+def heldout_stats(features, input_ids: torch.Tensor, *, chunk_tokens: int, reference=None,
+                  vocab_size: int | None = None) -> torch.Tensor:
     """``[nll_sum, tokens, agreeing_tokens]`` (float64) of next-token prediction on ``input_ids``.
 
     ``features`` are the evaluated model's; ``reference`` (optional) the teacher's, for top-1 agreement.
+    ``vocab_size`` (optional): only the first this many head rows are scored, so padding rows past the
+    tokenizer's ids take no probability mass and are never the predicted token.
     """
     labels = input_ids[:, 1:]
     out = torch.zeros(3, dtype=torch.float64, device=input_ids.device)
@@ -31,12 +34,12 @@ def heldout_stats(features, input_ids: torch.Tensor, *, chunk_tokens: int, refer
     chunks = iter_token_chunks(h, labels, chunk_tokens)
     ref_chunks = iter_token_chunks(reference.final_hidden[:, :-1], labels, chunk_tokens) if reference is not None else None
     for h_chunk, y in chunks:
-        logits = _logits(h_chunk, features.head_weight, features.head_bias)
+        logits = _logits(h_chunk, features.head_weight, features.head_bias, vocab_size)
         out[0] += F.cross_entropy(logits, y, reduction="sum").double()
         out[1] += y.numel()
         if ref_chunks is not None:
             r_chunk, _ = next(ref_chunks)
-            ref_logits = _logits(r_chunk, reference.head_weight, reference.head_bias)
+            ref_logits = _logits(r_chunk, reference.head_weight, reference.head_bias, vocab_size)
             out[2] += (logits.argmax(-1) == ref_logits.argmax(-1)).sum().double()
     return out
 

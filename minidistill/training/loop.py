@@ -267,7 +267,7 @@ class Distiller:
                 if student:
                     stats = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)["stats"]
                 else:
-                    stats = heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens)
+                    stats = heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)
             total += weight * stats
         self.module.train(was_training)
         return total
