@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import precomputed_grads
+
 
 def cached_kl_summed(logits_s: Tensor, top_idx: Tensor, top_lp: Tensor, rest_lp: Tensor, mask: Tensor | None,
                      vocab_size: int | None) -> Tensor:
@@ -91,9 +93,7 @@ class _CachedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_output).to(dtype) if has else None for has, dtype in zip(ctx.has_grads, ctx.input_dtypes)]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None)
 
 
 class CachedLogitKDLoss(nn.Module):

@@ -69,6 +69,13 @@ def _accumulate_chunk(
         grad_b += grad_logits.sum(0)
 
 
+def precomputed_grads(ctx: Any, grad_output: Tensor) -> list[Tensor | None]:
+    """Backward of a loss whose forward saved the gradients of its inputs (``ctx.has_grads``,
+    ``ctx.input_dtypes``): each scaled by ``grad_output`` and cast to its input's dtype."""
+    saved = iter(ctx.saved_tensors)
+    return [(next(saved) * grad_output).to(dtype) if has else None for has, dtype in zip(ctx.has_grads, ctx.input_dtypes)]
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """Chunked lm_head + KD loss; saves only the input gradients (see the module docstring)."""
 
@@ -112,11 +119,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        saved = iter(ctx.saved_tensors)
-        grads = []
-        for has, dtype in zip(ctx.has_grads, ctx.input_dtypes):
-            grads.append((next(saved) * grad_output).to(dtype) if has else None)
-        return (*grads, None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None)
 
 
 class FusedLogitKDLoss(nn.Module):
