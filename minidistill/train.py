@@ -20,6 +20,7 @@ from . import parallel
 from .config import ConfigError
 from .data import build_text_data
 from .distill.objective import DistillLossConfig, DistillObjective
+from .distill.teacher_cache import TeacherCache, build_teacher_cache
 from .models import ModelConfig, ModelError, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
 from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
@@ -350,8 +351,6 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     cache = None
     if cfg.teacher_cache is not None and cfg.teacher_cache.enabled:
-        from .distill.teacher_cache import TeacherCache, build_teacher_cache
-
         cache_dir = Path(cfg.teacher_cache.path or run_dir / "teacher_cache")
         with timer.stage("teacher cache"):
             if accelerator.is_main_process:

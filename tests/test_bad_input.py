@@ -48,6 +48,7 @@ CATEGORIES = {
     "config": "config: YAML syntax / encoding / shape (named with file and line), unknown keys, non-finite lr, non-integer parameter counts, bad overrides, --resume followed by an override, feature terms paired by a missing prune map, an unknown GGUF type",
     "data": "data files: missing, empty, whitespace only, not UTF-8, a folder, unknown type, malformed JSON lines, missing column, offline Hub dataset, too little text",
     "target": "prune targets: budget above the teacher, shapes the architecture refuses",
+    "cache": "teacher caches: k above the vocabulary, a cache built from another teacher, tokenizer or data",
     "checkpoint": "checkpoints and run folders: resume without a checkpoint, an incomplete checkpoint, a truncated or empty trainer_state.json",
     "prune-map": "a given student's prune_map.json: not JSON, made from another teacher, student shape contradicting config.json, edited layer indices, an inconsistent map",
     "hub": "Hub push: no token, offline mode, not a finished folder, pickles, bad repo id",
@@ -289,6 +290,14 @@ CASES: list[Case] = [
     Case("prune_budget_above_teacher", "prune", _prune("--target_params", "5e9", *PRUNE_FAST), 4,
          r"exceeds the teacher", "target"),
     Case("prune_heads_not_multiple_of_kv", "prune", _prune("--num_heads", "3", *PRUNE_FAST), 4, r"not a multiple", "target"),
+    # ------------------------------------------------------------------ teacher caches
+    Case("distill_teacher_cache_k_above_vocab", "prune_distill", _distill("teacher_cache.enabled=true", "teacher_cache.k=100000"),
+         12, r"teacher_cache\.k=100000 exceeds the vocabulary \(\d+ tokens\): set teacher_cache\.k<=\d+", "cache",
+         may_write=("runs",)),
+    Case("distill_teacher_cache_other_teacher", "prune_distill",
+         _distill("teacher_cache.enabled=true", "teacher_cache.k=8", "teacher_cache.path={case}/cache"), 12,
+         r"cache was built for another teacher \(weights sha256\).*set teacher_cache\.path to a new folder", "cache",
+         may_write=("runs",), files={"cache/manifest.json": json.dumps({"format": 1, "teacher": "0" * 64, "complete": True})}),
     # ------------------------------------------------------------------ checkpoints
     Case("distill_resume_without_checkpoint", "prune_distill", ["--resume", *_distill()], 6,
          r"--resume: no complete checkpoint under .*runs/tiny/checkpoints", "checkpoint"),

@@ -29,6 +29,7 @@ from ..distill.objective import (
     check_cache_compatible,
     teacher_features,
 )
+from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
@@ -151,9 +152,9 @@ class Distiller:
             check_cache_compatible(loss)
             m = teacher_cache.manifest
             if (m["num_blocks"], m["seq_len"]) != tuple(data.train.input_ids.shape):
-                raise ValueError(
+                raise TeacherCacheError(
                     f"the teacher cache holds {m['num_blocks']} blocks of {m['seq_len']} tokens but data.train has "
-                    f"{tuple(data.train.input_ids.shape)}: it was built for other data"
+                    f"{tuple(data.train.input_ids.shape)}: it was built for other data; set teacher_cache.path to a new folder"
                 )
         self.peft_model = None
         if train.lora is not None and _teacher_sharded(acc):
