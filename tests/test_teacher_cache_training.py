@@ -26,7 +26,9 @@ def _data() -> TextData:
                     TokenBlocks(torch.randint(3, 128, (2, 12), generator=g)), DataConfig())
 
 
-def _run(run_dir, cache_k: int | None, loss: dict | None = None):
+def _distiller(run_dir, cache_k: int | None, loss: dict | None = None, train: dict | None = None):
+    """A Distiller of the half-pruned tiny llama (from the cache in ``run_dir/cache`` at ``cache_k``), and the
+    list that records every teacher forward after the cache is built."""
     teacher = tiny_model("llama", num_layers=3)
     pmap = half_map(teacher)
     student = apply_prune_map(teacher, pmap)
@@ -39,13 +41,22 @@ def _run(run_dir, cache_k: int | None, loss: dict | None = None):
                                     teacher, data.train.input_ids, run_dir / "cache", tokenizer_vocab=VOCAB)
         calls.clear()
     tc = TrainConfig.from_dict({"max_steps": 3, "batch_size": 4, "grad_accum_steps": 2, "lr": 3e-3, "warmup_steps": 1,
-                                "progress_bar": False})
+                                "progress_bar": False, **(train or {})})
     d = Distiller(student=student, teacher=teacher, data=data, prune_map=pmap,
                   loss=DistillLossConfig.from_dict(loss or {}), train=tc, eval=EvalConfig(), run_dir=run_dir,
                   config_dict={}, teacher_cache=cache)
-    d.run()
+    return d, calls
+
+
+def _train_records(run_dir) -> list[dict]:
     records = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if r["kind"] == "train"], len(calls)
+    return [r for r in records if r["kind"] == "train"]
+
+
+def _run(run_dir, cache_k: int | None, loss: dict | None = None):
+    d, calls = _distiller(run_dir, cache_k, loss)
+    d.run()
+    return [r["loss"] for r in _train_records(run_dir)], len(calls)
 
 
 def test_cached_run_at_full_k_equals_the_live_run_without_teacher_forwards(tmp_path):
@@ -82,3 +93,40 @@ def test_recipe_builds_the_cache_and_trains_from_it(tmp_path):
     cache = TeacherCache(result.run_dir / "teacher_cache")
     assert cache.manifest["complete"] and cache.k == 16
     assert (result.run_dir / "teacher_cache" / MANIFEST).is_file() and result.train.steps == 2
+
+
+def test_a_killed_cached_run_resumes_to_the_uninterrupted_run(tmp_path):
+    """Killed in step 4 (after the step-2 checkpoint), resumed from it: the losses, learning rates and final
+    weights of the uninterrupted cached run (exact: float32 on CPU, one process), over an epoch boundary."""
+    train = {"max_steps": 5, "save_every": 2}
+    full, _ = _distiller(tmp_path / "full", 8, train=train)
+    full_state = {k: v.detach().clone() for k, v in full.run().module.state_dict().items()}
+
+    cut, _ = _distiller(tmp_path / "cut", 8, train=train)
+    real_step = cut.train_step
+
+    def killed_in_step_4(step: int):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_step(step)
+
+    cut.train_step = killed_in_step_4
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    assert [r["step"] for r in _train_records(tmp_path / "cut")] == [1, 2, 3]
+    assert not (tmp_path / "cut" / "checkpoints" / "step-00000004").exists()
+
+    resumed, calls = _distiller(tmp_path / "cut", 8, train=train)  # rereads the cache the killed run built
+    result = resumed.run(resume=tmp_path / "cut" / "checkpoints" / "step-00000002")
+    assert result.steps == 5
+    want = [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in _train_records(tmp_path / "full")]
+    got = [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in _train_records(tmp_path / "cut")]
+    assert [s for s, *_ in got] == [1, 2, 3, 4, 5]
+    assert got == want
+    assert want[0][1] != want[-1][1]  # the weights moved, so equal weights below say something
+    state = result.module.state_dict()
+    assert state.keys() == full_state.keys()
+    for name, value in full_state.items():
+        assert torch.equal(state[name], value), name
+    # The resumed steps read the cache: the one teacher forward is the final held-out evaluation's (2 blocks).
+    assert len(calls) == 1
