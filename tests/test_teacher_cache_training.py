@@ -1,4 +1,5 @@
-"""Training from the teacher cache: at k = vocab the losses of the live-teacher run, with no teacher forward per step."""
+"""Training from the teacher cache: at k = vocab the losses of the live-teacher run, with no teacher forward per step;
+a killed cached run resumed from its checkpoint equals the uninterrupted one."""
 
 from __future__ import annotations
 
