@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
@@ -20,6 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from .config import ConfigBase, ConfigError
 from .corpora import BUNDLED_CORPORA, NEWS_FILE, WIKI_FILE, bundled_documents, gensim_test_data
 from .errors import MinidistillError
+
+if TYPE_CHECKING:
+    from .streaming import TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +65,16 @@ class DataConfig(ConfigBase):
     """Use only the first N documents (before the split); None for all."""
     num_proc: int | None = None
     """Worker processes for tokenization."""
+    streaming: bool = False
+    """Read local files lazily and tokenize on the fly (:mod:`minidistill.streaming`): ``source`` and ``mix`` may
+    also be folders or glob patterns; training blocks keep document boundaries. False: everything in memory."""
+    mix_weights: list[float] | None = None
+    """Streaming only: probabilities (any positive scale) of drawing the next document from ``source`` and each
+    ``mix`` source, in that order; None: equal weights."""
+    heldout_documents: int = 100
+    """Streaming only: the first N documents of ``source`` form the in-memory held-out set and are never trained on."""
+    sample_blocks: int = 64
+    """Streaming only: the stream's first N blocks are also kept in memory as ``TextData.train`` (calibration, importance)."""
 
     def validate(self) -> None:
         if self.seq_len < 2:
@@ -73,6 +87,32 @@ class DataConfig(ConfigBase):
             raise ConfigError(f"data.mix={self.mix} repeats a source (data.source={self.source!r}); name each source once")
         if self.max_documents is not None and self.max_documents < 2:
             raise ConfigError("data.max_documents must be at least 2 (one train and one held-out document)")
+        if self.streaming:
+            self._validate_streaming()
+        elif self.mix_weights is not None:
+            raise ConfigError("data.mix_weights applies to data.streaming=true; use data.mix_ratio in memory, or set data.streaming")
+
+    def _validate_streaming(self) -> None:
+        if self.mix_ratio is not None:
+            raise ConfigError("data.mix_ratio is not used with data.streaming=true; set data.mix_weights instead")
+        if self.max_documents is not None:
+            raise ConfigError("data.max_documents is not used with data.streaming=true; unset it (the stream has no end)")
+        for name in (self.source, *self.mix):
+            if is_bundled(name):
+                raise ConfigError(f"data.streaming reads local files, not {name!r}; give a file, folder or glob pattern")
+        if self.mix_weights is not None:
+            n = 1 + len(self.mix)
+            if len(self.mix_weights) != n:
+                raise ConfigError(
+                    f"data.mix_weights has {len(self.mix_weights)} value(s) but there are {n} sources (data.source and "
+                    f"{len(self.mix)} data.mix); give one weight per source, data.source first"
+                )
+            if any(not w >= 0 for w in self.mix_weights) or not sum(self.mix_weights) > 0:
+                raise ConfigError(f"data.mix_weights={self.mix_weights}: need non-negative weights with a positive sum")
+        if self.heldout_documents < 1:
+            raise ConfigError(f"data.heldout_documents={self.heldout_documents}: need at least 1 held-out document")
+        if self.sample_blocks < 1:
+            raise ConfigError(f"data.sample_blocks={self.sample_blocks}: need at least 1 in-memory block")
 
 
 def bundled_corpus_path() -> Path:
@@ -88,8 +128,14 @@ def check_data_source(cfg: DataConfig) -> None:
     """DataError naming the file when a local source is missing, empty, unreadable, not UTF-8 or malformed JSON.
 
     Cheap next to loading a model (one sequential read of the file); run before the teacher is loaded.
-    Every ``data.mix`` source is checked the same way.
+    Every ``data.mix`` source is checked the same way. With ``data.streaming`` only the files' existence and
+    types are checked (a corpus is not read twice); the stream reports bad content when it reaches it.
     """
+    if cfg.streaming:
+        from .streaming import stream_sources  # streaming imports this module
+
+        stream_sources(cfg)
+        return
     for source in cfg.mix:
         check_data_source(replace(cfg, source=source, mix=[]))
     if is_bundled(cfg.source):
@@ -299,6 +345,8 @@ class TextData:
     config: DataConfig
     extra_heldout: dict[str, TokenBlocks] = field(default_factory=dict)
     """Held-out blocks of each ``data.mix`` source, by source name (``heldout`` is ``data.source``'s)."""
+    stream: TokenStream | None = None
+    """With ``data.streaming``: the training stream (``train`` then holds only its first blocks)."""
 
 
 def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, TokenBlocks]:
@@ -319,8 +367,13 @@ def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[s
 def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
     """Load, split, tokenize and pack ``data.source`` and every ``data.mix`` source; errors early when a split
     has less than one sequence. With ``mix``, the training blocks of all sources (a seeded subset of the mixed-in
-    ones under ``mix_ratio``) are shuffled together with ``data.seed``."""
+    ones under ``mix_ratio``) are shuffled together with ``data.seed``. With ``streaming``, see
+    :func:`minidistill.streaming.build_streaming_data`."""
     cfg.validate()
+    if cfg.streaming:
+        from .streaming import build_streaming_data  # streaming imports this module
+
+        return build_streaming_data(cfg, tokenizer)
     main = _split_blocks(cfg, tokenizer)
     train, extra_heldout = [main["train"].input_ids], {}
     for source in cfg.mix:

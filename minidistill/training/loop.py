@@ -32,11 +32,12 @@ from ..distill.objective import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
+from ..streaming import packed_positions
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
 from .evaluation import heldout_stats, summarize
 from .run_log import RunLog, memory_mb, truncate_log
-from .sampler import ResumableBlockSampler
+from .sampler import ResumableBlockSampler, StreamingBlockSampler
 from .schedule import build_scheduler, schedule_of
 from .time_budget import TimeBudget
 
@@ -143,7 +144,12 @@ class Distiller:
 
         set_seed(train.seed)
         self.micro_batch = train.micro_batch_size(acc.num_processes)
-        self.sampler = ResumableBlockSampler(len(data.train), self.micro_batch * acc.num_processes, seed=train.seed)
+        if data.stream is not None:  # data.streaming: each process reads its own share of the stream
+            if teacher_cache is not None:
+                raise TeacherCacheError("teacher_cache reads data.train by block index; with data.streaming=true set teacher_cache=null")
+            self.sampler = StreamingBlockSampler(data.stream, self.micro_batch, num_replicas=acc.num_processes, rank=acc.process_index)
+        else:
+            self.sampler = ResumableBlockSampler(len(data.train), self.micro_batch * acc.num_processes, seed=train.seed)
 
         self.teacher_cache = teacher_cache
         """A :class:`~minidistill.distill.teacher_cache.TeacherCache` of ``data.train``: the logit term reads the
@@ -434,22 +440,27 @@ class Distiller:
         sums: dict[str, torch.Tensor] = {}
         grad_norm = None
         for _ in range(tc.grad_accum_steps):
-            indices = self.sampler.next_indices()
-            input_ids = self._global_rows(indices)
-            t_feats = self._cached_teacher(indices) if self.teacher_cache is not None else self._teacher_features(input_ids)
-            with acc.accumulate(self.module):
-                with acc.autocast():
-                    out = self.module(input_ids, t_feats)
-                acc.backward(out["loss"])
-                if acc.sync_gradients:
-                    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.module.parameters(), max_norm)
-                    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-                        grad_norm = grad_norm.full_tensor()
-                self.optimizer.step()
-                if acc.sync_gradients:
-                    self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            if isinstance(self.sampler, StreamingBlockSampler):
+                input_ids, position_ids = (t.to(acc.device) for t in self.sampler.next_batch())
+                positions = packed_positions([self.student, self.teacher], position_ids)
+            else:
+                indices = self.sampler.next_indices()
+                input_ids, positions = self._global_rows(indices), nullcontext()
+            with positions:
+                t_feats = self._cached_teacher(indices) if self.teacher_cache is not None else self._teacher_features(input_ids)
+                with acc.accumulate(self.module):
+                    with acc.autocast():
+                        out = self.module(input_ids, t_feats)
+                    acc.backward(out["loss"])
+                    if acc.sync_gradients:
+                        max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
+                        grad_norm = acc.clip_grad_norm_(self.module.parameters(), max_norm)
+                        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+                            grad_norm = grad_norm.full_tensor()
+                    self.optimizer.step()
+                    if acc.sync_gradients:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             values = {"loss": out["loss"].detach().float(), **out["components"]}
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.to(acc.device)

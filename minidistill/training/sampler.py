@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from ..config import ConfigError
+
+if TYPE_CHECKING:
+    from ..streaming import TokenStream
+
+STREAM_KEY = "stream_blocks"
 
 
 @dataclass
@@ -71,4 +80,49 @@ class ResumableBlockSampler:
         return self.position.to_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if STREAM_KEY in state:
+            raise ConfigError("the checkpoint was written by a data.streaming=true run; resume it with data.streaming=true")
         self.position = DataPosition.from_dict(state)
+
+
+class StreamingBlockSampler:
+    """Micro-batches of packed blocks from a :class:`~minidistill.streaming.TokenStream` for one rank.
+
+    The position is the number of blocks this rank has taken. The stream is a fixed sequence (seeded mixing,
+    files in order), so resuming replays it and skips that many blocks: the batches after a resume are those
+    of an uninterrupted run. Replaying re-reads and re-tokenizes the consumed part of the stream.
+    With block sharding the global micro-batch of step ``k`` holds the stream's blocks
+    ``[k * B * W, (k + 1) * B * W)`` for any number of processes ``W`` (``B`` blocks per process).
+    """
+
+    def __init__(self, stream: TokenStream, micro_batch_size: int, *, num_replicas: int = 1, rank: int = 0):
+        self.stream = stream
+        self.micro_batch_size = micro_batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.blocks_taken = 0
+        self._blocks = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next ``(input_ids, position_ids)``, LongTensors [micro_batch_size, seq_len]; advances the position."""
+        if self._blocks is None:
+            self._blocks = self.stream.blocks(self.rank, self.num_replicas)
+            for _ in itertools.islice(self._blocks, self.blocks_taken):
+                pass
+        rows = list(itertools.islice(self._blocks, self.micro_batch_size))
+        self.blocks_taken += len(rows)
+        return torch.stack([ids for ids, _ in rows]), torch.stack([pos for _, pos in rows])
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {STREAM_KEY: self.blocks_taken, "num_replicas": self.num_replicas, "sharding": self.stream.sharding(self.num_replicas)}
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        if STREAM_KEY not in state:
+            raise ConfigError("the checkpoint was written by a run without data.streaming; resume it with data.streaming=false")
+        if int(state["num_replicas"]) != self.num_replicas:
+            raise ConfigError(
+                f"the checkpoint's stream position is for {state['num_replicas']} process(es) but this run has "
+                f"{self.num_replicas}; resume a streaming run with the same number of processes"
+            )
+        self.blocks_taken = int(state[STREAM_KEY])
+        self._blocks = None

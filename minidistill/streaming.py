@@ -1,0 +1,282 @@
+"""Streaming text data: local files read lazily, tokenized on the fly, packed into blocks that keep document boundaries.
+
+Opt in with ``data.streaming: true``. Each source (``data.source`` and every ``data.mix`` entry) is a local
+.txt (one document per line), .json / .jsonl or .parquet file, a folder of such files, or a glob pattern;
+files are read one after the other with ``datasets.load_dataset(..., streaming=True)``, so memory does not
+grow with the corpus. Documents of the sources are interleaved at random with the probabilities
+``data.mix_weights`` (seeded by ``data.seed``), each source restarting when it runs out, so the stream never ends.
+
+Documents (each followed by EOS) are packed into blocks of ``data.seq_len`` tokens. A block carries
+``position_ids`` that restart at 0 where a document starts and at the start of the block: transformers
+derives a block-diagonal causal mask from such position ids (``find_packed_sequence_indices`` in
+``masking_utils``, used when neither an attention mask nor a KV cache is given), so no token attends across
+a document boundary (eager and SDPA attention alike; no 4D mask is built here).
+:func:`packed_positions` hands the position ids to the models' forwards during training.
+
+Sharding over ``W`` processes: by file when every source has at least ``W`` files (rank ``r`` reads files
+``r, r + W, ...``), else by block (every rank reads the whole stream and keeps blocks ``i`` with
+``i % W == r``; each rank then reads and tokenizes the whole stream). The held-out set is the first ``data.heldout_documents`` documents of ``data.source``
+(never trained on), packed in memory like the non-streaming path.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .config import ConfigError
+from .data import _LOCAL_BUILDERS, DataConfig, DataError, TextData, TokenBlocks
+from .distill.objective import unwrap_module
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZE_BATCH = 64  # documents tokenized per tokenizer call
+_MIX_DRAWS = 1024  # source choices drawn per generator call
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """One source of the stream: its files (sorted), the datasets builder that reads them, its mixing weight."""
+
+    name: str
+    files: tuple[Path, ...]
+    builder: str
+    weight: float
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The files a streaming source names: one file, the supported files of a folder, or a glob pattern (sorted)."""
+    path = Path(source).expanduser()
+    if any(c in source for c in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        what = f"pattern {source!r} matches no file"
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _LOCAL_BUILDERS)
+        what = f"folder {source} holds no .txt/.json/.jsonl/.parquet file"
+    elif path.is_file():
+        files = [path]
+        what = ""
+    else:
+        raise DataError(
+            f"data source {source!r}: no such file or folder; data.streaming reads local files "
+            "(a .txt/.json/.jsonl/.parquet file, a folder of them or a glob pattern)"
+        )
+    if not files:
+        raise DataError(f"data source {what}; give at least one .txt/.json/.jsonl/.parquet file")
+    builders = {_LOCAL_BUILDERS.get(p.suffix.lower()) for p in files}
+    if None in builders:
+        bad = next(p for p in files if p.suffix.lower() not in _LOCAL_BUILDERS)
+        raise DataError(f"{bad}: unknown file type {bad.suffix!r}; use one of {', '.join(sorted(_LOCAL_BUILDERS))}")
+    if len(builders) > 1:
+        raise DataError(f"data source {source!r} mixes file types ({', '.join(sorted(builders))}); give one type per source")
+    return files
+
+
+def stream_sources(cfg: DataConfig) -> list[StreamSource]:
+    """``data.source`` then every ``data.mix`` source, with their files and weights (``data.mix_weights``)."""
+    names = [cfg.source, *cfg.mix]
+    weights = cfg.mix_weights if cfg.mix_weights is not None else [1.0] * len(names)
+    out = []
+    for name, weight in zip(names, weights):
+        files = resolve_files(name)
+        out.append(StreamSource(name, tuple(files), _LOCAL_BUILDERS[files[0].suffix.lower()], float(weight)))
+    return out
+
+
+def iter_documents(path: Path, builder: str, column: str, *, skip: int = 0) -> Iterator[str]:
+    """The non-empty documents of one file, read lazily, after the first ``skip`` of them."""
+    try:
+        rows = load_dataset(builder, data_files=str(path.resolve()), split="train", streaming=True)
+        seen = 0
+        for row in rows:
+            if column not in row:
+                raise DataError(f"{path}: no column {column!r}; columns are {sorted(row)}. Set data.text_column (--text_column).")
+            text = row[column]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}: column {column!r} holds {type(text).__name__} values, not text; point data.text_column at a text column"
+                )
+            if not text.strip():
+                continue
+            seen += 1
+            if seen > skip:
+                yield text
+    except DataError:
+        raise
+    except Exception as e:  # datasets wraps every parse problem in its own error types
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DataError(f"data file {path} cannot be read as {builder}: {detail}") from e
+
+
+def pack_documents(docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Blocks ``(input_ids, position_ids)`` of ``seq_len`` tokens from tokenized documents, in order.
+
+    Positions count from 0 at each document start and at each block start (the rest of a document that
+    spills over from the previous block); the incomplete last block is held back.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    for doc in docs:
+        start = 0
+        while start < len(doc):
+            take = min(seq_len - len(ids), len(doc) - start)
+            ids.extend(doc[start : start + take])
+            pos.extend(range(take))
+            start += take
+            if len(ids) == seq_len:
+                yield ids, pos
+                ids, pos = [], []
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder inside ``model`` (through DDP / DeepSpeed / compile / PEFT wrappers) whose forward takes position ids."""
+    inner = unwrap_module(model)
+    if hasattr(inner, "get_base_model"):  # PEFT
+        inner = inner.get_base_model()
+    base = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    return base if isinstance(base, nn.Module) else inner
+
+
+@contextmanager
+def packed_positions(models: Iterable[nn.Module], position_ids: torch.Tensor):
+    """Within the block, every forward of the models' decoders receives ``position_ids`` and no KV cache.
+
+    transformers looks for packed documents in the position ids only when no attention mask and no cache
+    are given; then attention is cut at every document start.
+    """
+
+    def hook(_module, args, kwargs):
+        kwargs["position_ids"] = position_ids
+        kwargs["use_cache"] = False
+        return args, kwargs
+
+    handles = [_backbone(m).register_forward_pre_hook(hook, with_kwargs=True) for m in models]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class TokenStream:
+    """The endless, deterministic stream of packed blocks of some sources; :meth:`blocks` gives one rank's share."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, sources: list[StreamSource], heldout_cut: dict[int, int]):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.sources = sources
+        self.heldout_cut = heldout_cut
+        """Documents skipped at the start of each file of ``data.source`` (by file index): the held-out set."""
+        self.seq_len = cfg.seq_len
+
+    def sharding(self, world: int) -> str:
+        """``files`` when every source has at least ``world`` files, else ``blocks``."""
+        return "files" if world > 1 and all(len(s.files) >= world for s in self.sources) else "blocks"
+
+    def _documents(self, index: int, rank: int, world: int) -> Iterator[str]:
+        src = self.sources[index]
+        files = list(enumerate(src.files))
+        if self.sharding(world) == "files":
+            files = files[rank::world]
+        column = "text" if src.builder == "text" else self.cfg.text_column
+        while True:
+            count = 0
+            for file_index, path in files:
+                skip = self.heldout_cut.get(file_index, 0) if index == 0 else 0
+                for text in iter_documents(path, src.builder, column, skip=skip):
+                    count += 1
+                    yield text
+            if count == 0:
+                share = f"rank {rank} of {world}: its files {[str(p) for _, p in files]}" if self.sharding(world) == "files" else "its files"
+                raise DataError(
+                    f"data source {src.name!r}, {share} hold no non-empty training document"
+                    + (" beyond the held-out ones; lower data.heldout_documents or add text" if index == 0 else "; add text")
+                    + (f" (sharding by file needs {world} files with text)" if self.sharding(world) == "files" else "")
+                )
+
+    def _tokenized(self, docs: Iterator[str]) -> Iterator[list[int]]:
+        eos = self.tokenizer.eos_token_id
+        while True:
+            batch = list(itertools.islice(docs, _TOKENIZE_BATCH))
+            if not batch:
+                return
+            for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                yield ids + [eos] if eos is not None else ids
+
+    def _mixed(self, rank: int, world: int) -> Iterator[list[int]]:
+        streams = [self._tokenized(self._documents(i, rank, world)) for i in range(len(self.sources))]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float64)
+        seed = self.cfg.seed + (7919 * rank if self.sharding(world) == "files" else 0)
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            for choice in torch.multinomial(weights, _MIX_DRAWS, replacement=True, generator=gen).tolist():
+                yield next(streams[choice])
+
+    def blocks(self, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank ``rank``'s blocks ``(input_ids, position_ids)`` (LongTensors [seq_len]), endlessly and in a fixed order."""
+        by_block = self.sharding(world) == "blocks"
+        for i, (ids, pos) in enumerate(pack_documents(self._mixed(rank, world), self.seq_len)):
+            if by_block and i % world != rank:
+                continue
+            yield torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
+
+def _heldout(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: StreamSource) -> tuple[TokenBlocks, dict[int, int]]:
+    """The first ``data.heldout_documents`` documents of ``data.source`` packed like the in-memory path, and how
+    many documents each file gives to them."""
+    column = "text" if source.builder == "text" else cfg.text_column
+    docs, cut = [], {}
+    for file_index, path in enumerate(source.files):
+        for text in iter_documents(path, source.builder, column):
+            if len(docs) == cfg.heldout_documents:
+                break
+            docs.append(text)
+            cut[file_index] = cut.get(file_index, 0) + 1
+        if len(docs) == cfg.heldout_documents:
+            break
+    eos = tokenizer.eos_token_id
+    flat = [t for ids in tokenizer(docs, add_special_tokens=False)["input_ids"] for t in ids + ([eos] if eos is not None else [])]
+    n = len(flat) // cfg.seq_len
+    if n == 0:
+        raise DataError(
+            f"{source.name}: the first {len(docs)} document(s) (data.heldout_documents={cfg.heldout_documents}) hold "
+            f"{len(flat)} tokens, less than one held-out sequence of {cfg.seq_len}; raise data.heldout_documents"
+        )
+    return TokenBlocks(torch.tensor(flat[: n * cfg.seq_len], dtype=torch.long).view(n, cfg.seq_len)), cut
+
+
+def build_streaming_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
+    """Streaming TextData: ``stream`` for training, an in-memory held-out set, and the stream's first
+    ``data.sample_blocks`` blocks as ``train`` (calibration and importance read them)."""
+    cfg.validate()
+    if not cfg.streaming:
+        raise ConfigError("build_streaming_data needs data.streaming=true")
+    sources = stream_sources(cfg)
+    heldout, cut = _heldout(cfg, tokenizer, sources[0])
+    stream = TokenStream(cfg, tokenizer, sources, cut)
+    sample = [ids for ids, _ in itertools.islice(stream.blocks(), cfg.sample_blocks)]
+    if not sample:
+        raise DataError(f"{cfg.source}: the training stream holds less than one sequence of {cfg.seq_len} tokens; use more data")
+    data = TextData(train=TokenBlocks(torch.stack(sample)), heldout=heldout, config=cfg, stream=stream)
+    logger.info(
+        "streaming data %s: %s; %d held-out blocks of %d tokens from the first %d documents",
+        cfg.source, ", ".join(f"{s.name} ({len(s.files)} file(s), weight {s.weight:g})" for s in sources),
+        len(heldout), cfg.seq_len, sum(cut.values()),
+    )
+    return data

@@ -1,0 +1,283 @@
+"""Streaming data: packing with document boundaries, sharding, mixing, bad input, exact resume, flat memory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import datasets
+import psutil
+import pytest
+import test_train_loop
+import torch
+from conftest import tiny_model
+
+from minidistill.config import ConfigError
+from minidistill.data import DataConfig, DataError, build_text_data, check_data_source
+from minidistill.streaming import TokenStream, build_streaming_data, pack_documents, packed_positions, stream_sources
+from minidistill.training.loop import Distiller
+from minidistill.training.sampler import ResumableBlockSampler, StreamingBlockSampler
+
+
+class ByteTokenizer:
+    """UTF-8 bytes folded into ids 3..127 (fits the tiny models' vocabulary); EOS is 2."""
+
+    eos_token_id = 2
+    table = bytes(3 + b % 125 for b in range(256))
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [list(t.encode().translate(self.table)) for t in texts]}
+
+
+TOK = ByteTokenizer()
+
+
+def _docs(prefix: str, n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper"]
+    return [f"{prefix}{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for i in range(n)]
+
+
+def _write_txt(path, docs):
+    path.write_text("\n".join(docs) + "\n")
+    return path
+
+
+def _flat(docs):
+    return [t for ids in TOK(docs)["input_ids"] for t in ids + [TOK.eos_token_id]]
+
+
+def _stream(cfg: DataConfig) -> TokenStream:
+    data = build_streaming_data(cfg, TOK)
+    return data.stream
+
+
+def _take(it, n):
+    return list(itertools.islice(it, n))
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_block_gives_the_logits_of_each_document_run_alone(attn):
+    model = tiny_model("llama", attn_implementation=attn)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 9, 3, 6)]
+    assert len(list(pack_documents(docs, 12))) == 1  # 23 tokens: the incomplete second block is held back
+    blocks = list(pack_documents(docs, 11))  # [5 + 6 of 9], [3 of 9 + 3 + 5 of 6]
+    assert [p for p in blocks[0][1]] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
+    assert [p for p in blocks[1][1]] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4]
+    ids = torch.tensor([b[0] for b in blocks])
+    pos = torch.tensor([b[1] for b in blocks])
+    with torch.no_grad(), packed_positions([model], pos):
+        packed = model(input_ids=ids).logits
+    with torch.no_grad():
+        unpacked = model(input_ids=ids).logits
+        pieces = [(0, 0, 5), (0, 5, 11), (1, 0, 3), (1, 3, 6), (1, 6, 11)]
+        for row, a, b in pieces:
+            alone = model(input_ids=ids[row : row + 1, a:b]).logits[0]
+            torch.testing.assert_close(packed[row, a:b], alone, atol=2e-5, rtol=1e-4)
+    # Without the position ids the second document attends to the first (the check can fail).
+    assert (unpacked[0, 5:11] - packed[0, 5:11]).abs().max() > 1e-3
+
+
+def test_stream_blocks_are_the_concatenated_training_documents_of_every_file_format(tmp_path):
+    docs = _docs("doc", 60)
+    _write_txt(tmp_path / "d.txt", docs)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)))
+    datasets.Dataset.from_dict({"text": docs}).to_parquet(str(tmp_path / "d.parquet"))
+    ref = _flat(docs[10:])  # the first 10 documents are held out
+    n = len(ref) // 16
+    out = {}
+    for name, column in (("d.txt", "text"), ("d.jsonl", "body"), ("d.parquet", "text")):
+        cfg = DataConfig(source=str(tmp_path / name), text_column=column, seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4)
+        data = build_text_data(cfg, TOK)
+        blocks = _take(data.stream.blocks(), n)
+        out[name] = torch.stack([ids for ids, _ in blocks])
+        assert torch.equal(data.train.input_ids, out[name][:4])
+        held = _flat(docs[:10])
+        assert torch.equal(data.heldout.input_ids.flatten(), torch.tensor(held[: len(held) // 16 * 16]))
+    assert torch.equal(out["d.txt"].flatten(), torch.tensor(ref[: n * 16]))
+    assert torch.equal(out["d.jsonl"], out["d.txt"]) and torch.equal(out["d.parquet"], out["d.txt"])
+    # The stream restarts at the first training document after a pass (the held-out ones stay out).
+    more = _take(_stream(DataConfig(source=str(tmp_path / "d.txt"), seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4)).blocks(), 2 * n + 2)
+    flat = torch.stack([ids for ids, _ in more]).flatten().tolist()
+    assert flat == (ref + ref + ref)[: len(flat)]
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+
+def test_block_sharding_splits_the_one_rank_stream_disjointly(tmp_path):
+    _write_txt(tmp_path / "a.txt", _docs("a", 80))
+    stream = _stream(DataConfig(source=str(tmp_path / "a.txt"), seq_len=16, streaming=True, heldout_documents=5, sample_blocks=1))
+    assert stream.sharding(2) == "blocks"  # one file, two processes
+    one = _take(stream.blocks(), 40)
+    r0, r1 = _take(stream.blocks(0, 2), 20), _take(stream.blocks(1, 2), 20)
+    for got, want in ((r0, one[0::2]), (r1, one[1::2])):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, want, strict=True))
+    # Through the sampler, micro-batch k of 2 processes x 3 blocks is the one-process stream's blocks [6k, 6k + 6).
+    s0, s1 = (StreamingBlockSampler(stream, 3, num_replicas=2, rank=r) for r in (0, 1))
+    for k in range(3):
+        got = sorted(tuple(row.tolist()) for s in (s0, s1) for row in s.next_batch()[0])
+        assert got == sorted(tuple(ids.tolist()) for ids, _ in one[6 * k : 6 * k + 6])
+
+
+def test_file_sharding_gives_each_rank_its_own_files(tmp_path):
+    files = {f"part-{i}.txt": _docs(f"f{i}-", 30, seed=i) for i in range(4)}
+    for name, docs in files.items():
+        _write_txt(tmp_path / name, docs)
+    cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=4, sample_blocks=1)
+    stream = _stream(cfg)
+    assert stream.sharding(2) == "files" and stream.sharding(5) == "blocks"
+    ordered = [files[f"part-{i}.txt"] for i in range(4)]
+    for rank, own in ((0, ordered[0][4:] + ordered[2]), (1, ordered[1] + ordered[3])):
+        ref = _flat(own)
+        got = torch.stack([ids for ids, _ in _take(stream.blocks(rank, 2), len(ref) // 16)]).flatten().tolist()
+        assert got == ref[: len(got)]
+    # A folder names the same files.
+    assert stream_sources(DataConfig(source=str(tmp_path), streaming=True))[0].files == stream.sources[0].files
+
+
+# ---------------------------------------------------------------------------------------------- mixing
+
+
+def test_weighted_mixing_is_seeded_and_follows_the_weights(tmp_path):
+    _write_txt(tmp_path / "a.txt", _docs("A", 50))
+    _write_txt(tmp_path / "b.txt", _docs("B", 50, seed=1))
+    _write_txt(tmp_path / "c.txt", _docs("C", 50, seed=2))
+    base = dict(source=str(tmp_path / "a.txt"), mix=[str(tmp_path / "b.txt"), str(tmp_path / "c.txt")], seq_len=16,
+                streaming=True, heldout_documents=2, sample_blocks=1)
+
+    def sources_drawn(seed, weights, n=2000):
+        stream = _stream(DataConfig(**base, seed=seed, mix_weights=weights))
+        first = {TOK([c])["input_ids"][0][0]: c for c in "ABC"}
+        return [first[doc[0]] for doc in _take(stream._mixed(0, 1), n)]
+
+    a = sources_drawn(0, [3.0, 1.0, 0.0])
+    assert a == sources_drawn(0, [3.0, 1.0, 0.0])
+    assert a != sources_drawn(1, [3.0, 1.0, 0.0])
+    assert "C" not in a
+    assert abs(a.count("A") / len(a) - 0.75) < 0.04
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_streaming_input_fails_early_with_one_clear_message(tmp_path):
+    _write_txt(tmp_path / "a.txt", _docs("a", 20))
+    src = str(tmp_path / "a.txt")
+    with pytest.raises(ConfigError, match="non-negative weights with a positive sum"):
+        DataConfig(source=src, mix=[src + "x"], streaming=True, mix_weights=[0.0, 0.0]).validate()
+    with pytest.raises(ConfigError, match="one weight per source"):
+        DataConfig(source=src, streaming=True, mix_weights=[1.0, 1.0]).validate()
+    with pytest.raises(ConfigError, match="data.mix_weights applies to data.streaming"):
+        DataConfig(source=src, mix_weights=[1.0]).validate()
+    with pytest.raises(ConfigError, match="local files, not 'bundled'"):
+        DataConfig(streaming=True).validate()
+    with pytest.raises(DataError, match="no such file or folder"):
+        check_data_source(DataConfig(source=str(tmp_path / "nope.txt"), streaming=True))
+    with pytest.raises(DataError, match="matches no file"):
+        check_data_source(DataConfig(source=str(tmp_path / "*.parquet"), streaming=True))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": d, "id": 1}) for d in _docs("b", 5)))
+    with pytest.raises(DataError, match=r"no column 'text'; columns are \['body', 'id'\]"):
+        build_text_data(DataConfig(source=str(tmp_path / "b.jsonl"), streaming=True, seq_len=8), TOK)
+    # Two files for two processes shard by file; one of them holds no document, so its rank gets nothing.
+    (tmp_path / "shards").mkdir()
+    _write_txt(tmp_path / "shards" / "0.txt", _docs("x", 30))
+    (tmp_path / "shards" / "1.txt").write_text("\n  \n\n")
+    stream = _stream(DataConfig(source=str(tmp_path / "shards"), streaming=True, seq_len=8, heldout_documents=2, sample_blocks=1))
+    assert len(_take(stream.blocks(0, 2), 3)) == 3
+    with pytest.raises(DataError, match=r"rank 1 of 2: .*1\.txt.* hold no non-empty training document.*needs 2 files with text"):
+        next(stream.blocks(1, 2))
+    with pytest.raises(ConfigError, match="data.streaming=true run"):
+        ResumableBlockSampler(10, 2).load_state_dict(StreamingBlockSampler(stream, 2).state_dict())
+    with pytest.raises(ConfigError, match="same number of processes"):
+        StreamingBlockSampler(stream, 2).load_state_dict(StreamingBlockSampler(stream, 1, num_replicas=2).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def _distiller(run_dir, data, monkeypatch) -> Distiller:
+    """test_train_loop's pruned tiny llama student and teacher, trained on ``data``."""
+    monkeypatch.setattr(test_train_loop, "_data", lambda: data)
+    return test_train_loop.make_distiller(run_dir, loss={"hidden": {"weight": 1.0}, "balance": "auto"}, eval={"max_blocks": 2})
+
+
+def _records(run_dir):
+    return [(r["step"], r["loss"], r["loss/hidden"], r["weight/hidden"])
+            for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_streaming_resume_sees_the_batches_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    _write_txt(tmp_path / "a.txt", _docs("a", 200))
+    _write_txt(tmp_path / "b.txt", _docs("b", 200, seed=3))
+    cfg = DataConfig(source=str(tmp_path / "a.txt"), mix=[str(tmp_path / "b.txt")], mix_weights=[2.0, 1.0], seq_len=16,
+                     streaming=True, heldout_documents=20, sample_blocks=4)
+    data = build_text_data(cfg, TOK)
+    full = _distiller(tmp_path / "full", data, monkeypatch)
+    full.run()
+    part = _distiller(tmp_path / "part", data, monkeypatch)
+    part.train_cfg.max_steps = 2  # stops early on the 4-step schedule
+    part.run()
+    assert part.sampler.state_dict()["stream_blocks"] == 8
+    resumed = _distiller(tmp_path / "part", data, monkeypatch)
+    resumed.run(resume=tmp_path / "part" / "checkpoints" / "step-00000002")
+    assert _records(tmp_path / "part") == _records(tmp_path / "full")
+    assert [s for s, *_ in _records(tmp_path / "full")] == [1, 2, 3, 4]
+    for (name, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert full.sampler.blocks_taken == 16 > len(data.train)  # read from the stream, not the in-memory sample
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _write_large(path, megabytes: int) -> int:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "window", "garden"]
+    chunk = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(20, 200))) for _ in range(1000)) + "\n"
+    data = chunk.encode()
+    with path.open("wb") as fh:
+        for _ in range(megabytes * (1 << 20) // len(data) + 1):
+            fh.write(data)
+    return path.stat().st_size
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / (1 << 20)
+
+
+def test_streaming_a_large_file_keeps_memory_flat(tmp_path):
+    size = _write_large(tmp_path / "big.txt", 200)
+    assert size > 200 * (1 << 20)
+    _write_txt(tmp_path / "small.txt", _docs("s", 50))  # imports and first-use caches of the readers are not data
+    _take(_stream(DataConfig(source=str(tmp_path / "small.txt"), seq_len=64, streaming=True, heldout_documents=10, sample_blocks=2)).blocks(), 3)
+    rss0 = _rss_mb()
+    cfg = DataConfig(source=str(tmp_path / "big.txt"), seq_len=1024, streaming=True, heldout_documents=10, sample_blocks=2)
+    it = _stream(cfg).blocks()
+    for _ in itertools.islice(it, 4000):  # about 4 MB of text
+        pass
+    rss1 = _rss_mb()
+    for _ in itertools.islice(it, 16000):  # 16 MB more
+        pass
+    rss2 = _rss_mb()
+    assert rss1 - rss0 < 70, (rss0, rss1)  # the reader's buffers, not the 200 MB file
+    assert rss2 - rss1 < 25, (rss1, rss2)  # and reading on does not grow it
+
+
+@pytest.mark.slow
+def test_a_whole_pass_over_a_large_file_keeps_memory_flat(tmp_path):
+    size = _write_large(tmp_path / "big.txt", 200)
+    cfg = DataConfig(source=str(tmp_path / "big.txt"), seq_len=4096, streaming=True, heldout_documents=10, sample_blocks=2)
+    rss = []
+    for n, _ in enumerate(_stream(cfg).blocks(), 1):
+        if n % 2500 == 0:  # every 10 MB
+            rss.append(_rss_mb())
+        if n * 4096 >= size:  # one pass (one token a byte)
+            break
+    assert len(rss) >= 19
+    assert max(rss) - rss[0] < 30, rss
