@@ -3,7 +3,9 @@
 The frozen teacher runs under ``torch.no_grad()``; the student and the objective's learnable parts run
 inside :class:`DistillationModule`, the one module accelerate prepares (single process, DDP, FSDP2,
 DeepSpeed). Data order comes from :class:`ResumableBlockSampler`; every process builds the same global
-micro-batch and keeps its own rows (:func:`minidistill.parallel.local_rows`).
+micro-batch and keeps its own rows (:func:`minidistill.parallel.local_rows`). With ``data.streaming``,
+:class:`StreamingBlockSampler` gives each process its own blocks of the stream, and their position ids reach
+both models' forwards (:func:`minidistill.streaming.packed_positions`).
 """
 
 from __future__ import annotations
