@@ -80,6 +80,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"{key}={value!r} does not match {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in get_args(tp)):
+            # YAML reads no / off / false (yes / on / true) as a bool: take the choice spelled that way
+            spelled = [c for c in (("yes", "on", "true") if value else ("no", "off", "false")) if c in get_args(tp)]
+            value = spelled[0] if spelled else value
         if value not in get_args(tp):
             raise ConfigError(f"{key}={value!r}: choose one of {list(get_args(tp))}")
         return value

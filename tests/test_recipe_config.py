@@ -66,6 +66,17 @@ def test_bad_values_name_the_key(override, message):
         load_recipe_config(None, ["train.grad_accum_steps=4", "train.batch_size=8", override])
 
 
+@pytest.mark.parametrize("spelling", ["no", "off", "false"])
+def test_a_choice_yaml_reads_as_a_bool_is_taken_as_spelled(spelling, tmp_path):
+    # YAML 1.1 reads no / off / false as False; the choice spelled that way is meant
+    assert load_recipe_config(None, [f"train.mixed_precision={spelling}"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_recipe_config(path, []).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"train\.schedule=False: choose one of"):  # no choice is spelled that way
+        load_recipe_config(None, ["train.schedule=no"])
+
+
 def test_micro_batch_must_split_over_processes():
     cfg = load_recipe_config(None, ["train.batch_size=12", "train.grad_accum_steps=2"])
     assert cfg.train.micro_batch_size(3) == 2
