@@ -97,6 +97,11 @@ class PruneDistillConfig(ConfigBase):
             )
         if self.teacher_cache is not None and self.teacher_cache.enabled:
             check_cache_compatible(self.loss)
+            if self.data.streaming:
+                raise ConfigError(
+                    "teacher_cache.enabled=true needs the in-memory training blocks it indexes, but data.streaming=true; "
+                    "set teacher_cache.enabled=false or data.streaming=false"
+                )
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "

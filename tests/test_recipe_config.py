@@ -77,6 +77,11 @@ def test_a_choice_yaml_reads_as_a_bool_is_taken_as_spelled(spelling, tmp_path):
         load_recipe_config(None, ["train.schedule=no"])
 
 
+def test_teacher_cache_with_streaming_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"teacher_cache\.enabled=true needs the in-memory training blocks.*data\.streaming=true"):
+        load_recipe_config(None, ["teacher_cache.enabled=true", "data.streaming=true", "data.source=/tmp/corpus.txt"])
+
+
 def test_micro_batch_must_split_over_processes():
     cfg = load_recipe_config(None, ["train.batch_size=12", "train.grad_accum_steps=2"])
     assert cfg.train.micro_batch_size(3) == 2
