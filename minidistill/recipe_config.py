@@ -14,6 +14,7 @@ from typing import Any
 from .config import ConfigBase, ConfigError, load_config
 from .data import DataConfig
 from .distill.objective import DistillLossConfig, check_cache_compatible
+from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
 from .export_gguf import GGUFExportConfig
 from .hub import HubConfig
@@ -62,6 +63,8 @@ class PruneDistillConfig(ConfigBase):
     """Distillation objective."""
     teacher_cache: TeacherCacheConfig | None = None
     """The teacher's top-k over ``data.train`` computed once and read by the logit term (null: a teacher forward per step)."""
+    on_policy: OnPolicyConfig | None = None
+    """On-policy distillation: a share of micro-batches continued by the student, loss on its tokens (null: off)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -102,6 +105,9 @@ class PruneDistillConfig(ConfigBase):
                     "teacher_cache.enabled=true needs the in-memory training blocks it indexes, but data.streaming=true; "
                     "set teacher_cache.enabled=false or data.streaming=false"
                 )
+        if self.on_policy is not None:
+            check_on_policy(self.on_policy, self.loss, seq_len=self.data.seq_len, streaming=self.data.streaming,
+                            teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "

@@ -373,6 +373,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         run_name=cfg.run_name,
         vocab_size=alignment.mask_from,
         teacher_cache=cache,
+        on_policy=cfg.on_policy,
     )
     with timer.stage("distill"):
         result = distiller.run(resume=resume_path)

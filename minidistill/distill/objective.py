@@ -249,11 +249,18 @@ class CachedTeacher:
     """[batch, seq - 1] log of the mass outside the top-k."""
 
 
+def feature_terms(cfg: DistillLossConfig) -> tuple[list[str], str | None]:
+    """The enabled terms besides the logit term, and the config key that enables the first of them (None: none)."""
+    features = [n for n in cfg.weights() if n != "logits"]
+    if not features:
+        return features, None
+    return features, f"loss.{features[0]}.weight" if features[0] in ("hidden", "attention", "relations") else f"loss.extra.{features[0]}"
+
+
 def check_cache_compatible(cfg: DistillLossConfig) -> None:
     """ConfigError when ``cfg`` needs more of the teacher than a teacher cache holds (its top-k, temperature 1)."""
-    features = [n for n in cfg.weights() if n != "logits"]
+    features, key = feature_terms(cfg)
     if features:
-        key = f"loss.{features[0]}.weight" if features[0] in ("hidden", "attention", "relations") else f"loss.extra.{features[0]}"
         raise ConfigError(
             f"teacher_cache.enabled=true holds only the teacher's top-k logits, but {key} asks for teacher features "
             f"({', '.join(features)}), which need a teacher forward: set {key}=0 or teacher_cache.enabled=false"
@@ -451,14 +458,20 @@ class LogitTerm(LossTerm):
 
         self.cached = CachedLogitKDLoss(chunk_tokens=cfg.chunk_tokens, vocab_size=vocab_size)
 
-    def forward(self, features, input_ids):
+    def forward(self, features, input_ids, target_mask: torch.Tensor | None = None):
+        """``target_mask`` [batch, seq] (bool): only positions predicting a True token count (None: all)."""
         s, t = features[STUDENT], features[TEACHER]
         if isinstance(t, CachedTeacher):
+            if target_mask is not None:
+                raise ValueError("target_mask is not supported with a cached teacher")
             h_s = s.final_hidden[:, :-1]
             return self.cached(h_s, s.head_weight, t.indices, t.logprobs, t.rest, student_head_bias=s.head_bias)
         h_s = s.final_hidden[:, :-1].reshape(-1, s.final_hidden.shape[-1])
         h_t = t.final_hidden[:, :-1].reshape(-1, t.final_hidden.shape[-1])
         labels = input_ids[:, 1:].reshape(-1) if self.ce else None
+        if target_mask is not None:
+            ignore = self.loss.loss_fn.ignore_index
+            labels = input_ids[:, 1:].masked_fill(~target_mask[:, 1:], ignore).reshape(-1)
         return self.loss(
             h_s, s.head_weight, h_t, t.head_weight, labels, student_head_bias=s.head_bias, teacher_head_bias=t.head_bias
         )
@@ -1056,8 +1069,16 @@ class DistillObjective(nn.Module):
     def request_for(self, role: str) -> CaptureRequest:
         return self.requests().get(role, CaptureRequest())
 
-    def forward(self, features: dict[str, ModelFeatures], input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        components = {name: term(features, input_ids) for name, term in self.terms.items()}
+    def forward(self, features: dict[str, ModelFeatures], input_ids: torch.Tensor,
+                target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``target_mask`` [batch, seq] (bool): the logit term counts only positions predicting a True token
+        (then the logit term must be the only term)."""
+        if target_mask is None:
+            components = {name: term(features, input_ids) for name, term in self.terms.items()}
+        else:
+            if list(self.terms) != ["logits"]:
+                raise ValueError(f"target_mask masks the logit term only, but the objective also has {sorted(set(self.terms) - {'logits'})}")
+            components = {"logits": self.terms["logits"](features, input_ids, target_mask)}
         total, logged = self.balancer(components)
         out = {f"loss/{k}": v.detach().float() for k, v in components.items()}
         for k, v in logged.items():
@@ -1083,9 +1104,11 @@ class DistillationModule(nn.Module):
         """The student's config (accelerate and sharding helpers look for ``.config``)."""
         return self.student.config
 
-    def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None) -> dict:
-        """Training: ``{"loss", "components"}``. With ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums
-        ``[nll, tokens, top-1 agreements with the teacher]`` of :func:`minidistill.training.evaluation.heldout_stats`."""
+    def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
+                target_mask: torch.Tensor | None = None) -> dict:
+        """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With
+        ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
+        of :func:`minidistill.training.evaluation.heldout_stats`."""
         if eval_chunk_tokens is not None:
             from ..training.evaluation import heldout_stats
 
@@ -1093,7 +1116,7 @@ class DistillationModule(nn.Module):
             return {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
                                            vocab_size=self.objective.vocab_size)}
         student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT))
-        total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids)
+        total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids, target_mask)
         return {"loss": total, "components": components}
 
 
@@ -1117,6 +1140,7 @@ __all__ = [
     "CachedTeacher",
     "CaptureRequest",
     "check_cache_compatible",
+    "feature_terms",
     "DistillLossConfig",
     "DistillObjective",
     "DistillationModule",

@@ -5,7 +5,8 @@ inside :class:`DistillationModule`, the one module accelerate prepares (single p
 DeepSpeed). Data order comes from :class:`ResumableBlockSampler`; every process builds the same global
 micro-batch and keeps its own rows (:func:`minidistill.parallel.local_rows`). With ``data.streaming``,
 :class:`StreamingBlockSampler` gives each process its own blocks of the stream, and their position ids reach
-both models' forwards (:func:`minidistill.streaming.packed_positions`).
+both models' forwards (:func:`minidistill.streaming.packed_positions`). With ``on_policy``, a share of the
+micro-batches are the student's continuations of the blocks' prefixes (:mod:`minidistill.distill.on_policy`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
+from ..config import ConfigError
 from ..data import TextData
 from ..distill.objective import (
     CachedTeacher,
@@ -30,6 +32,14 @@ from ..distill.objective import (
     DistillObjective,
     check_cache_compatible,
     teacher_features,
+)
+from ..distill.on_policy import (
+    OnPolicyConfig,
+    check_on_policy,
+    generate_continuations,
+    generated_mask,
+    is_on_policy,
+    sampling_uniforms,
 )
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
@@ -134,8 +144,14 @@ class Distiller:
         run_name: str = "distill",
         vocab_size: int | None = None,
         teacher_cache=None,
+        on_policy: OnPolicyConfig | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
+        self.on_policy = on_policy
+        """On-policy distillation settings (None: every micro-batch is corpus data)."""
+        if on_policy is not None:
+            check_on_policy(on_policy, loss, seq_len=int(data.train.input_ids.shape[1]), streaming=data.stream is not None,
+                            teacher_cache=teacher_cache is not None)
         self.run_dir = Path(run_dir)
         self.config_dict = config_dict
         self.data = data
@@ -164,6 +180,11 @@ class Distiller:
                     f"the teacher cache holds {m['num_blocks']} blocks of {m['seq_len']} tokens but data.train has "
                     f"{tuple(data.train.input_ids.shape)}: it was built for other data; set teacher_cache.path to a new folder"
                 )
+        if on_policy is not None and _teacher_sharded(acc):
+            raise ConfigError(
+                "on_policy generates with the student outside the sharded forward, which FSDP2 and ZeRO-3 do not support: "
+                "launch with launch/ddp.yaml / launch/zero2.yaml or set on_policy=null"
+            )
         self.peft_model = None
         if train.lora is not None and _teacher_sharded(acc):
             raise ValueError(
@@ -238,6 +259,22 @@ class Distiller:
 
         rows = (local_rows(self.accelerator, t).to(self.accelerator.device) for t in self.teacher_cache.rows(indices))
         return CachedTeacher(*rows)
+
+    def _on_policy_rows(self, indices: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the global micro-batch ``indices`` with their last ``max_new_tokens`` tokens
+        sampled by the student, and the mask of the generated positions."""
+        from ..parallel import local_rows
+
+        acc, cfg = self.accelerator, self.on_policy
+        blocks = self.data.train.input_ids[indices]
+        prefix_len = blocks.shape[1] - cfg.max_new_tokens
+        uniforms = sampling_uniforms(self.train_cfg.seed, micro_index, blocks.shape[0], cfg.max_new_tokens)
+        prefix = local_rows(acc, blocks[:, :prefix_len]).to(acc.device)
+        student = acc.unwrap_model(self.module).student
+        with acc.autocast():
+            seqs = generate_continuations(student, prefix, local_rows(acc, uniforms).to(acc.device),
+                                          temperature=cfg.temperature, vocab_size=self._objective().vocab_size)
+        return seqs, generated_mask(seqs.shape[0], seqs.shape[1], prefix_len, device=acc.device)
 
     def _objective(self) -> DistillObjective:
         return self.accelerator.unwrap_model(self.module).objective
@@ -441,18 +478,22 @@ class Distiller:
         acc, tc = self.accelerator, self.train_cfg
         sums: dict[str, torch.Tensor] = {}
         grad_norm = None
-        for _ in range(tc.grad_accum_steps):
+        for micro in range(tc.grad_accum_steps):
             if isinstance(self.sampler, StreamingBlockSampler):
                 input_ids, position_ids = (t.to(acc.device) for t in self.sampler.next_batch())
                 positions = packed_positions([self.student, self.teacher], position_ids)
             else:
                 indices = self.sampler.next_indices()
                 input_ids, positions = self._global_rows(indices), nullcontext()
+            target = {}
+            generated = self.on_policy is not None and is_on_policy(self.on_policy, tc.seed, step * tc.grad_accum_steps + micro)
+            if generated:
+                input_ids, target["target_mask"] = self._on_policy_rows(indices, step * tc.grad_accum_steps + micro)
             with positions:
                 t_feats = self._cached_teacher(indices) if self.teacher_cache is not None else self._teacher_features(input_ids)
                 with acc.accumulate(self.module):
                     with acc.autocast():
-                        out = self.module(input_ids, t_feats)
+                        out = self.module(input_ids, t_feats, **target)
                     acc.backward(out["loss"])
                     if acc.sync_gradients:
                         max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
@@ -464,6 +505,8 @@ class Distiller:
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             values = {"loss": out["loss"].detach().float(), **out["components"]}
+            if self.on_policy is not None:  # the step's share of micro-batches the student generated
+                values["on_policy_share"] = torch.tensor(float(generated))
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.to(acc.device)
         # loss.balance=auto: the step's loss magnitudes, over its micro-batches and all processes.
