@@ -26,12 +26,11 @@ demo: $(STAMP)
 		--num_cpu_threads_per_process $(shell nproc) \
 		recipes/prune_distill.py --config recipes/configs/demo.yaml --resume auto
 
-# One pytest worker per CPU core; the tests of one file share a worker (module fixtures are built once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile tests
+	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Benchmarks and the quality study (about 1.5 hours on 2 CPU cores); each rewrites its section of bench/RESULTS.md.
 bench: $(STAMP)

@@ -11,13 +11,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Mi
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Under pytest-xdist (`make test`: a worker per core) each worker and the processes it starts get an equal
-# share of the cores, so that workers do not oversubscribe them.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
-if _WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
-torch.set_num_threads(_THREADS)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 _CONFIGS = {
     "llama": LlamaConfig,
