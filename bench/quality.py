@@ -98,11 +98,12 @@ class Sizes:
     lr: float = 2e-4
     lm_eval_limit: int | None = 30
     lastword_items: int = 100
+    layer_loss_blocks: int = 4
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(seq_len=64, calib_blocks=4, eval_blocks=2, batch_size=2, steps=2, warmup_steps=1,
-                   lm_eval_limit=4, lastword_items=8)
+                   lm_eval_limit=4, lastword_items=8, layer_loss_blocks=1)
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Study:
             importance=ImportanceConfig(method=method, batch_size=self.sizes.batch_size, cache=False,
                                         neuron_ranking=neuron_ranking),
             layer_method=layer_method,
+            layer_loss_blocks=self.sizes.layer_loss_blocks,
             calib_blocks=self.sizes.calib_blocks,
             target=target if isinstance(target, TargetConfig) else TargetConfig(**target),
             search=search or SearchConfig(),
