@@ -98,7 +98,7 @@ class Sizes:
     lr: float = 2e-4
     lm_eval_limit: int | None = 30
     lastword_items: int = 100
-    layer_loss_blocks: int = 4
+    layer_loss_blocks: int = PruneConfig.layer_loss_blocks
 
     @classmethod
     def quick(cls) -> Sizes:
