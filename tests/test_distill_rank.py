@@ -102,7 +102,7 @@ def test_distill_rank_reranks_and_shares_one_teacher_forward(monkeypatch):
 
 def test_pipeline_distill_ranking_returns_the_pruned_init():
     teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
-    data = tiny_data(train=8)
+    data = tiny_data(train=10)
     cfg = prune_cfg(target={"params": 0.6}, search={"distill_steps": 2, "distill_batch_size": 2, "distill_candidates": 2})
     res = prune_model(teacher, None, data, cfg, teacher_source="tiny")
     rows = res.candidates
@@ -125,10 +125,15 @@ def test_too_many_distill_steps_fail_before_pruning(monkeypatch):
 
     monkeypatch.setattr(pipeline, "compute_importance", no_calibration)
     teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4)
-    cfg = prune_cfg(target={"params": 0.6}, search={"distill_steps": 5, "distill_batch_size": 2})
-    with pytest.raises(ConfigError, match=r"search.distill_steps=5 x search.distill_batch_size=2 needs 10 training "
-                                          r"blocks but data.train holds 8; set search.distill_steps <= 4"):
+    cfg = prune_cfg(target={"params": 0.6}, calib_blocks=4, search={"distill_steps": 4, "distill_batch_size": 2})
+    with pytest.raises(ConfigError, match=r"search.distill_steps=4 x search.distill_batch_size=2 needs 8 training "
+                                          r"blocks but data.train holds 8, 6 before the search's 2 scoring blocks; "
+                                          r"set search.distill_steps <= 3"):
         prune_model(teacher, None, tiny_data(train=8), cfg, teacher_source="tiny")
-    check_distill_data(SearchConfig(distill_steps=4, distill_batch_size=2), 8)
+    heldout_scored = cfg.replace(search=cfg.search.replace(score_on="heldout", distill_steps=5))
+    with pytest.raises(ConfigError, match=r"needs 10 training blocks but data.train holds 8; set search.distill_steps <= 4"):
+        prune_model(teacher, None, tiny_data(train=8), heldout_scored, teacher_source="tiny")
+    check_distill_data(SearchConfig(distill_steps=4, distill_batch_size=2, score_on="heldout"), 8)
+    check_distill_data(SearchConfig(distill_steps=3, distill_batch_size=2, score_blocks=2), 8)
     with pytest.raises(ConfigError, match="search.distill_steps=-1"):
         SearchConfig.from_dict({"distill_steps": -1})

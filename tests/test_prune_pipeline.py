@@ -18,7 +18,7 @@ from minidistill.prune.select import select_units
 from minidistill.prune.targets import TargetError
 
 
-def tiny_data(vocab=128, train=8, heldout=3, seq_len=16, seed=0) -> TextData:
+def tiny_data(vocab=128, train=10, heldout=3, seq_len=16, seed=0) -> TextData:
     g = torch.Generator().manual_seed(seed)
     return TextData(
         train=TokenBlocks(torch.randint(3, vocab, (train, seq_len), generator=g)),
@@ -136,6 +136,54 @@ def test_absolute_budget_and_kl_score():
     else:  # a single-axis shape within search.single_axis_slack of the band
         assert 0.97 * count <= res.params_after <= 1.01 * count
     assert all(r["kl"] >= 0 for r in res.candidates)
+
+
+@pytest.mark.parametrize("score_on", ["train_tail", "heldout"])
+def test_search_scores_on_the_chosen_blocks_and_picks_the_naive_argmin(monkeypatch, score_on):
+    """The search scores on the last training blocks (disjoint from calibration and held-out) or on the
+    first held-out ones; every candidate's loss equals a float64 loss of the same shape pruned explicitly."""
+    from minidistill.prune import pipeline
+
+    scored = []
+    real = pipeline.make_score_fn
+    monkeypatch.setattr(pipeline, "make_score_fn", lambda t, batches, s: (scored.append(torch.cat(batches)), real(t, batches, s))[1])
+    teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
+    data = tiny_data(train=12)
+    cfg = prune_cfg(target={"params": 0.6}, search={"score_on": score_on, "score_blocks": 3})
+    res = prune_model(teacher, None, data, cfg, teacher_source="tiny")
+
+    blocks = scored[0]
+    if score_on == "train_tail":
+        assert torch.equal(blocks, data.train.input_ids[-3:])
+        others = torch.cat([data.train.input_ids[: cfg.calib_blocks], data.heldout.input_ids])
+        assert not (blocks[:, None, :] == others[None, :, :]).all(-1).any()
+    else:
+        assert torch.equal(blocks, data.heldout.input_ids[:3])
+    keys = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+    for row in res.candidates:
+        alone = prune_model(teacher, None, data, prune_cfg(target={k: row[k] for k in keys}), teacher_source="tiny")
+        logits = alone.student(blocks).logits.double()
+        naive = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten()).item()
+        assert row["loss"] == pytest.approx(naive, rel=1e-4)
+    eligible = [r for r in res.candidates if r["eligible"]]
+    assert res.candidates[0] == min(eligible, key=lambda r: r["loss"])
+    assert {k: res.prune_map.student_shape[k] for k in keys} == {k: res.candidates[0][k] for k in keys}
+
+
+def test_train_tail_scoring_refuses_overlapping_blocks(monkeypatch):
+    from minidistill.prune import pipeline
+
+    monkeypatch.setattr(pipeline, "compute_importance", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
+    with pytest.raises(DataError, match="prune.search.score_blocks.*score_on=heldout"):
+        prune_model(teacher, None, tiny_data(train=9), prune_cfg(target={"params": 0.6}), teacher_source="tiny")
+    no_heldout = TextData(train=tiny_data().train, heldout=TokenBlocks(torch.zeros(0, 16, dtype=torch.long)),
+                          config=DataConfig())
+    with pytest.raises(DataError, match="score_on=heldout, but data.heldout is empty"):
+        prune_model(teacher, None, no_heldout, prune_cfg(target={"params": 0.6}, search={"score_on": "heldout"}),
+                    teacher_source="tiny")
+    with pytest.raises(ConfigError, match="search.score_on"):
+        prune_cfg(search={"score_on": "test"})
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from conftest import tiny_model
 from test_prune_pipeline import prune_cfg, tiny_data
 
 from minidistill.config import ConfigError
 from minidistill.evaluation.perplexity import heldout_loss
-from minidistill.prune.pipeline import prune_model
+from minidistill.prune.pipeline import prune_model, scoring_blocks
 from minidistill.prune.sensitivity import Sensitivity, SensitivityPoint, axis_shape, sensitivity_shapes
 from minidistill.prune.targets import SHAPE_TARGET_KEYS, SearchConfig
 
@@ -62,7 +63,8 @@ def test_sensitivity_equals_pruning_each_axis_alone_via_the_explicit_shape(tmp_p
 
     res = prune_model(teacher, Tok(), data, cfg, teacher_source="tiny")
     notes = res.prune_map.notes["sensitivity"]
-    heldout = list(data.heldout.batches(cfg.search.batch_size, cfg.search.score_blocks))
+    heldout = [data.train.input_ids[-cfg.search.score_blocks :]]  # search.score_on=train_tail
+    assert torch.equal(scoring_blocks(data, cfg.search).input_ids, heldout[0])
     base = heldout_loss(teacher, heldout)["loss"]
     assert math.isclose(notes["base"], base, rel_tol=1e-12) and notes["reconstructed"] is False
     axes = {p["axis"] for p in notes["points"]}

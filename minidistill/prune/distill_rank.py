@@ -5,8 +5,8 @@ Each of the top ``search.distill_candidates`` candidates (by zero-shot score) is
 would start from it (pruned and reconstructed), distilled for ``search.distill_steps`` steps on the
 first ``steps x distill_batch_size`` training blocks, in order, with the same seed, using logit KD
 (forward KL on the teacher's logits, :class:`FusedLogitKDLoss`: full-vocabulary logits never exist
-for a whole batch) and AdamW at a constant ``search.distill_lr``; then it is scored on the held-out
-blocks with the search's score. The teacher runs once per batch for all candidates: its final hidden
+for a whole batch) and AdamW at a constant ``search.distill_lr``; then it is scored on the search's
+scoring blocks with the search's score. The teacher runs once per batch for all candidates: its final hidden
 states are computed once and reused (``steps x batch x seq x hidden`` floats). The winner's
 short-distilled weights are discarded: the search returns the winner's pruned + reconstructed init,
 the starting point the distillation recipe expects.
@@ -31,13 +31,20 @@ logger = logging.getLogger(__name__)
 
 
 def check_distill_data(search: SearchConfig, num_train_blocks: int) -> None:
-    """Refuse a short distillation that needs more training blocks than there are (before pruning)."""
+    """Refuse a short distillation that needs more training blocks than there are (before pruning).
+
+    With ``search.score_on=train_tail`` the last ``score_blocks`` are the search's and are not trained on.
+    """
     need = search.distill_steps * search.distill_batch_size
-    if search.distill_steps > 0 and need > num_train_blocks:
-        most = num_train_blocks // search.distill_batch_size
+    free = num_train_blocks - (search.score_blocks if search.score_on == "train_tail" else 0)
+    if search.distill_steps > 0 and need > free:
+        most = max(free, 0) // search.distill_batch_size
+        where = f"data.train holds {num_train_blocks}"
+        if free != num_train_blocks:
+            where += f", {max(free, 0)} before the search's {search.score_blocks} scoring blocks"
         raise ConfigError(
             f"search.distill_steps={search.distill_steps} x search.distill_batch_size={search.distill_batch_size} "
-            f"needs {need} training blocks but data.train holds {num_train_blocks}; set search.distill_steps <= "
+            f"needs {need} training blocks but {where}; set search.distill_steps <= "
             f"{most}, lower search.distill_batch_size, or use more training text"
         )
 

@@ -1,8 +1,8 @@
 """The pruning pipeline: checks, calibration, target or budget search, reconstruction, (optional) save.
 
 Every check (config, architecture, target shape or budget, calibration and held-out data, output
-folder) runs before the calibration pass. Calibration uses ``data.train`` blocks, search scoring uses
-``data.heldout`` blocks.
+folder) runs before the calibration pass. Calibration uses the first ``data.train`` blocks, search
+scoring the last ones (``prune.search.score_on=train_tail``) or the first ``data.heldout`` blocks.
 
 Several processes (``shard``, :class:`~.distributed.CalibrationShard`): every rank calls
 :func:`prune_model` with the same teacher, data and config. The calibration pass (unit importance,
@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import count_parameters, get_adapter
 from ..config import ConfigBase, ConfigError
-from ..data import DataError, TextData
+from ..data import DataError, TextData, TokenBlocks
 from ..errors import OutputError
 from ..models import state_dict_sha256
 from .distill_rank import check_distill_data, distill_rank
@@ -202,15 +202,34 @@ def check_writable(path: str | Path) -> None:
             os.unlink(probe)
 
 
-def check_data(data: TextData, cfg: PruneConfig, *, needs_heldout: bool) -> None:
-    """Clear errors for calibration / held-out data that cannot serve the run."""
+def check_data(data: TextData, cfg: PruneConfig, *, searches: bool) -> None:
+    """Clear errors for calibration / search-scoring data that cannot serve the run."""
     train = data.train.input_ids
     if train.ndim != 2 or train.shape[0] == 0:
         raise DataError("calibration data is empty: data.train holds no block; use more text or a smaller seq_len")
     if train.shape[1] < 2:
         raise DataError(f"calibration blocks hold {train.shape[1]} token(s); need at least 2 per sequence")
-    if needs_heldout and len(data.heldout) == 0:
-        raise DataError("the budget search scores candidates on held-out data, but data.heldout is empty")
+    if not searches:
+        return
+    search = cfg.search
+    if search.score_on == "heldout":
+        if len(data.heldout) == 0:
+            raise DataError("prune.search.score_on=heldout, but data.heldout is empty; use score_on=train_tail "
+                            "or give held-out text")
+        return
+    if len(data.train) < cfg.calib_blocks + search.score_blocks:
+        raise DataError(
+            f"prune.search.score_on=train_tail scores on the last {search.score_blocks} of data.train's "
+            f"{len(data.train)} blocks, which must not overlap the first {cfg.calib_blocks} (calibration); "
+            f"lower prune.calib_blocks or prune.search.score_blocks, use more training text, "
+            f"or set prune.search.score_on=heldout")
+
+
+def scoring_blocks(data: TextData, search: SearchConfig) -> TokenBlocks:
+    """The blocks the budget search scores candidates on (``search.score_on``)."""
+    if search.score_on == "heldout":
+        return TokenBlocks(data.heldout.input_ids[: search.score_blocks])
+    return TokenBlocks(data.train.input_ids[-search.score_blocks :])
 
 
 def _progress(enabled: bool, desc: str):
@@ -269,7 +288,7 @@ def _prune_model(
     if not shard.is_main:
         cfg = cfg.replace(output_dir=None)
     check_output_dir(cfg.output_dir, cfg.overwrite)
-    check_data(data, cfg, needs_heldout=cfg.target.is_budget)
+    check_data(data, cfg, searches=cfg.target.is_budget)
     params_before = count_parameters(teacher)
     ne_before = count_parameters(teacher, non_embedding=True)
 
@@ -377,7 +396,7 @@ def _search(
     search = cfg.search
     teacher_shape = space.teacher_shape
     t0 = time.perf_counter()
-    heldout = list(data.heldout.batches(search.batch_size, search.score_blocks))
+    heldout = list(scoring_blocks(data, search).batches(search.batch_size))
     score_fn = make_score_fn(teacher, heldout, search)
     sens, prescore, files = None, None, {}
     if search.sensitivity:

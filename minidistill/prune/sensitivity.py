@@ -1,9 +1,9 @@
-"""Per-axis sensitivity: the held-out score when one axis alone is pruned, at a few keep ratios.
+"""Per-axis sensitivity: the search's score when one axis alone is pruned, at a few keep ratios.
 
 Each axis (``depth``: decoder layers, ``heads``: query heads / KV groups, ``mlp``: MLP neurons,
 ``hidden``: hidden channels) is cut alone to the hardware-friendly size nearest each keep ratio, with
-the same calibration importance the search uses, and the student is scored on the search's held-out
-blocks, pruned exactly as the candidates are scored (reconstructed only when ``search.reconstruct``).
+the same calibration importance the search uses, and the student is scored on the search's scoring
+blocks (``search.score_on``), pruned exactly as the candidates are scored (reconstructed only when ``search.reconstruct``).
 Shapes are measured in memory, so a hidden width that transformers would refuse to save is still
 measured. The result explains the search's pick (a markdown table and a PNG plot next to the pruned
 student) and feeds its pre-score: a candidate's predicted score increase is the sum over axes of the
@@ -85,7 +85,7 @@ class Sensitivity:
             "# Per-axis sensitivity",
             "",
             f"Held-out {self.score} when one axis alone is pruned ({how}; the search's calibration importance "
-            f"and held-out blocks). Teacher: {self.base:.4f}.",
+            f"and scoring blocks). Teacher: {self.base:.4f}.",
             "",
             f"| axis | keep ratio asked | keep ratio measured | shape | {self.score} | increase | seconds |",
             "|---|---:|---:|---|---:|---:|---:|",
@@ -110,7 +110,7 @@ class Sensitivity:
             if len(xs) > 1:
                 ax.plot(xs, ys, marker="o", label=axis)
         ax.set_xlabel("fraction kept on the axis")
-        ax.set_ylabel(f"held-out {self.score} increase over the teacher")
+        ax.set_ylabel(f"{self.score} increase over the teacher")
         ax.set_title("Per-axis sensitivity (one axis pruned alone)")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
@@ -186,7 +186,7 @@ def measure_sensitivity(
 ) -> Sensitivity:
     """Prune each axis alone with ``build(shape, reconstruct)`` and score it with ``score_fn``.
 
-    ``base`` is the teacher's own score on the same blocks (its held-out loss, or 0 for KL).
+    ``base`` is the teacher's own score on the same blocks (its loss on them, or 0 for KL).
     """
     result = Sensitivity(base=base, score=score, reconstructed=reconstruct)
     for axis, r, shape in sensitivity_shapes(teacher_shape, ratios, multiple_of, min_layers=min_layers):

@@ -9,8 +9,9 @@ They are enumerated lazily from the closed-form parameter count (:class:`ShapeSp
 axes whose size lies in ``[budget * (1 - tolerance), budget]``, single-axis shapes included. A cheap
 pre-score (the per-axis sensitivity model, or balanced pruning when sensitivity is off) orders them;
 the ``max_candidates`` best plus the best of every axis family (depth-only, heads-only, MLP-only,
-hidden-only, mix) are pruned and scored on held-out data, and the best eligible one wins. The rank
-correlation between pre-score and score is recorded, so the pre-score is measured, not assumed.
+hidden-only, mix) are pruned and scored on blocks that no calibration step sees (``search.score_on``),
+and the best eligible one wins. The rank correlation between pre-score and score is recorded, so the
+pre-score is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 SHAPE_TARGET_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 SCORES = ("loss", "kl")
+ScoreSet = Literal["train_tail", "heldout"]
+SCORE_SETS = get_args(ScoreSet)
 
 
 class TargetError(MinidistillError, ValueError):
@@ -101,9 +104,14 @@ class SearchConfig(ConfigBase):
     max_candidates: int = 6
     """Candidates pruned and scored (after the cheap pre-ranking)."""
     score: str = "loss"
-    """``loss``: held-out LM loss of the candidate; ``kl``: KL(teacher || candidate) per token."""
+    """``loss``: LM loss of the candidate on the scoring blocks; ``kl``: KL(teacher || candidate) per token."""
     score_blocks: int = 4
-    """Held-out blocks used to score each candidate."""
+    """Blocks used to score each candidate (see ``score_on``)."""
+    score_on: ScoreSet = "train_tail"
+    """Which blocks score candidates: ``train_tail``, the last ``score_blocks`` of ``data.train`` (with
+    ``data.mix``, a seeded interleave of every source; disjoint from the calibration and short-distillation
+    blocks, which come first) or ``heldout``, the first ``score_blocks`` of ``data.heldout`` (``data.source``
+    only, and the same documents the report publishes, so the pick fits them)."""
     batch_size: int = 4
     """Blocks per forward when scoring."""
     chunk_tokens: int = 2048
@@ -114,7 +122,7 @@ class SearchConfig(ConfigBase):
     """Single-axis shapes (depth-only, MLP-only, heads-only, hidden-only) that cannot land inside the band
     are scored anyway (the nearest on each side); one within this fraction of the budget outside the band may win."""
     sensitivity: bool = True
-    """Measure per-axis sensitivity (held-out score when one axis alone is pruned) and pre-score candidates by it."""
+    """Measure per-axis sensitivity (the score when one axis alone is pruned) and pre-score candidates by it."""
     sensitivity_reconstruct: bool | None = None
     """Re-fit each sensitivity shape before scoring it (None: as ``reconstruct``). The re-fit is the
     costly part; off keeps sensitivity to a few forwards while candidates are still scored re-fitted."""
@@ -140,6 +148,8 @@ class SearchConfig(ConfigBase):
             raise ConfigError(f"search.max_layer_drop={self.max_layer_drop}: must be in [0, 1)")
         if self.max_candidates < 1:
             raise ConfigError(f"search.max_candidates={self.max_candidates}: must be >= 1")
+        if self.score_on not in SCORE_SETS:
+            raise ConfigError(f"search.score_on={self.score_on!r}: choose one of {list(SCORE_SETS)}")
         if self.score not in SCORES:
             raise ConfigError(f"search.score={self.score!r}: choose one of {list(SCORES)}")
         for key in ("score_blocks", "batch_size", "chunk_tokens", "distill_candidates", "distill_batch_size"):
@@ -729,11 +739,11 @@ class SearchResult:
 
 
 ScoreFn = Callable[[nn.Module], float]
-"""``student -> score`` on the held-out blocks (lower is better)."""
+"""``student -> score`` on the search's scoring blocks (lower is better)."""
 
 
 def make_score_fn(teacher: nn.Module, heldout: Sequence[torch.Tensor], search: SearchConfig) -> ScoreFn:
-    """The search's score: held-out LM loss, or KL to the teacher (its hidden states computed once)."""
+    """The search's score: LM loss on the scoring blocks, or KL to the teacher (its hidden states computed once)."""
     if search.score == "kl":
         teacher_hidden = teacher_hidden_states(teacher, heldout)
         return lambda student: kl_to_teacher(student, teacher, teacher_hidden, heldout, chunk_tokens=search.chunk_tokens)
