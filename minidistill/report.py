@@ -188,7 +188,7 @@ def search_view(metrics: dict[str, Any]) -> dict[str, Any] | None:
     Points are the candidate rows with ``params`` and the search score (``search.score``: ``loss`` or
     ``kl``); ``distilled`` holds the score after the short distillation when candidates were ranked
     that way. The teacher's point needs its parameter count (``params / fraction`` of any row) and its
-    score on the same held-out blocks: 0 for ``kl``, the sensitivity measurement's ``base`` for
+    score on the same scoring blocks: 0 for ``kl``, the sensitivity measurement's ``base`` for
     ``loss`` (None when the search did not measure it).
     """
     rows = metrics.get("candidates") or []
@@ -239,7 +239,7 @@ def plot_candidates(view: dict[str, Any], path: str | Path) -> Path:
         ax.scatter([t["params"] / 1e6], [t["y"]], marker="D", s=50, color="black", zorder=3, label="teacher")
         ax.axhline(t["y"], color="black", linestyle=":", linewidth=1)
     ax.set_xlabel(f"{view['x_label']} (millions)")
-    ax.set_ylabel(f"held-out {view['score']} (lower is better)")
+    ax.set_ylabel(f"search {view['score']} (lower is better)")
     ax.set_title("budget search candidates")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -397,7 +397,7 @@ def _pruning_section(pruning: dict[str, Any]) -> list[str]:
     if points:
         how = "re-fitted" if sensitivity.get("reconstructed") else "no re-fit"
         score = sensitivity.get("score", "loss")
-        out += [f"Per-axis sensitivity: held-out {score} with one axis pruned alone ({how}; teacher "
+        out += [f"Per-axis sensitivity: search {score} with one axis pruned alone ({how}; teacher "
                 f"{_fmt(sensitivity.get('base'), 4)}):", ""]
         rows = [[p["axis"], _fmt(p["keep"], 3), _shape_label(p["shape"]), _fmt(p["score"], 4), f"{p['increase']:+.4f}"]
                 for p in points]

@@ -435,6 +435,7 @@ def _search(
     timings["winner_reconstruction_s"] = time.perf_counter() - t0
     pmap.notes["search"] = {
         "budget": budget, "non_embedding": cfg.target.non_embedding, "score": search.score,
+        "scored_on": f"{search.score_on} ({search.score_blocks} blocks)",
         "prescore": "sensitivity" if sens is not None else "balance",
         "prescore_spearman": result.prescore_spearman,
         "in_band": selection.in_band, "per_family": selection.per_family,
