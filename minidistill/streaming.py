@@ -17,6 +17,11 @@ Sharding over ``W`` processes: by file when every source has at least ``W`` file
 ``r, r + W, ...``), else by block (every rank reads the whole stream and keeps blocks ``i`` with
 ``i % W == r``; each rank then reads and tokenizes the whole stream). The held-out set is the first ``data.heldout_documents`` documents of ``data.source``
 (never trained on), packed in memory like the non-streaming path.
+
+Resuming: :meth:`TokenStream.resumable_blocks` gives each block with a :class:`StreamCursor` (per source the
+file and document reached, the mixer's draws, the blocks packed, and the document the block split with the
+tokens of it already packed). Continuing from a cursor yields exactly the blocks that followed it; files
+before the cursor are not opened and no consumed document is tokenized again.
 """
 
 from __future__ import annotations
@@ -186,55 +191,162 @@ class TokenStream:
         """``files`` when every source has at least ``world`` files, else ``blocks``."""
         return "files" if world > 1 and all(len(s.files) >= world for s in self.sources) else "blocks"
 
-    def _documents(self, index: int, rank: int, world: int) -> Iterator[str]:
+    def _files(self, index: int, rank: int, world: int) -> list[tuple[int, Path]]:
+        """``(file index, path)`` of the files source ``index`` gives rank ``rank``, in reading order."""
+        files = list(enumerate(self.sources[index].files))
+        return files[rank::world] if self.sharding(world) == "files" else files
+
+    def _texts(self, index: int, rank: int, world: int, file: int, doc: int) -> Iterator[tuple[int, int, str]]:
+        """``(file, doc, text)`` of source ``index`` from document ``doc`` of the rank's file ``file`` on, endlessly
+        (passes restart at the first file); ``file`` indexes the rank's files, ``doc`` counts training documents."""
         src = self.sources[index]
-        files = list(enumerate(src.files))
-        if self.sharding(world) == "files":
-            files = files[rank::world]
+        files = self._files(index, rank, world)
         column = "text" if src.builder == "text" else self.cfg.text_column
+        fresh = file == 0 and doc == 0
         while True:
             count = 0
-            for file_index, path in files:
+            for f in range(file, len(files)):
+                file_index, path = files[f]
+                first = doc if f == file else 0
                 skip = self.heldout_cut.get(file_index, 0) if index == 0 else 0
-                for text in iter_documents(path, src.builder, column, skip=skip):
+                for j, text in enumerate(iter_documents(path, src.builder, column, skip=skip + first)):
                     count += 1
-                    yield text
-            if count == 0:
+                    yield f, first + j, text
+            if count == 0 and fresh:
                 share = f"rank {rank} of {world}: its files {[str(p) for _, p in files]}" if self.sharding(world) == "files" else "its files"
                 raise DataError(
                     f"data source {src.name!r}, {share} hold no non-empty training document"
                     + (" beyond the held-out ones; lower data.heldout_documents or add text" if index == 0 else "; add text")
                     + (f" (sharding by file needs {world} files with text)" if self.sharding(world) == "files" else "")
                 )
+            file, doc, fresh = 0, 0, True
 
-    def _tokenized(self, docs: Iterator[str]) -> Iterator[list[int]]:
+    def _encode(self, texts: list[str]) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id
+        return [ids + [eos] if eos is not None else ids for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _tokenized(self, texts: Iterator[tuple[int, int, str]]) -> Iterator[tuple[int, int, list[int]]]:
+        """``(file, doc, token ids + EOS)``, tokenizing ``_TOKENIZE_BATCH`` documents per tokenizer call."""
         while True:
-            batch = list(itertools.islice(docs, _TOKENIZE_BATCH))
+            batch = list(itertools.islice(texts, _TOKENIZE_BATCH))
             if not batch:
                 return
-            for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]:
-                yield ids + [eos] if eos is not None else ids
+            for (f, d, _), ids in zip(batch, self._encode([t for _, _, t in batch])):
+                yield f, d, ids
 
-    def _mixed(self, rank: int, world: int) -> Iterator[list[int]]:
-        streams = [self._tokenized(self._documents(i, rank, world)) for i in range(len(self.sources))]
+    def _mixed(self, rank: int, world: int, cursor: StreamCursor | None = None) -> Iterator[list[int]]:
+        """The rank's tokenized documents of every source, interleaved by the seeded source draws."""
+        for _, _, _, ids in self._drawn(rank, world, cursor or StreamCursor.start(len(self.sources))):
+            yield ids
+
+    def _drawn(self, rank: int, world: int, cursor: StreamCursor) -> Iterator[tuple[int, int, int, list[int]]]:
+        """``(source, file, doc, token ids)`` from ``cursor`` on; ``cursor`` is advanced past each document as it is given."""
+        streams = [self._tokenized(self._texts(i, rank, world, cursor.files[i], cursor.docs[i])) for i in range(len(self.sources))]
         if len(streams) == 1:
-            yield from streams[0]
-            return
+            choices: Iterator[int] = itertools.repeat(0)
+        else:
+            choices = self._choices(rank, world, cursor.draws)
+        for choice in choices:
+            f, d, ids = next(streams[choice])
+            cursor.files[choice], cursor.docs[choice] = f, d + 1
+            cursor.draws += len(streams) > 1
+            yield choice, f, d, ids
+
+    def _choices(self, rank: int, world: int, skip: int) -> Iterator[int]:
+        """The seeded source draws after the first ``skip`` (drawn again, without reading any data)."""
         weights = torch.tensor([s.weight for s in self.sources], dtype=torch.float64)
         seed = self.cfg.seed + (7919 * rank if self.sharding(world) == "files" else 0)
         gen = torch.Generator().manual_seed(seed)
+        for _ in range(skip // _MIX_DRAWS):
+            torch.multinomial(weights, _MIX_DRAWS, replacement=True, generator=gen)
+        offset = skip % _MIX_DRAWS
         while True:
-            for choice in torch.multinomial(weights, _MIX_DRAWS, replacement=True, generator=gen).tolist():
-                yield next(streams[choice])
+            yield from torch.multinomial(weights, _MIX_DRAWS, replacement=True, generator=gen).tolist()[offset:]
+            offset = 0
+
+    def _document(self, index: int, rank: int, world: int, file: int, doc: int) -> list[int]:
+        """The token ids of one training document (the one a cursor's ``rest`` names)."""
+        _, _, text = next(self._texts(index, rank, world, file, doc))
+        return self._encode([text])[0]
 
     def blocks(self, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Rank ``rank``'s blocks ``(input_ids, position_ids)`` (LongTensors [seq_len]), endlessly and in a fixed order."""
+        for ids, pos, _ in self.resumable_blocks(rank, world):
+            yield ids, pos
+
+    def resumable_blocks(
+        self, rank: int = 0, world: int = 1, cursor: StreamCursor | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, StreamCursor]]:
+        """Rank ``rank``'s blocks from ``cursor`` on (None: the start), each with the cursor just after it.
+
+        Continuing from a block's cursor gives exactly the blocks that follow it, without reading the
+        documents before it again (beyond skipping rows of the file it stands in) or tokenizing them.
+        """
+        cur = StreamCursor.start(len(self.sources)) if cursor is None else cursor.copy()
+        if len(cur.files) != len(self.sources):
+            raise ConfigError(f"the stream cursor is for {len(cur.files)} source(s) but data names {len(self.sources)}; "
+                              "resume with the data.source / data.mix of the checkpoint's run")
         by_block = self.sharding(world) == "blocks"
-        for i, (ids, pos) in enumerate(pack_documents(self._mixed(rank, world), self.seq_len)):
-            if by_block and i % world != rank:
-                continue
-            yield torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+        pending = None
+        if cur.rest is not None:
+            s, f, d, offset = cur.rest
+            pending = (s, f, d, self._document(s, rank, world, f, d), offset)
+        docs = self._drawn(rank, world, cur)
+        ids: list[int] = []
+        pos: list[int] = []
+        while True:
+            if pending is None:
+                s, f, d, doc = next(docs)
+                start = 0
+            else:
+                (s, f, d, doc, start), pending = pending, None
+            while start < len(doc):
+                take = min(self.seq_len - len(ids), len(doc) - start)
+                ids.extend(doc[start : start + take])
+                pos.extend(range(take))
+                start += take
+                if len(ids) == self.seq_len:
+                    index = cur.packed
+                    cur.packed += 1
+                    cur.rest = [s, f, d, start] if start < len(doc) else None
+                    if not by_block or index % world == rank:
+                        yield torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), cur.copy()
+                    ids, pos = [], []
+
+
+@dataclass
+class StreamCursor:
+    """Where a rank's stream stands after a block: enough to continue it exactly (JSON-serialisable)."""
+
+    files: list[int]
+    """Per source: the rank's file (index into its files) holding the next document."""
+    docs: list[int]
+    """Per source: training documents of that file already taken."""
+    draws: int = 0
+    """Source choices the mixer has made."""
+    packed: int = 0
+    """Blocks packed so far (every rank's, under block sharding)."""
+    rest: list[int] | None = None
+    """``[source, file, doc, offset]``: the document split by the last block and the tokens of it already packed."""
+
+    @classmethod
+    def start(cls, num_sources: int) -> StreamCursor:
+        return cls(files=[0] * num_sources, docs=[0] * num_sources)
+
+    def copy(self) -> StreamCursor:
+        return StreamCursor(list(self.files), list(self.docs), self.draws, self.packed, None if self.rest is None else list(self.rest))
+
+    def to_dict(self) -> dict:
+        return {"files": list(self.files), "docs": list(self.docs), "draws": self.draws, "packed": self.packed, "rest": self.rest}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> StreamCursor:
+        try:
+            rest = state["rest"]
+            return cls([int(x) for x in state["files"]], [int(x) for x in state["docs"]], int(state["draws"]),
+                       int(state["packed"]), None if rest is None else [int(x) for x in rest])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"the checkpoint's stream cursor is malformed ({e}); resume from another checkpoint") from None
 
 
 def _heldout(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: StreamSource) -> tuple[TokenBlocks, dict[int, int]]:

@@ -20,7 +20,7 @@ from conftest import tiny_model
 
 from minidistill.config import ConfigError
 from minidistill.data import DataConfig, DataError, build_text_data, check_data_source
-from minidistill.streaming import TokenStream, build_streaming_data, pack_documents, packed_positions, stream_sources
+from minidistill.streaming import StreamCursor, TokenStream, build_streaming_data, pack_documents, packed_positions, stream_sources
 from minidistill.training.loop import Distiller
 from minidistill.training.sampler import ResumableBlockSampler, StreamingBlockSampler
 
@@ -228,7 +228,7 @@ def test_streaming_resume_sees_the_batches_of_an_uninterrupted_run(tmp_path, mon
     part = _distiller(tmp_path / "part", data, monkeypatch)
     part.train_cfg.max_steps = 2  # stops early on the 4-step schedule
     part.run()
-    assert part.sampler.state_dict()["stream_blocks"] == 8
+    assert part.sampler.state_dict()["stream_blocks"] == 8 and len(part.sampler.state_dict()["stream_cursor"]) == 1
     resumed = _distiller(tmp_path / "part", data, monkeypatch)
     resumed.run(resume=tmp_path / "part" / "checkpoints" / "step-00000002")
     assert _records(tmp_path / "part") == _records(tmp_path / "full")
@@ -236,6 +236,78 @@ def test_streaming_resume_sees_the_batches_of_an_uninterrupted_run(tmp_path, mon
     for (name, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert full.sampler.blocks_taken == 16 > len(data.train)  # read from the stream, not the in-memory sample
+
+
+class CountingTokenizer(ByteTokenizer):
+    """ByteTokenizer that counts the documents it tokenizes."""
+
+    def __init__(self):
+        self.documents = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        self.documents += len(texts)
+        return super().__call__(texts, add_special_tokens)
+
+
+@pytest.mark.parametrize("layout", ["mix", "block_sharding", "file_sharding"])
+def test_stream_cursor_continues_exactly_without_tokenizing_the_consumed_documents(tmp_path, layout):
+    if layout == "file_sharding":
+        for i in range(4):
+            _write_txt(tmp_path / f"part-{i}.txt", _docs(f"f{i}-", 25, seed=i))
+        cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=3, sample_blocks=1)
+    else:
+        _write_txt(tmp_path / "a.txt", _docs("a", 60))
+        _write_txt(tmp_path / "b.txt", _docs("b", 40, seed=3))
+        mix = {"mix": [str(tmp_path / "b.txt")], "mix_weights": [2.0, 1.0]} if layout == "mix" else {}
+        cfg = DataConfig(source=str(tmp_path / "a.txt"), seq_len=16, streaming=True, heldout_documents=5, sample_blocks=1, **mix)
+    rank, world = (0, 1) if layout == "mix" else (1, 2)
+    stream = build_streaming_data(cfg, TOK).stream
+    assert stream.sharding(world) == {"mix": "blocks", "block_sharding": "blocks", "file_sharding": "files"}[layout]
+    counting = CountingTokenizer()
+    stream.tokenizer = counting
+    full, tokenized = [], []  # the uninterrupted stream, several passes over every file
+    for block in itertools.islice(stream.resumable_blocks(rank, world), 1460):
+        full.append(block)
+        tokenized.append(counting.documents)
+    assert any(c.rest is not None for _, _, c in full) and any(c.rest is None for _, _, c in full)
+    bound = 64 * (len(stream.sources) + 1) + 1  # a tokenizer batch per source, and the document split by the cut
+    assert tokenized[1400] > 2 * bound  # what a replay to block 1400 tokenizes
+    for cut in (0, 3, 77, 1400):
+        cursor = StreamCursor.from_dict(json.loads(json.dumps(full[cut][2].to_dict())))  # as a checkpoint stores it
+        counting.documents = 0
+        resumed = _take(stream.resumable_blocks(rank, world, cursor), 40)
+        for (a_ids, a_pos, a_cur), (b_ids, b_pos, b_cur) in zip(full[cut + 1 : cut + 41], resumed, strict=True):
+            assert torch.equal(a_ids, b_ids) and torch.equal(a_pos, b_pos) and a_cur == b_cur
+        assert counting.documents <= bound, (cut, counting.documents)
+    with pytest.raises(ConfigError, match="stream cursor is malformed"):
+        StreamCursor.from_dict({"files": [0]})
+
+
+def test_streaming_sampler_resumes_from_its_cursor_and_from_a_cursorless_checkpoint(tmp_path):
+    _write_txt(tmp_path / "a.txt", _docs("a", 80))
+    _write_txt(tmp_path / "b.txt", _docs("b", 80, seed=4))
+    cfg = DataConfig(source=str(tmp_path / "a.txt"), mix=[str(tmp_path / "b.txt")], seq_len=16, streaming=True,
+                     heldout_documents=5, sample_blocks=1)
+    stream = build_streaming_data(cfg, TOK).stream
+    ref = StreamingBlockSampler(stream, 3)
+    for _ in range(5):
+        ref.next_batch()
+    state = json.loads(json.dumps(ref.state_dict()))
+    assert state["stream_blocks"] == 15 and len(state["stream_cursor"]) == 1
+    after = [ref.next_batch() for _ in range(3)]
+    cursorless = {k: v for k, v in state.items() if k != "stream_cursor"}  # written before cursors existed: replayed
+    for saved in (state, cursorless):
+        s = StreamingBlockSampler(stream, 3)
+        s.load_state_dict(saved)
+        assert (s.cursor is None) == (saved is cursorless)
+        for want in after:
+            got = s.next_batch()
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    other = _write_txt(tmp_path / "c.txt", _docs("c", 80, seed=5))
+    moved = build_streaming_data(DataConfig(source=cfg.source, mix=[str(other)], seq_len=16, streaming=True,
+                                            heldout_documents=5, sample_blocks=1), TOK).stream
+    with pytest.raises(ConfigError, match="same data.source / data.mix files"):
+        StreamingBlockSampler(moved, 3).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -291,6 +363,7 @@ def test_a_whole_pass_over_a_large_file_keeps_memory_flat(tmp_path):
 # ---------------------------------------------------------------------------------------------- two processes
 
 _TWO_PROCESS_SCRIPT = """
+import json
 import sys
 from pathlib import Path
 
@@ -305,15 +378,26 @@ from minidistill.data import DataConfig, build_text_data
 
 data = build_text_data(DataConfig(source=sys.argv[2], seq_len=16, streaming=True, heldout_documents=20, sample_blocks=4), TOK)
 test_train_loop._data = lambda: data
-d = test_train_loop.make_distiller(Path(sys.argv[1]), loss={{"hidden": {{"weight": 1.0}}}}, eval={{"max_blocks": 2}})
-d.run()
+make = lambda: test_train_loop.make_distiller(Path(sys.argv[1]), loss={{"hidden": {{"weight": 1.0}}}}, eval={{"max_blocks": 2}})
+d = make()
+if len(sys.argv) > 3:  # stop after 2 of the 4 steps, then resume from that checkpoint through the stream cursors
+    d.train_cfg.max_steps = 2
+    d.run()
+    ckpt = Path(sys.argv[1]) / "checkpoints" / "step-00000002"
+    state = json.loads((ckpt / "trainer_state.json").read_text())["data_position"]
+    assert len(state["stream_cursor"]) == d.accelerator.num_processes, state
+    d = make()
+    d.run(resume=ckpt)
+else:
+    d.run()
 assert d.sampler.stream.sharding(d.accelerator.num_processes) == "blocks"
 """
 
 
 @pytest.mark.slow
 def test_two_processes_read_disjoint_blocks_and_reproduce_the_one_process_run(tmp_path):
-    """accelerate launch, 2 CPU processes (DDP): each reads its half of the stream; the losses are one process's."""
+    """accelerate launch, 2 CPU processes (DDP): each reads its half of the stream; the losses are one process's,
+    and a 2-process run stopped after 2 steps and resumed has the uninterrupted 2-process losses."""
     tests = Path(__file__).resolve().parent
     script = tmp_path / "stream_distill.py"
     script.write_text(_TWO_PROCESS_SCRIPT.format(tests=str(tests)))
@@ -327,10 +411,12 @@ def test_two_processes_read_disjoint_blocks_and_reproduce_the_one_process_run(tm
         port = str(s.getsockname()[1])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
-    for cmd, run in (([sys.executable], "one"), (launch, "two")):
-        proc = subprocess.run([*cmd, str(script), str(tmp_path / run), str(src)], env=env, capture_output=True, text=True, timeout=600)
+    for cmd, run, extra in (([sys.executable], "one", []), (launch, "two", []), (launch, "two_resumed", ["resume"])):
+        proc = subprocess.run([*cmd, str(script), str(tmp_path / run), str(src), *extra], env=env, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (_records(tmp_path / run) for run in ("one", "two"))
+    one, two, resumed = (_records(tmp_path / run) for run in ("one", "two", "two_resumed"))
     assert [r[0] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two, strict=True):
         assert b[1:] == pytest.approx(a[1:], rel=5e-5)
+    assert resumed == two  # each rank continued from its own cursor

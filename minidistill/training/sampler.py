@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from ..config import ConfigError
-
-if TYPE_CHECKING:
-    from ..streaming import TokenStream
+from ..streaming import StreamCursor, TokenStream
 
 STREAM_KEY = "stream_blocks"
+CURSOR_KEY = "stream_cursor"
 
 
 @dataclass
@@ -88,9 +87,11 @@ class ResumableBlockSampler:
 class StreamingBlockSampler:
     """Micro-batches of packed blocks from a :class:`~minidistill.streaming.TokenStream` for one rank.
 
-    The position is the number of blocks this rank has taken. The stream is a fixed sequence (seeded mixing,
-    files in order), so resuming replays it and skips that many blocks: the batches after a resume are those
-    of an uninterrupted run. Replaying re-reads and re-tokenizes the consumed part of the stream.
+    The position is the count of blocks taken and the stream cursor after the last block each rank took
+    (gathered into the main process's checkpoint). Resuming continues the stream from this rank's cursor,
+    so the batches after a resume are those of an uninterrupted run, and no consumed document is
+    tokenized again. A checkpoint without cursors (written before they existed) is resumed by replaying
+    the stream and skipping the blocks taken.
     With block sharding the global micro-batch of step ``k`` holds the stream's blocks
     ``[k * B * W, (k + 1) * B * W)`` for any number of processes ``W`` (``B`` blocks per process).
     """
@@ -101,22 +102,35 @@ class StreamingBlockSampler:
         self.num_replicas = num_replicas
         self.rank = rank
         self.blocks_taken = 0
+        self.cursor: StreamCursor | None = None
+        """The stream cursor after the last block taken (None: none taken, or a replay is pending)."""
+        self._replay = 0
         self._blocks = None
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next ``(input_ids, position_ids)``, LongTensors [micro_batch_size, seq_len]; advances the position."""
         if self._blocks is None:
-            self._blocks = self.stream.blocks(self.rank, self.num_replicas)
-            for _ in itertools.islice(self._blocks, self.blocks_taken):
+            self._blocks = self.stream.resumable_blocks(self.rank, self.num_replicas, self.cursor)
+            for _ in itertools.islice(self._blocks, self._replay):
                 pass
+            self._replay = 0
         rows = list(itertools.islice(self._blocks, self.micro_batch_size))
         self.blocks_taken += len(rows)
-        return torch.stack([ids for ids, _ in rows]), torch.stack([pos for _, pos in rows])
+        self.cursor = rows[-1][2]
+        return torch.stack([ids for ids, _, _ in rows]), torch.stack([pos for _, pos, _ in rows])
 
-    def state_dict(self) -> dict[str, int | str]:
-        return {STREAM_KEY: self.blocks_taken, "num_replicas": self.num_replicas, "sharding": self.stream.sharding(self.num_replicas)}
+    def state_dict(self) -> dict:
+        state = {STREAM_KEY: self.blocks_taken, "num_replicas": self.num_replicas, "sharding": self.stream.sharding(self.num_replicas),
+                 "files": [[str(p) for p in s.files] for s in self.stream.sources]}
+        cursors = [None if self.cursor is None else self.cursor.to_dict()]
+        if self.num_replicas > 1 and dist.is_available() and dist.is_initialized():  # every rank calls this (checkpoints are collective)
+            cursors = [None] * self.num_replicas
+            dist.all_gather_object(cursors, None if self.cursor is None else self.cursor.to_dict())
+        if len(cursors) == self.num_replicas and any(c is not None for c in cursors):
+            state[CURSOR_KEY] = cursors
+        return state
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if STREAM_KEY not in state:
             raise ConfigError("the checkpoint was written by a run without data.streaming; resume it with data.streaming=false")
         if int(state["num_replicas"]) != self.num_replicas:
@@ -124,5 +138,16 @@ class StreamingBlockSampler:
                 f"the checkpoint's stream position is for {state['num_replicas']} process(es) but this run has "
                 f"{self.num_replicas}; resume a streaming run with the same number of processes"
             )
+        files = [[str(p) for p in s.files] for s in self.stream.sources]
+        if "files" in state and state["files"] != files:
+            raise ConfigError(
+                f"the checkpoint's stream read the files {state['files']}, this run reads {files}; resume with the "
+                "same data.source / data.mix files (or start a new run)"
+            )
         self.blocks_taken = int(state[STREAM_KEY])
+        cursors = state.get(CURSOR_KEY)
+        if cursors is not None and len(cursors) == self.num_replicas and cursors[self.rank] is not None:
+            self.cursor, self._replay = StreamCursor.from_dict(cursors[self.rank]), 0
+        else:
+            self.cursor, self._replay = None, self.blocks_taken
         self._blocks = None
