@@ -15,8 +15,10 @@ a document boundary (eager and SDPA attention alike; no 4D mask is built here).
 
 Sharding over ``W`` processes: by file when every source has at least ``W`` files (rank ``r`` reads files
 ``r, r + W, ...``), else by block (every rank reads the whole stream and keeps blocks ``i`` with
-``i % W == r``; each rank then reads and tokenizes the whole stream). The held-out set is the first ``data.heldout_documents`` documents of ``data.source``
-(never trained on), packed in memory like the non-streaming path.
+``i % W == r``; each rank then reads and tokenizes the whole stream). Each source's first
+``data.heldout_documents`` documents are its held-out set (never trained on), packed in memory like the
+non-streaming path: ``data.source``'s is ``TextData.heldout``, each ``data.mix`` source's is in
+``TextData.extra_heldout``, so the report scores every domain the student trains on.
 
 Resuming: :meth:`TokenStream.resumable_blocks` gives each block with a :class:`StreamCursor` (per source the
 file and document reached, the mixer's draws, the blocks packed, and the document the block split with the
@@ -179,12 +181,13 @@ def packed_positions(models: Iterable[nn.Module], position_ids: torch.Tensor):
 class TokenStream:
     """The endless, deterministic stream of packed blocks of some sources; :meth:`blocks` gives one rank's share."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, sources: list[StreamSource], heldout_cut: dict[int, int]):
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, sources: list[StreamSource],
+                 heldout_cuts: list[dict[int, int]]):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.sources = sources
-        self.heldout_cut = heldout_cut
-        """Documents skipped at the start of each file of ``data.source`` (by file index): the held-out set."""
+        self.heldout_cuts = heldout_cuts
+        """Per source, documents skipped at the start of each of its files (by file index): its held-out set."""
         self.seq_len = cfg.seq_len
 
     def sharding(self, world: int) -> str:
@@ -208,7 +211,7 @@ class TokenStream:
             for f in range(file, len(files)):
                 file_index, path = files[f]
                 first = doc if f == file else 0
-                skip = self.heldout_cut.get(file_index, 0) if index == 0 else 0
+                skip = self.heldout_cuts[index].get(file_index, 0)
                 for j, text in enumerate(iter_documents(path, src.builder, column, skip=skip + first)):
                     count += 1
                     yield f, first + j, text
@@ -216,7 +219,7 @@ class TokenStream:
                 share = f"rank {rank} of {world}: its files {[str(p) for _, p in files]}" if self.sharding(world) == "files" else "its files"
                 raise DataError(
                     f"data source {src.name!r}, {share} hold no non-empty training document"
-                    + (" beyond the held-out ones; lower data.heldout_documents or add text" if index == 0 else "; add text")
+                    + " beyond the held-out ones; lower data.heldout_documents or add text"
                     + (f" (sharding by file needs {world} files with text)" if self.sharding(world) == "files" else "")
                 )
             file, doc, fresh = 0, 0, True
@@ -350,7 +353,7 @@ class StreamCursor:
 
 
 def _heldout(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: StreamSource) -> tuple[TokenBlocks, dict[int, int]]:
-    """The first ``data.heldout_documents`` documents of ``data.source`` packed like the in-memory path, and how
+    """The first ``data.heldout_documents`` documents of ``source`` packed like the in-memory path, and how
     many documents each file gives to them."""
     column = "text" if source.builder == "text" else cfg.text_column
     docs, cut = [], {}
@@ -374,21 +377,24 @@ def _heldout(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: Stream
 
 
 def build_streaming_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
-    """Streaming TextData: ``stream`` for training, an in-memory held-out set, and the stream's first
-    ``data.sample_blocks`` blocks as ``train`` (calibration and importance read them)."""
+    """Streaming TextData: ``stream`` for training, in-memory held-out sets (``heldout`` of ``data.source``,
+    ``extra_heldout`` of each ``data.mix`` source), and the stream's first ``data.sample_blocks`` blocks as
+    ``train`` (calibration and importance read them)."""
     cfg.validate()
     if not cfg.streaming:
         raise ConfigError("build_streaming_data needs data.streaming=true")
     sources = stream_sources(cfg)
-    heldout, cut = _heldout(cfg, tokenizer, sources[0])
-    stream = TokenStream(cfg, tokenizer, sources, cut)
+    held = [_heldout(cfg, tokenizer, source) for source in sources]
+    stream = TokenStream(cfg, tokenizer, sources, [cut for _, cut in held])
+    heldout = held[0][0]
     sample = [ids for ids, _ in itertools.islice(stream.blocks(), cfg.sample_blocks)]
     if not sample:
         raise DataError(f"{cfg.source}: the training stream holds less than one sequence of {cfg.seq_len} tokens; use more data")
-    data = TextData(train=TokenBlocks(torch.stack(sample)), heldout=heldout, config=cfg, stream=stream)
+    data = TextData(train=TokenBlocks(torch.stack(sample)), heldout=heldout, config=cfg, stream=stream,
+                    extra_heldout={source.name: blocks for source, (blocks, _) in zip(sources[1:], held[1:])})
     logger.info(
-        "streaming data %s: %s; %d held-out blocks of %d tokens from the first %d documents",
+        "streaming data %s: %s; held-out blocks of %d tokens from the first %d documents of each source: %s",
         cfg.source, ", ".join(f"{s.name} ({len(s.files)} file(s), weight {s.weight:g})" for s in sources),
-        len(heldout), cfg.seq_len, sum(cut.values()),
+        cfg.seq_len, cfg.heldout_documents, ", ".join(f"{s.name} {len(b)}" for s, (b, _) in zip(sources, held)),
     )
     return data

@@ -168,6 +168,23 @@ def test_weighted_mixing_is_seeded_and_follows_the_weights(tmp_path):
     assert abs(a.count("A") / len(a) - 0.75) < 0.04
 
 
+def test_every_mixed_source_has_its_own_held_out_documents_that_training_skips(tmp_path):
+    a_docs, b_docs = _docs("a", 40), _docs("b", 40, seed=3)
+    a, b = _write_txt(tmp_path / "a.txt", a_docs), _write_txt(tmp_path / "b.txt", b_docs)
+    data = build_text_data(DataConfig(source=str(a), mix=[str(b)], seq_len=16, streaming=True, heldout_documents=6,
+                                      sample_blocks=1), TOK)
+    for blocks, docs in ((data.heldout, a_docs), (data.extra_heldout[str(b)], b_docs)):
+        want = _flat(docs[:6])
+        assert blocks.input_ids.flatten().tolist() == want[: len(want) // 16 * 16]
+    first = {TOK(["a"])["input_ids"][0][0]: a_docs, TOK(["b"])["input_ids"][0][0]: b_docs}
+    trained = _take(data.stream._mixed(0, 1), 120)  # beyond one pass over each source
+    for docs in (a_docs, b_docs):
+        seen = [d for d in trained if first[d[0]] is docs]
+        assert seen[0] == _flat([docs[6]])  # training starts after the held-out documents
+        held = {tuple(_flat([d])) for d in docs[:6]}
+        assert not any(tuple(d) in held for d in seen)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
