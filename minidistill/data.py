@@ -72,9 +72,10 @@ class DataConfig(ConfigBase):
     """Streaming only: probabilities (any positive scale) of drawing the next document from ``source`` and each
     ``mix`` source, in that order; None: equal weights."""
     heldout_documents: int = 100
-    """Streaming only: the first N documents of ``source`` form the in-memory held-out set and are never trained on."""
-    sample_blocks: int = 64
-    """Streaming only: the stream's first N blocks are also kept in memory as ``TextData.train`` (calibration, importance)."""
+    """Streaming only: the first N documents of each source form its in-memory held-out set and are never trained on."""
+    sample_blocks: int = 128
+    """Streaming only: the stream's first N blocks are also kept in memory as ``TextData.train`` (calibration, and
+    the budget search's scoring blocks at the end: at least ``prune.calib_blocks + prune.search.score_blocks``)."""
 
     def validate(self) -> None:
         if self.seq_len < 2:

@@ -185,6 +185,23 @@ def test_every_mixed_source_has_its_own_held_out_documents_that_training_skips(t
         assert not any(tuple(d) in held for d in seen)
 
 
+def test_budget_search_runs_on_streaming_data_with_the_default_block_counts(tmp_path):
+    """data.sample_blocks' default holds prune.calib_blocks' default plus the search's scoring blocks."""
+    from test_prune_pipeline import prune_cfg
+
+    from minidistill.prune.pipeline import PruneConfig, prune_model
+    from minidistill.prune.targets import SearchConfig
+
+    _write_txt(tmp_path / "a.txt", _docs("a", 400))
+    data = build_text_data(DataConfig(source=str(tmp_path / "a.txt"), seq_len=16, streaming=True, heldout_documents=5), TOK)
+    calib, score = PruneConfig().calib_blocks, SearchConfig().score_blocks
+    assert len(data.train) >= calib + score
+    teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
+    res = prune_model(teacher, None, data, prune_cfg(target={"params": 0.6}, calib_blocks=calib,
+                                                     search={"score_blocks": score}), teacher_source="tiny")
+    assert res.prune_map.notes["search"]["scored_on"] == f"train_tail ({score} blocks)"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

@@ -221,8 +221,8 @@ def check_data(data: TextData, cfg: PruneConfig, *, searches: bool) -> None:
         raise DataError(
             f"prune.search.score_on=train_tail scores on the last {search.score_blocks} of data.train's "
             f"{len(data.train)} blocks, which must not overlap the first {cfg.calib_blocks} (calibration); "
-            f"lower prune.calib_blocks or prune.search.score_blocks, use more training text, "
-            f"or set prune.search.score_on=heldout")
+            f"lower prune.calib_blocks or prune.search.score_blocks, use more training text (with data.streaming, "
+            f"raise data.sample_blocks), or set prune.search.score_on=heldout")
 
 
 def scoring_blocks(data: TextData, search: SearchConfig) -> TokenBlocks:
@@ -396,8 +396,8 @@ def _search(
     search = cfg.search
     teacher_shape = space.teacher_shape
     t0 = time.perf_counter()
-    heldout = list(scoring_blocks(data, search).batches(search.batch_size))
-    score_fn = make_score_fn(teacher, heldout, search)
+    scoring = list(scoring_blocks(data, search).batches(search.batch_size))
+    score_fn = make_score_fn(teacher, scoring, search)
     sens, prescore, files = None, None, {}
     if search.sensitivity:
         base = 0.0 if search.score == "kl" else score_fn(teacher)
@@ -417,7 +417,7 @@ def _search(
     selection = select_candidates(space, budget, prescore)
     timings["enumerate_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = score_candidates(teacher, selection.candidates, build, heldout, search, full_params=full_params,
+    result = score_candidates(teacher, selection.candidates, build, scoring, search, full_params=full_params,
                               score_fn=score_fn)
     rows, student, pmap, reconstructed = result.rows, result.best_student, result.best_map, result.best_reconstructed
     timings["search_s"] = time.perf_counter() - t0

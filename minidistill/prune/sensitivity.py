@@ -3,7 +3,8 @@
 Each axis (``depth``: decoder layers, ``heads``: query heads / KV groups, ``mlp``: MLP neurons,
 ``hidden``: hidden channels) is cut alone to the hardware-friendly size nearest each keep ratio, with
 the same calibration importance the search uses, and the student is scored on the search's scoring
-blocks (``search.score_on``), pruned exactly as the candidates are scored (reconstructed only when ``search.reconstruct``).
+blocks (``search.score_on``), pruned exactly as the candidates are scored (reconstructed only when
+``search.reconstruct``).
 Shapes are measured in memory, so a hidden width that transformers would refuse to save is still
 measured. The result explains the search's pick (a markdown table and a PNG plot next to the pruned
 student) and feeds its pre-score: a candidate's predicted score increase is the sum over axes of the
@@ -84,7 +85,7 @@ class Sensitivity:
         lines = [
             "# Per-axis sensitivity",
             "",
-            f"Held-out {self.score} when one axis alone is pruned ({how}; the search's calibration importance "
+            f"Search {self.score} when one axis alone is pruned ({how}; the search's calibration importance "
             f"and scoring blocks). Teacher: {self.base:.4f}.",
             "",
             f"| axis | keep ratio asked | keep ratio measured | shape | {self.score} | increase | seconds |",
