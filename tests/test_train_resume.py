@@ -1,4 +1,5 @@
-"""SIGKILL in the middle of a recipe run, then ``--resume``: the loss curve equals an uninterrupted run's."""
+"""SIGKILL in the middle of a recipe run, then ``--resume``: the loss curve equals an uninterrupted run's
+(in-memory data, and a streamed local file)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+
+from minidistill.corpora import bundled_documents
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "prune_distill.py"
@@ -36,12 +39,20 @@ def _train_records(log: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, streaming):
     teacher = make_teacher_dir(tmp_path / "teacher")
     student = make_student_dir(teacher, tmp_path / "student")
+    data = {}
+    if streaming:  # a local text file read lazily; the resume continues from the checkpoint's stream cursor
+        corpus = tmp_path / "news.txt"
+        corpus.write_text("\n".join(" ".join(d.split()) for d in bundled_documents("news")[:80]) + "\n")
+        data = {"data.source": str(corpus), "data.streaming": "true", "data.max_documents": "null",
+                "data.heldout_documents": 10, "data.sample_blocks": 8}
     common = tiny_overrides(
         tmp_path / "runs", teacher, student,
-        **{"train.max_steps": 12, "train.save_every": 3, "loss.hidden.weight": 1.0, "loss.balance": "auto", "eval.every": 6},
+        **{"train.max_steps": 12, "train.save_every": 3, "loss.hidden.weight": 1.0, "loss.balance": "auto", "eval.every": 6,
+           **data},
     )
     cmd = [sys.executable, str(RECIPE), *common]
     full = subprocess.run([*cmd, "run_name=full"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -62,7 +73,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert (tmp_path / "runs" / "cut" / "checkpoints" / "step-00000003" / "trainer_state.json").is_file()
+    state = tmp_path / "runs" / "cut" / "checkpoints" / "step-00000003" / "trainer_state.json"
+    assert state.is_file()
+    assert ("stream_cursor" in json.loads(state.read_text())["data_position"]) == streaming
     assert not (tmp_path / "runs" / "cut" / "model").exists()
 
     resumed = subprocess.run([*cmd, "run_name=cut", "--resume"], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
