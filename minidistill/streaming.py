@@ -237,9 +237,9 @@ class TokenStream:
             for (f, d, _), ids in zip(batch, self._encode([t for _, _, t in batch])):
                 yield f, d, ids
 
-    def _mixed(self, rank: int, world: int, cursor: StreamCursor | None = None) -> Iterator[list[int]]:
-        """The rank's tokenized documents of every source, interleaved by the seeded source draws."""
-        for _, _, _, ids in self._drawn(rank, world, cursor or StreamCursor.start(len(self.sources))):
+    def _mixed(self, rank: int, world: int) -> Iterator[list[int]]:
+        """The rank's tokenized documents of every source from the start, interleaved by the seeded source draws."""
+        for _, _, _, ids in self._drawn(rank, world, StreamCursor.start(len(self.sources))):
             yield ids
 
     def _drawn(self, rank: int, world: int, cursor: StreamCursor) -> Iterator[tuple[int, int, int, list[int]]]:

@@ -63,16 +63,16 @@ def test_sensitivity_equals_pruning_each_axis_alone_via_the_explicit_shape(tmp_p
 
     res = prune_model(teacher, Tok(), data, cfg, teacher_source="tiny")
     notes = res.prune_map.notes["sensitivity"]
-    heldout = [data.train.input_ids[-cfg.search.score_blocks :]]  # search.score_on=train_tail
-    assert torch.equal(scoring_blocks(data, cfg.search).input_ids, heldout[0])
-    base = heldout_loss(teacher, heldout)["loss"]
+    scoring = [data.train.input_ids[-cfg.search.score_blocks :]]  # search.score_on=train_tail
+    assert torch.equal(scoring_blocks(data, cfg.search).input_ids, scoring[0])
+    base = heldout_loss(teacher, scoring)["loss"]
     assert math.isclose(notes["base"], base, rel_tol=1e-12) and notes["reconstructed"] is False
     axes = {p["axis"] for p in notes["points"]}
     assert axes == {"depth", "heads", "mlp", "hidden"} and len(notes["points"]) >= 6
     for p in notes["points"]:
         target = {k: p["shape"][k] for k in SHAPE_TARGET_KEYS if p["shape"][k] != res.prune_map.teacher["shape"][k]}
         ref = prune_model(teacher, None, data, prune_cfg(target=target), teacher_source="tiny")
-        want = heldout_loss(ref.student, heldout)["loss"]
+        want = heldout_loss(ref.student, scoring)["loss"]
         assert math.isclose(p["score"], want, rel_tol=1e-6), p
         assert math.isclose(p["increase"], want - base, rel_tol=1e-6, abs_tol=1e-9)
     table = (out / "sensitivity.md").read_text()
