@@ -14,9 +14,14 @@ blocks, and the offline lm-eval tasks ``minidistill_heldout_ppl`` / ``minidistil
 6. ``pruning``: pruning options before retraining: re-fit off / teacher / sequential at the searched
    shape, and depth-only at half the layers with each layer method.
 
+Training modes (``--groups modes``, their own table in ``bench/RESULTS.md``), equal tokens per trained model,
+from the same pruned student: one student with logit KD vs deep mutual learning (two peers, with the
+teacher and without it, against LM loss only).
+
     python bench/quality.py --write            # ~2 hours on 2 CPU cores; table into bench/RESULTS.md
     python bench/quality.py --groups pruning   # one comparison (the teacher row is always measured)
     python bench/quality.py --quick            # CI-sized run of every row (a few minutes)
+    python bench/quality.py --groups modes --write   # the training-modes table (~30 min)
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from results_file import write_section  # noqa: E402
 
 from minidistill.adapters import count_parameters, get_adapter  # noqa: E402
 from minidistill.data import DataConfig, TextData, build_text_data  # noqa: E402
+from minidistill.distill.mutual import MutualConfig, perturbed_copy  # noqa: E402
 from minidistill.distill.objective import DistillLossConfig  # noqa: E402
 from minidistill.evaluation.lm_eval_runner import LmEvalConfig, run_lm_eval  # noqa: E402
 from minidistill.evaluation.metrics import top1_agreement  # noqa: E402
@@ -81,6 +87,15 @@ SHAPE = "3. width vs depth (equal params)"
 INIT = "4. initialisation (equal tokens)"
 MATCH = f"5. {quality_match.GROUP}"
 PRUNING = "6. pruning options (no retraining)"
+MODES_SECTION = "## Quality study: training modes"
+MUTUAL = "mutual learning (equal tokens per model)"
+MUTUAL_RUNS = {
+    # name: (objective against the teacher, mutual settings); the peer is a copy of the student with 1% noise.
+    "mutual, 2 peers + teacher": ("logit KD", {"copies": 1, "noise": 0.01, "weight": 1.0, "teacher_weight": 1.0}),
+    # Zhang et al.'s loss, CE + KL to the other peer, and no teacher: compare with "LM loss only".
+    "mutual, 2 peers, no teacher": ("logit KD", {"copies": 1, "noise": 0.01, "weight": 2.0, "teacher_weight": 0.0,
+                                                 "ce_weight": 0.5}),
+}
 
 logger = logging.getLogger("bench.quality")
 
@@ -183,27 +198,35 @@ class Study:
 
         ``start_ppl``: ``student``'s held-out perplexity when already measured (else it is measured here).
         """
+        (trained, *_), tokens, seconds, start_ppl = self.distill_mutual(student, pmap, objective, name, None, start_ppl)
+        return trained, tokens, seconds, start_ppl
+
+    def distill_mutual(self, student, pmap, objective: str, name: str, mutual: dict | None, start_ppl: float | None = None):
+        """Like :meth:`distill`, with peers trained alongside when ``mutual`` is given; the first item is the list of
+        trained models (the student, then each peer)."""
         s = self.sizes
         if start_ppl is None:
             start_ppl = heldout_loss(student.eval(), self.heldout)["perplexity"]
         loss = DistillLossConfig.from_dict(OBJECTIVES[objective])
         train = TrainConfig(max_steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps,
                             schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
+        cfg = MutualConfig.from_dict(mutual) if mutual is not None else None
+        peers = [perturbed_copy(student, cfg.noise, seed=train.seed + i) for i in range(1, cfg.copies + 1)] if cfg else []
         distiller = Distiller(
             student=copy.deepcopy(student), teacher=self.teacher, data=self.data, prune_map=pmap, loss=loss, train=train,
             eval=EvalConfig(max_blocks=1, batch_size=s.batch_size), run_dir=self.work_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name),
-            config_dict={"objective": objective},
+            config_dict={"objective": objective, "mutual": mutual}, mutual=cfg, peers=peers, peer_prune_maps=[pmap] * len(peers),
         )
         result = distiller.run()
-        trained = result.accelerator.unwrap_model(result.module).student
+        module = result.accelerator.unwrap_model(result.module)
         shutil.rmtree(distiller.run_dir, ignore_errors=True)  # its checkpoint (weights + optimizer state)
-        return trained, result.tokens, result.seconds, start_ppl
+        return module.trainable_models(), result.tokens, result.seconds, start_ppl
 
     # ------------------------------------------------------------------ the comparisons
     def run(self, groups: list[str]) -> None:
         self.score("teacher", "teacher", self.teacher, tokens=0, seconds=0.0)
         for name in groups:
-            GROUPS[name](self)
+            {**GROUPS, **MODE_GROUPS}[name](self)
 
     def main_pruned(self):
         """(student, prune map, row) of the budget search's pick with activation importance, scored once.
@@ -289,6 +312,22 @@ class Study:
             self.score(PRUNING, f"depth only (half the layers), {method}", s, tokens=tokens, seconds=seconds)
             del s
 
+    def modes_group(self) -> None:
+        """One student against deep mutual learning, from the same pruned student, at equal tokens per model."""
+        student, pmap, pruned_row = self.main_pruned()
+        for objective in ("logit KD", "LM loss only"):
+            model, tokens, seconds, start = self.distill(student, pmap, objective, f"modes {objective}",
+                                                         start_ppl=pruned_row.perplexity)
+            self.score(MUTUAL, f"one student, {objective}", model, tokens=tokens, seconds=seconds, start_perplexity=start)
+            del model
+        for label, (objective, mutual) in MUTUAL_RUNS.items():
+            models, tokens, seconds, start = self.distill_mutual(student, pmap, objective, label, mutual,
+                                                                 start_ppl=pruned_row.perplexity)
+            for i, model in enumerate(models):
+                self.score(MUTUAL, f"{label}: {'student' if i == 0 else f'peer {i}'}", model, tokens=tokens,
+                           seconds=seconds, start_perplexity=start)
+            del models
+
     @staticmethod
     def random_init(student):
         """A model of ``student``'s config with freshly initialised weights (seed 0)."""
@@ -306,6 +345,8 @@ GROUPS = {
     "match": Study.match_group,
     "pruning": Study.pruning_group,
 }
+MODE_GROUPS = {"modes": Study.modes_group}
+"""Comparisons of training modes, written to their own section (``MODES_SECTION``)."""
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -321,10 +362,11 @@ def _metric(row: Row, task: str, metric: str) -> str:
 def render(study: Study, args, wall: float) -> str:
     s = study.sizes
     device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    modes = set(args.group_list) <= set(MODE_GROUPS)
     lines = [
-        SECTION,
+        MODES_SECTION if modes else SECTION,
         "",
-        f"`python bench/quality.py{' --quick' if args.quick else ''}` on {datetime.date.today().isoformat()}, {device}, "
+        f"`python bench/quality.py{' --quick' if args.quick else ''}{' --groups modes' if modes else ''}` on {datetime.date.today().isoformat()}, {device}, "
         f"torch {torch.__version__}, {wall / 60:.0f} min in all. Bundled teacher SmolLM2-135M-Instruct "
         f"({study.full_ne:,} non-embedding parameters), bundled corpus in blocks of {s.seq_len} tokens. Pruning: "
         f"{s.calib_blocks} calibration blocks, reconstruction on. Retraining: {s.steps} steps of {s.batch_size} x "
@@ -333,7 +375,9 @@ def render(study: Study, args, wall: float) -> str:
         f"`minidistill_heldout_ppl` word perplexity and `minidistill_lastword` accuracy, "
         f"{s.lm_eval_limit or 'all'} items each. Tokens and seconds: calibration (importance and reconstruction) "
         "for group 1, training for the others. Top-1 agreement: fraction of held-out positions where the model's "
-        "greedy next token is the teacher's. Rows repeated across comparisons are the same model.",
+        "greedy next token is the teacher's. Rows repeated across comparisons are the same model."
+        + (" Mutual learning rows: each peer trained on the same tokens as the one student; seconds are the whole "
+           "run's (all peers together)." if modes else ""),
         "",
         "| comparison | model | shape | non-emb. kept | tokens | seconds | ppl before retraining | held-out ppl "
         "| top-1 agreement | lm-eval word ppl | last-word acc |",
@@ -356,17 +400,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized run: tiny blocks, 2 steps, few lm-eval items")
     p.add_argument("--steps", type=int, help="retraining steps per row (default 32; 2 with --quick)")
     p.add_argument("--groups", default=",".join(GROUPS),
-                   help=f"comma-separated comparisons to run, of {', '.join(GROUPS)} (default: all)")
-    p.add_argument("--write", action="store_true", help="put the table into bench/RESULTS.md (all groups only)")
+                   help=f"comma-separated comparisons to run, of {', '.join([*GROUPS, *MODE_GROUPS])} (default: all but modes)")
+    p.add_argument("--write", action="store_true",
+                   help="put the table into bench/RESULTS.md (all groups, or modes alone into its own section)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
     p.add_argument("--work-dir", type=Path, help="folder for run files (default: a temporary folder)")
     args = p.parse_args(argv)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
-    unknown = [g for g in groups if g not in GROUPS]
+    unknown = [g for g in groups if g not in GROUPS and g not in MODE_GROUPS]
     if unknown or not groups:
-        p.error(f"--groups {args.groups!r}: choose from {', '.join(GROUPS)}")
-    if args.write and set(groups) != set(GROUPS):
-        p.error("--write replaces the whole study table; run every group (no --groups) to write it")
+        p.error(f"--groups {args.groups!r}: choose from {', '.join([*GROUPS, *MODE_GROUPS])}")
+    if args.write and set(groups) != set(GROUPS) and set(groups) != set(MODE_GROUPS):
+        p.error("--write replaces a whole table: run every study group (no --groups), or --groups modes alone")
+    args.group_list = groups
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
     sizes = Sizes.quick() if args.quick else Sizes()

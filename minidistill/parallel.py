@@ -236,11 +236,27 @@ def _register_head_as_external(root: nn.Module) -> None:
     """
     import deepspeed
 
-    model = _causal_lm(root)
-    adapter = get_adapter(model)
-    for path in (adapter.final_norm, adapter.lm_head):
-        for p in model.get_submodule(path).parameters():
-            deepspeed.zero.register_external_parameter(root, p)
+    for model in _causal_lms(root):  # the student, and each peer of a mutual learning run
+        adapter = get_adapter(model)
+        for path in (adapter.final_norm, adapter.lm_head):
+            for p in model.get_submodule(path).parameters():
+                deepspeed.zero.register_external_parameter(root, p)
+
+
+def _causal_lms(root: nn.Module) -> list[nn.Module]:
+    """Every outermost Hugging Face causal LM inside ``root`` (see :func:`_causal_lm`)."""
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in root.modules():
+        if id(module) in inside or getattr(getattr(module, "config", None), "model_type", None) is None:
+            continue
+        try:
+            module.get_submodule(get_adapter(module).layers)
+        except (AttributeError, ValueError):
+            continue
+        found.append(module)
+        inside.update(id(m) for m in module.modules())
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- teacher

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import ConfigBase, ConfigError, load_config
 from .data import DataConfig
+from .distill.mutual import MutualConfig, check_mutual
 from .distill.objective import DistillLossConfig, check_cache_compatible
 from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
@@ -65,6 +66,8 @@ class PruneDistillConfig(ConfigBase):
     """The teacher's top-k over ``data.train`` computed once and read by the logit term (null: a teacher forward per step)."""
     on_policy: OnPolicyConfig | None = None
     """On-policy distillation: a share of micro-batches continued by the student, loss on its tokens (null: off)."""
+    mutual: MutualConfig | None = None
+    """Deep mutual learning: peers trained with the student, each learning from the others (null: the student alone)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -108,12 +111,22 @@ class PruneDistillConfig(ConfigBase):
         if self.on_policy is not None:
             check_on_policy(self.on_policy, self.loss, seq_len=self.data.seq_len, streaming=self.data.streaming,
                             teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
+        if self.mutual is not None:
+            self._check_mutual()
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "
                 "uncorrected teacher (its prune map names that teacher); set student=null to prune the corrected "
                 "teacher in this run, or teacher_correction=null"
             )
+
+
+    def _check_mutual(self) -> None:
+        check_mutual(lora=self.train.lora is not None, on_policy=self.on_policy is not None,
+                     teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
+        for i, source in enumerate(self.mutual.sources):
+            if source == self.teacher.source:
+                raise ConfigError(f"mutual.sources[{i}]={source!r} is the teacher itself; give another model folder")
 
 
 def load_recipe_config(path: str | Path | None, overrides: list[str] | None = None) -> PruneDistillConfig:

@@ -3,7 +3,7 @@
 ``metrics.json`` schema (every number in ``report.md`` is read from it):
 
 - ``run_name``, ``created`` (ISO time), ``device`` (words), ``config_file``.
-- ``models``: ``{"teacher" | "pruned" | "distilled": {"shape": {...}, "params": int,
+- ``models``: ``{"teacher" | "pruned" | "distilled" | "peer<i>" (the other students of a mutual run): {"shape": {...}, "params": int,
   "non_embedding_params": int, "heldout": {"loss", "perplexity", "tokens"}, "agreement": float | None,
   "generations": [{"prompt", "completion"}]}}``; missing stages are left out.
 - ``models.<name>.speed`` (optional): :func:`measure_speed` of that model (tokens/s of a forward at a
@@ -98,7 +98,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | Path) -> Path | None:
 def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png",
                   candidates_plot: str | None = None) -> str:
     """The markdown report of a run, every number taken from ``metrics``."""
-    models = {k: metrics["models"][k] for k in MODEL_ORDER if k in metrics.get("models", {})}
+    given = metrics.get("models", {})
+    models = {k: given[k] for k in (*MODEL_ORDER, *sorted(set(given) - set(MODEL_ORDER))) if k in given}
     out = [f"# minidistill run `{metrics.get('run_name', '?')}`", ""]
     if metrics.get("created") or metrics.get("device"):
         out += [f"{metrics.get('created', '')} on {metrics.get('device', '?')}.", ""]

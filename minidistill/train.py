@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from . import parallel
 from .config import ConfigError
 from .data import build_text_data
+from .distill.mutual import peer_name
 from .distill.objective import DistillLossConfig, DistillObjective
 from .distill.teacher_cache import TeacherCache, build_teacher_cache
 from .models import ModelConfig, ModelError, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
@@ -216,6 +217,45 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
     return load_model(ModelConfig(source=str(init_dir), dtype=cfg.teacher.dtype)), _prune_map_for(str(init_dir), teacher)
 
 
+def peer_dir(run_dir: Path, index: int) -> Path:
+    """Where peer ``index`` (>= 1) of a mutual learning run is exported."""
+    return run_dir / f"{MODEL_DIR}_{peer_name(index)}"
+
+
+def check_peer_sources(cfg: PruneDistillConfig, teacher_rows: int, tokenizer) -> None:
+    """ModelError naming ``mutual.sources[i]`` when a peer folder is missing or does not share the teacher's vocabulary."""
+    for i, source in enumerate(cfg.mutual.sources if cfg.mutual is not None else []):
+        key = f"mutual.sources[{i}]={source!r}"
+        try:
+            peer_cfg = AutoConfig.from_pretrained(resolve_source(source))
+            peer_tok = load_tokenizer(source)
+        except (OSError, ValueError, ModelError) as e:
+            raise ModelError(f"{key}: not a model folder with a config and tokenizer ({e})") from None
+        try:
+            _align(teacher_rows, int(getattr(peer_cfg, "vocab_size", 0) or 0), tokenizer, peer_tok)
+        except ModelError as e:
+            raise ModelError(f"{key}: peers share the teacher's vocabulary, but {e}") from None
+        check_seq_len(ModelConfig(source=source), cfg.data.seq_len, f"peer mutual.sources[{i}]")
+
+
+def load_peers(cfg: PruneDistillConfig, student, teacher) -> tuple[list, list[PruneMap | None]]:
+    """The peers of a mutual learning run and their prune maps: ``mutual.copies`` copies of ``student`` (perturbed by
+    ``mutual.noise``), then the models of ``mutual.sources``; ``([], [])`` without ``mutual``."""
+    from .distill.mutual import perturbed_copy
+
+    if cfg.mutual is None:
+        return [], []
+    m = cfg.mutual
+    student_map = _prune_map_for(cfg.student.source, teacher) if cfg.student is not None else _prune_map_for(
+        str(student_init_dir(cfg)), teacher)
+    peers = [perturbed_copy(student, m.noise, seed=cfg.train.seed + i) for i in range(1, m.copies + 1)]
+    maps = [student_map] * m.copies
+    for source in m.sources:
+        peers.append(load_model(ModelConfig(source=source, dtype=cfg.teacher.dtype)))
+        maps.append(_prune_map_for(source, teacher))
+    return peers, maps
+
+
 def finished(run_dir: Path) -> bool:
     """True when ``run_dir`` holds a finished run (its exported model)."""
     return (run_dir / MODEL_DIR / "training_metadata.json").is_file()
@@ -337,6 +377,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         _align(teacher.get_output_embeddings().weight.shape[0], int(getattr(student_cfg_only, "vocab_size", 0) or 0),
                tokenizer, student_tok)
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
+    check_peer_sources(cfg, teacher.get_output_embeddings().weight.shape[0], tokenizer)
     with timer.stage("data"):
         data = build_text_data(cfg.data, tokenizer)
     if cfg.teacher_correction is not None and cfg.teacher_correction.enabled:
@@ -359,6 +400,10 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
             accelerator.wait_for_everyone()
             cache = TeacherCache(cache_dir)
     check_pairing_possible(cfg.loss, prune_map)
+    with parallel.full_weights_init(accelerator):
+        peers, peer_maps = load_peers(cfg, student, teacher)
+    for peer_map in peer_maps:
+        check_pairing_possible(cfg.loss, peer_map)
     distiller = Distiller(
         student=student,
         teacher=teacher,
@@ -374,6 +419,9 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         vocab_size=alignment.mask_from,
         teacher_cache=cache,
         on_policy=cfg.on_policy,
+        mutual=cfg.mutual,
+        peers=peers,
+        peer_prune_maps=peer_maps,
     )
     with timer.stage("distill"):
         result = distiller.run(resume=resume_path)
@@ -394,6 +442,9 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
             accelerator, result.module, model_dir, tokenizer=tokenizer, prune_map=prune_map, metadata=metadata,
             peft_model=distiller.peft_model,
         )
+        for i, peer_map in enumerate(peer_maps, start=1):
+            export_student(accelerator, result.module, peer_dir(run_dir, i), tokenizer=tokenizer, prune_map=peer_map,
+                           metadata={**metadata, "peer": peer_name(i)}, role=f"peers.{i - 1}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _after_training(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
@@ -456,6 +507,11 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
     map_dir = next((d for d in (pruned_dir, model_dir) if (d / PRUNE_MAP_FILENAME).is_file()), None)
     pmap = PruneMap.load(map_dir) if map_dir is not None else None
     device = next(distilled.parameters()).device
+
+    def heldout_sets(model) -> dict[str, Any]:
+        return {source: heldout_loss(model, blocks.batches(cfg.eval.batch_size, cfg.eval.max_blocks), chunk_tokens=cfg.eval.chunk_tokens)
+                for source, blocks in data.extra_heldout.items()}
+
     models = {}
     for name, model, heldout, agreement in (
         ("teacher", teacher, heldout_of(first, "teacher_heldout"), None),
@@ -464,13 +520,15 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
     ):
         gens = greedy_generations(model.to(device), tokenizer, max_new_tokens=cfg.report_new_tokens)
         models[name] = model_entry(model, heldout=heldout, agreement=agreement, generations=gens)
-        models[name]["heldout_sets"] = {
-            source: heldout_loss(model, blocks.batches(cfg.eval.batch_size, cfg.eval.max_blocks),
-                                 chunk_tokens=cfg.eval.chunk_tokens)
-            for source, blocks in data.extra_heldout.items()
-        }
+        models[name]["heldout_sets"] = heldout_sets(model)
         if name != "pruned":
             models[name]["speed"] = measure_speed(model, **REPORT_SPEED)
+    for i in range(1, (cfg.mutual.num_peers if cfg.mutual is not None else 1)):  # the other students of a mutual run
+        name = peer_name(i)
+        peer = load_model(ModelConfig(source=str(peer_dir(cfg.run_dir, i)))).to(device)
+        models[name] = model_entry(peer, heldout=heldout_of(last, f"{name}/heldout"), agreement=last.get(f"{name}/top1_agreement"),
+                                   generations=greedy_generations(peer, tokenizer, max_new_tokens=cfg.report_new_tokens))
+        models[name]["heldout_sets"] = heldout_sets(peer)
     overrides = f" run_name={cfg.run_name}" if cfg.run_name != "demo" else ""
     metrics = {
         "run_name": cfg.run_name,

@@ -114,4 +114,24 @@ def test_groups_option_runs_only_the_comparisons_named(tmp_path):
     assert bad.returncode == 2 and "choose from importance" in bad.stderr
     partial = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--groups", "pruning",
                               "--write"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert partial.returncode == 2 and "--write replaces the whole study table" in partial.stderr
+    assert partial.returncode == 2 and "--write replaces a whole table" in partial.stderr
+
+
+def test_modes_group_trains_every_peer_on_the_same_tokens(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--groups", "modes", "--json",
+                           str(tmp_path / "rows.json"), "--work-dir", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Quality study: training modes" in proc.stdout
+    g = _by_group(json.loads((tmp_path / "rows.json").read_text()))["mutual learning (equal tokens per model)"]
+    assert set(g) == {"one student, logit KD", "one student, LM loss only",
+                      "mutual, 2 peers + teacher: student", "mutual, 2 peers + teacher: peer 1",
+                      "mutual, 2 peers, no teacher: student", "mutual, 2 peers, no teacher: peer 1"}
+    assert {r["tokens"] for r in g.values()} == {2 * 2 * 64}
+    starts = {r["extra"]["start_perplexity"] for r in g.values()}
+    assert len(starts) == 1  # every row starts from the same pruned student
+    for name in ("mutual, 2 peers + teacher", "mutual, 2 peers, no teacher"):
+        # the peer is a perturbed copy, trained: neither the student nor its start
+        assert g[f"{name}: peer 1"]["perplexity"] != pytest.approx(g[f"{name}: student"]["perplexity"], rel=1e-6)
+        assert g[f"{name}: student"]["perplexity"] != pytest.approx(g["one student, logit KD"]["perplexity"], rel=1e-6)

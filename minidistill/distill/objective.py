@@ -1088,35 +1088,78 @@ class DistillObjective(nn.Module):
 
 
 class DistillationModule(nn.Module):
-    """The trainable bundle handed to accelerate: the student and the objective's learnable parts.
+    """The trainable bundle handed to accelerate: the student, its objective's learnable parts, and any peers.
 
-    ``forward(input_ids, teacher_features)`` runs the student once and returns a dict with ``loss``
-    (the balanced total, differentiable) and ``components`` (detached per-term values).
+    ``forward(input_ids, teacher_features)`` runs every trainable model once and returns a dict with
+    ``loss`` (the sum of the models' balanced totals, differentiable) and ``components`` (detached per-term
+    values). Peers (deep mutual learning, :mod:`minidistill.distill.mutual`) each have their own objective
+    against the teacher, scaled by ``teacher_weight``, plus ``mutual_weight`` x ``mutual`` to the other peers;
+    the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``.
     """
 
-    def __init__(self, student: nn.Module, objective: DistillObjective):
+    def __init__(self, student: nn.Module, objective: DistillObjective, *, peers: list[nn.Module] | None = None,
+                 peer_objectives: list[DistillObjective] | None = None, mutual: nn.Module | None = None,
+                 mutual_weight: float = 1.0, teacher_weight: float = 1.0):
         super().__init__()
         self.student = student
         self.objective = objective
+        peers, peer_objectives = list(peers or []), list(peer_objectives or [])
+        if len(peers) != len(peer_objectives) or (peers and mutual is None):
+            raise ValueError("each peer needs its own objective, and peers need a mutual loss")
+        self.peers = nn.ModuleList(peers)
+        self.peer_objectives = nn.ModuleList(peer_objectives)
+        self.mutual = mutual
+        self.mutual_weight, self.teacher_weight = float(mutual_weight), float(teacher_weight)
 
     @property
     def config(self):
         """The student's config (accelerate and sharding helpers look for ``.config``)."""
         return self.student.config
 
+    def trainable_models(self) -> list[nn.Module]:
+        """The student, then each peer."""
+        return [self.student, *self.peers]
+
+    def objectives(self) -> list[DistillObjective]:
+        """Each trainable model's objective against the teacher, in :meth:`trainable_models` order."""
+        return [self.objective, *self.peer_objectives]
+
     def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
-                target_mask: torch.Tensor | None = None) -> dict:
+                target_mask: torch.Tensor | None = None, peer: int = 0) -> dict:
         """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With
         ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
-        of :func:`minidistill.training.evaluation.heldout_stats`."""
+        of :func:`minidistill.training.evaluation.heldout_stats` for trainable model ``peer`` (0: the student)."""
         if eval_chunk_tokens is not None:
             from ..training.evaluation import heldout_stats
 
-            features = model_features(self.student, input_ids, CaptureRequest())
+            features = model_features(self.trainable_models()[peer], input_ids, CaptureRequest())
             return {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
                                            vocab_size=self.objective.vocab_size)}
-        student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT))
-        total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids, target_mask)
+        if not self.peers:
+            student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT))
+            total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids, target_mask)
+            return {"loss": total, "components": components}
+        return self._mutual_forward(input_ids, teacher_features, target_mask)
+
+    def _mutual_forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None,
+                        target_mask: torch.Tensor | None) -> dict:
+        objectives = self.objectives()
+        feats = [model_features(m, input_ids, obj.request_for(STUDENT)) for m, obj in zip(self.trainable_models(), objectives)]
+        flat = [(f.final_hidden[:, :-1].reshape(-1, f.final_hidden.shape[-1]), f.head_weight, f.head_bias) for f in feats]
+        labels = input_ids[:, 1:].reshape(-1)
+        total, components = None, {}
+        for i, (f, obj) in enumerate(zip(feats, objectives)):
+            prefix = "" if i == 0 else f"peer{i}/"
+            loss = None
+            if self.teacher_weight > 0:
+                t_loss, comp = obj({STUDENT: f, TEACHER: teacher_features}, input_ids, target_mask)
+                loss = self.teacher_weight * t_loss
+                components.update({prefix + k: v for k, v in comp.items()})
+            h, w, b = flat[i]
+            m_loss = self.mutual(h, w, [o for j, o in enumerate(flat) if j != i], labels, head_bias=b)
+            components[prefix + "loss/mutual"] = m_loss.detach().float()
+            loss = self.mutual_weight * m_loss if loss is None else loss + self.mutual_weight * m_loss
+            total = loss if total is None else total + loss
         return {"loss": total, "components": components}
 
 

@@ -39,11 +39,13 @@ def export_student(
     prune_map: PruneMap | None,
     metadata: dict[str, Any],
     peft_model: nn.Module | None = None,
+    role: str = "student",
 ) -> Path | None:
     """Write the trained student to ``out_dir`` (a collective; returns the path on the main process).
 
     The full state dict comes from :func:`minidistill.parallel.unwrap_full_state_dict`; only the
-    student's entries are kept (the objective's projections stay in the checkpoints).
+    entries of ``role`` are kept (the objective's projections stay in the checkpoints). ``role`` is the
+    trainable model's path in the module: ``student``, or ``peers.<i>`` for peer ``i + 1`` of a mutual run.
     """
     from ..parallel import unwrap_full_state_dict
 
@@ -58,8 +60,9 @@ def export_student(
         student = peft_model.merge_and_unload()
         state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
     else:
-        student = unwrapped.student
-        state = {k[len(STUDENT_PREFIX) :]: v for k, v in full.items() if k.startswith(STUDENT_PREFIX)}
+        student = unwrapped.get_submodule(role)
+        prefix = STUDENT_PREFIX if role == "student" else f"{role}."
+        state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:

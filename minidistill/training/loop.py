@@ -33,6 +33,7 @@ from ..distill.objective import (
     check_cache_compatible,
     teacher_features,
 )
+from ..distill.mutual import MutualConfig, MutualLoss, check_mutual
 from ..distill.on_policy import (
     OnPolicyConfig,
     check_on_policy,
@@ -145,8 +146,19 @@ class Distiller:
         vocab_size: int | None = None,
         teacher_cache=None,
         on_policy: OnPolicyConfig | None = None,
+        mutual: MutualConfig | None = None,
+        peers: list[nn.Module] | None = None,
+        peer_prune_maps: list[PruneMap | None] | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
+        self.mutual = mutual
+        """Deep mutual learning settings (None: the student alone); ``peers`` are then the other students."""
+        peers = list(peers or [])
+        peer_prune_maps = list(peer_prune_maps or [None] * len(peers))
+        if (mutual is None) != (not peers) or len(peer_prune_maps) != len(peers):
+            raise ValueError("mutual and peers go together (one prune map or None per peer)")
+        if mutual is not None:
+            check_mutual(lora=train.lora is not None, on_policy=on_policy is not None, teacher_cache=teacher_cache is not None)
         self.on_policy = on_policy
         """On-policy distillation settings (None: every micro-batch is corpus data)."""
         if on_policy is not None:
@@ -193,22 +205,23 @@ class Distiller:
             )
         if train.lora is not None:
             self.peft_model, student = _apply_lora(student, train)
-        if train.gradient_checkpointing:
-            if hasattr(student, "activation_checkpointing_enable"):
-                student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            student.config.use_cache = False
-        if train.compile:
-            for layer in get_adapter(student).decoder_layers(student):
-                layer.compile()
-        student.train()
+        for model in (student, *peers):
+            _ready_for_training(model, train)
         for p in teacher.parameters():
             p.requires_grad_(False)
         teacher.eval()
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
-        module = DistillationModule(student, objective)
+        if mutual is None:
+            module = DistillationModule(student, objective)
+        else:
+            module = DistillationModule(
+                student, objective, peers=peers,
+                peer_objectives=[DistillObjective(loss, teacher=teacher, student=p, prune_map=m, vocab_size=vocab_size)
+                                 for p, m in zip(peers, peer_prune_maps)],
+                mutual=MutualLoss(mutual, vocab_size), mutual_weight=mutual.weight, teacher_weight=mutual.teacher_weight,
+            )
+        self.peers = peers
         params = [p for p in module.parameters() if p.requires_grad]
         fused = {"fused": True} if acc.device.type == "cuda" else {}
         optimizer = torch.optim.AdamW(
@@ -280,16 +293,21 @@ class Distiller:
         return self.accelerator.unwrap_model(self.module).objective
 
     def evaluate(self) -> dict[str, float]:
-        """Student held-out loss / perplexity and top-1 agreement with the teacher (all processes)."""
+        """Student held-out loss / perplexity and top-1 agreement with the teacher (all processes); with peers, each
+        peer's too under ``peer<i>/``."""
         stats = self._heldout(student=True)
-        return summarize(self.accelerator.reduce(stats, "sum").cpu())
+        out = summarize(self.accelerator.reduce(stats, "sum").cpu())
+        for i in range(1, len(self.peers) + 1):
+            peer = summarize(self.accelerator.reduce(self._heldout(student=True, peer=i), "sum").cpu())
+            out.update({f"peer{i}/{k}": v for k, v in peer.items()})
+        return out
 
     def evaluate_teacher(self) -> dict[str, float]:
         stats = self._heldout(student=False)
         return summarize(self.accelerator.reduce(stats, "sum").cpu(), prefix="teacher_heldout", agreement=False)
 
     @torch.no_grad()
-    def _heldout(self, *, student: bool) -> torch.Tensor:
+    def _heldout(self, *, student: bool, peer: int = 0) -> torch.Tensor:
         acc, ev = self.accelerator, self.eval_cfg
         blocks = self.data.heldout.input_ids
         if ev.max_blocks is not None:
@@ -311,7 +329,7 @@ class Distiller:
             with acc.autocast():
                 t_feats = teacher_features(self.teacher, batch, objective, copy_head=self.teacher_sharded)
                 if student:
-                    stats = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)["stats"]
+                    stats = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=peer)["stats"]
                 else:
                     stats = heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)
             total += weight * stats
@@ -481,7 +499,7 @@ class Distiller:
         for micro in range(tc.grad_accum_steps):
             if isinstance(self.sampler, StreamingBlockSampler):
                 input_ids, position_ids = (t.to(acc.device) for t in self.sampler.next_batch())
-                positions = packed_positions([self.student, self.teacher], position_ids)
+                positions = packed_positions([self.student, *self.peers, self.teacher], position_ids)
             else:
                 indices = self.sampler.next_indices()
                 input_ids, positions = self._global_rows(indices), nullcontext()
@@ -490,7 +508,12 @@ class Distiller:
             if generated:
                 input_ids, target["target_mask"] = self._on_policy_rows(indices, step * tc.grad_accum_steps + micro)
             with positions:
-                t_feats = self._cached_teacher(indices) if self.teacher_cache is not None else self._teacher_features(input_ids)
+                if self.teacher_cache is not None:
+                    t_feats = self._cached_teacher(indices)
+                elif self.mutual is not None and self.mutual.teacher_weight == 0:
+                    t_feats = None  # peers learn from the data and each other only
+                else:
+                    t_feats = self._teacher_features(input_ids)
                 with acc.accumulate(self.module):
                     with acc.autocast():
                         out = self.module(input_ids, t_feats, **target)
@@ -510,7 +533,8 @@ class Distiller:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0) + v.to(acc.device)
         # loss.balance=auto: the step's loss magnitudes, over its micro-batches and all processes.
-        self._objective().balancer.end_step(lambda t: acc.reduce(t, "sum"))
+        for objective in acc.unwrap_model(self.module).objectives():
+            objective.balancer.end_step(lambda t: acc.reduce(t, "sum"))
         names = list(sums)
         stacked = torch.stack([sums[k] / tc.grad_accum_steps for k in names])
         if grad_norm is not None:
@@ -528,6 +552,20 @@ class Distiller:
                     "check the data, or disable the component"
                 )
         return record
+
+
+def _ready_for_training(model: nn.Module, train: TrainConfig) -> None:
+    """Gradient checkpointing and per-layer compile as ``train`` asks, then train mode."""
+    if train.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if train.compile:
+        for layer in get_adapter(model).decoder_layers(model):
+            layer.compile()
+    model.train()
 
 
 def _teacher_sharded(accelerator) -> bool:
