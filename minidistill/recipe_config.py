@@ -13,6 +13,8 @@ from typing import Any
 
 from .config import ConfigBase, ConfigError, load_config
 from .data import DataConfig
+from .distill.born_again import BornAgainConfig, check_born_again
+from .distill.exits import ExitConfig, check_exits
 from .distill.mutual import MutualConfig, check_mutual
 from .distill.objective import DistillLossConfig, check_cache_compatible
 from .distill.on_policy import OnPolicyConfig, check_on_policy
@@ -68,6 +70,10 @@ class PruneDistillConfig(ConfigBase):
     """On-policy distillation: a share of micro-batches continued by the student, loss on its tokens (null: off)."""
     mutual: MutualConfig | None = None
     """Deep mutual learning: peers trained with the student, each learning from the others (null: the student alone)."""
+    born_again: BornAgainConfig | None = None
+    """Born-again generations: after the first, each generation of the student learns from the previous one (null: one)."""
+    exits: ExitConfig | None = None
+    """Be your own teacher: early-exit heads on intermediate layers trained against the final layer (null: none)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -113,6 +119,13 @@ class PruneDistillConfig(ConfigBase):
                             teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
         if self.mutual is not None:
             self._check_mutual()
+        if self.exits is not None:
+            check_exits(lora=self.train.lora is not None, on_policy=self.on_policy is not None, mutual=self.mutual is not None)
+            if self.born_again is not None:
+                raise ConfigError("exits with born_again is not supported; set exits=null or born_again=null")
+        if self.born_again is not None:
+            check_born_again(mutual=self.mutual is not None, on_policy=self.on_policy is not None,
+                             teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "

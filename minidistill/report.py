@@ -116,6 +116,8 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
     out += [_table(["model", "layers", "hidden", "heads", "KV heads", "MLP", "params", "non-embedding", "of teacher"], rows), ""]
 
     out += _quality_section(models, metrics.get("data", {}))
+    out += _generations_section(metrics.get("generations") or [], models.get("teacher", {}), metrics.get("data", {}))
+    out += _exits_section(metrics.get("exits") or [], models, metrics.get("data", {}))
     out += _speed_section(models)
 
     pruning = metrics.get("pruning")
@@ -379,6 +381,46 @@ def _quality_section(models: dict[str, Any], data: dict[str, Any]) -> list[str]:
     if closed:
         out += ["Share of the pruned student's loss gap to the teacher closed by distillation: " + ", ".join(closed) + ".", ""]
     return out
+
+
+def _generations_section(generations: list[dict[str, Any]], teacher: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """Born-again generations: what each learned from and its held-out perplexity (x the teacher's) per set."""
+    if not generations:
+        return []
+    sets = sorted({k for g in generations for k in (g.get("heldout_sets") or {})})
+    header = ["generation", "learned from", f"{data.get('source') or 'held-out'} ppl", *(f"{name} ppl" for name in sets)]
+    rows = []
+    for g in generations:
+        cells = [(g.get("heldout") or {}).get("perplexity"), *((g.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
+        refs = [(teacher.get("heldout") or {}).get("perplexity"),
+                *((teacher.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
+        rows.append([g.get("generation"), g.get("learned_from"),
+                     *("-" if p is None else f"{p:.2f}" + (f" ({p / r:.2f}x)" if r else "") for p, r in zip(cells, refs))])
+    return ["## Born-again generations", "", _table(header, rows), "",
+            "Each generation has the student's shape; the last one is the distilled model.", ""]
+
+
+def _exits_section(exits: list[dict[str, Any]], models: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """Early exits: held-out perplexity (x the teacher's) per set and forward speed (x the full distilled model)."""
+    if not exits:
+        return []
+    teacher, full = models.get("teacher", {}), models.get("distilled", {})
+    sets = sorted({k for e in exits for k in (e.get("heldout_sets") or {})})
+    header = ["exit after layer", "layers run", f"{data.get('source') or 'held-out'} ppl", *(f"{n} ppl" for n in sets),
+              "forward tokens/s", "x full model"]
+    rows = []
+    for e in exits:
+        cells = [(e.get("heldout") or {}).get("perplexity"), *((e.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
+        refs = [(teacher.get("heldout") or {}).get("perplexity"),
+                *((teacher.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
+        fwd = (e.get("speed") or {}).get("forward_tokens_per_s")
+        ref_fwd = (full.get("speed") or {}).get("forward_tokens_per_s")
+        rows.append([e.get("layer"), e.get("layers_run"),
+                     *("-" if p is None else f"{p:.2f}" + (f" ({p / r:.2f}x)" if r else "") for p, r in zip(cells, refs)),
+                     _fmt(fwd, 0), f"{fwd / ref_fwd:.2f}x" if fwd and ref_fwd else "-"])
+    return ["## Early exits", "", _table(header, rows), "",
+            "Each exit stops the distilled model after that layer (`minidistill.distill.exits.load_exit_model`); "
+            "speed measured as in the Speed section.", ""]
 
 
 def _pruning_section(pruning: dict[str, Any]) -> list[str]:

@@ -9,6 +9,7 @@ losses, and on resume the checkpoint's config against the current one.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from transformers import AutoConfig
 
 from . import parallel
 from .config import ConfigError
+from .adapters import get_adapter
 from .data import build_text_data
+from .distill.born_again import generation_dir
 from .distill.mutual import peer_name
 from .distill.objective import DistillLossConfig, DistillObjective
 from .distill.teacher_cache import TeacherCache, build_teacher_cache
@@ -152,7 +155,10 @@ def resolve_resume(cfg: PruneDistillConfig, resume: str | bool | None) -> Path |
     if resume in (None, False):
         return None
     if resume is True or resume == "latest":
-        path = resumable_checkpoint(cfg.run_dir / CHECKPOINTS)  # skips damaged ones with a warning
+        root = checkpoint_root(cfg)
+        if latest_checkpoint(root) is None and generations_done(cfg) > 0:
+            return None  # the next born-again generation starts fresh
+        path = resumable_checkpoint(root)  # skips damaged ones with a warning
     else:
         path = Path(resume)
     saved = verify_checkpoint(path).get("config", {})
@@ -183,7 +189,7 @@ def student_init_dir(cfg: PruneDistillConfig) -> Path:
     return cfg.run_dir / STUDENT_INIT
 
 
-def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, resume: Path | None):
+def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool):
     """(student, prune_map): from ``student.source``, from the run's saved pruned student, or by pruning.
 
     Every process takes part in pruning (each runs the calibration pass on its share of the blocks, the
@@ -197,9 +203,9 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
         return student, _prune_map_for(cfg.student.source, teacher)
     init_dir = student_init_dir(cfg)
     saved = (init_dir / "config.json").is_file() and (init_dir / PRUNE_MAP_FILENAME).is_file()
-    if resume is not None and not saved:
+    if continuing and not saved:
         raise CheckpointError(f"{init_dir} is missing: the pruned student of this run cannot be rebuilt for resuming")
-    if resume is None:
+    if not continuing:
         from .prune.distributed import CalibrationShard
         from .prune.pipeline import prune_model
 
@@ -261,6 +267,23 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / MODEL_DIR / "training_metadata.json").is_file()
 
 
+def generations_done(cfg: PruneDistillConfig) -> int:
+    """Born-again generations of the run already finished (0 without ``born_again``)."""
+    if cfg.born_again is None:
+        return 0
+    done = 0
+    while done <= cfg.born_again.generations and finished(generation_dir(cfg.run_dir, done)):
+        done += 1
+    return done
+
+
+def checkpoint_root(cfg: PruneDistillConfig) -> Path:
+    """Where the run's training checkpoints are: ``<run_dir>/checkpoints``, or the current born-again generation's."""
+    if cfg.born_again is None:
+        return cfg.run_dir / CHECKPOINTS
+    return generation_dir(cfg.run_dir, min(generations_done(cfg), cfg.born_again.generations)) / CHECKPOINTS
+
+
 def resolve_auto_resume(cfg: PruneDistillConfig) -> tuple[PruneDistillConfig, str | None]:
     """``--resume auto``: continue an unfinished run, start a fresh one, never overwrite a finished one.
 
@@ -273,13 +296,13 @@ def resolve_auto_resume(cfg: PruneDistillConfig) -> tuple[PruneDistillConfig, st
         new = cfg.replace(run_name=f"{cfg.run_name}-{n}")
         logger.warning("%s holds a finished run and is kept; this run writes to %s", cfg.run_dir, new.run_dir)
         return new, None
-    if latest_checkpoint(cfg.run_dir / CHECKPOINTS) is not None:
+    if latest_checkpoint(checkpoint_root(cfg)) is not None or generations_done(cfg) > 0:
         logger.info("resuming the unfinished run in %s from its latest checkpoint", cfg.run_dir)
         return cfg, "latest"
     return cfg, None
 
 
-def check_outputs_and_inputs(cfg: PruneDistillConfig, resume_path: Path | None) -> None:
+def check_outputs_and_inputs(cfg: PruneDistillConfig, continuing: bool) -> None:
     """Checks of the run's folders, data and Hub settings that need no model: run before the teacher is loaded.
 
     The run folder must be writable and apart from the model folders read; a ``prune.output_dir``
@@ -293,7 +316,7 @@ def check_outputs_and_inputs(cfg: PruneDistillConfig, resume_path: Path | None) 
 
     sources = tuple(m.source for m in (cfg.teacher, cfg.student) if m is not None)
     check_output_dir(cfg.run_dir / MODEL_DIR, True, sources=sources)  # also: run folder under a file, or not writable
-    if cfg.student is None and resume_path is None:
+    if cfg.student is None and not continuing:
         init_dir = student_init_dir(cfg)
         check_output_dir(init_dir, True, sources=sources)
         if init_dir.is_dir() and any(init_dir.iterdir()) and not _own_student_init(cfg, init_dir):
@@ -342,15 +365,18 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     if resume == "auto":
         cfg, resume = resolve_auto_resume(cfg)
     resume_path = resolve_resume(cfg, resume)
-    if resume_path is None and latest_checkpoint(cfg.run_dir / CHECKPOINTS) is not None:
+    if resume_path is None and resume in (None, False) and (
+            latest_checkpoint(checkpoint_root(cfg)) is not None or generations_done(cfg) > 0):
         raise CheckpointError(
             f"{cfg.run_dir} already holds checkpoints; pass --resume to continue that run, or choose another "
             "run_name (or delete the folder) to start over"
         )
     if resume_path is None and finished(cfg.run_dir):
         raise CheckpointError(f"{cfg.run_dir} holds a finished run; choose another run_name (or pass --resume auto)")
-    check_outputs_and_inputs(cfg, resume_path)
-    if cfg.student is None and resume_path is None:
+    continuing = resume_path is not None or generations_done(cfg) > 0  # an earlier process pruned the student
+    check_born_again_pairing(cfg)
+    check_outputs_and_inputs(cfg, continuing)
+    if cfg.student is None and not continuing:
         from .prune.pipeline import resolve_prune_device
 
         resolve_prune_device(cfg.prune.device)  # a named device this machine lacks fails before any loading
@@ -377,6 +403,11 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         _align(teacher.get_output_embeddings().weight.shape[0], int(getattr(student_cfg_only, "vocab_size", 0) or 0),
                tokenizer, student_tok)
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
+        if cfg.exits is not None:
+            from .distill.exits import check_exit_layers
+
+            check_exit_layers(cfg.exits, get_adapter(student_cfg_only).shape(student_cfg_only)["num_layers"],
+                              f"student.source={cfg.student.source}")
     check_peer_sources(cfg, teacher.get_output_embeddings().weight.shape[0], tokenizer)
     with timer.stage("data"):
         data = build_text_data(cfg.data, tokenizer)
@@ -386,10 +417,14 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         with timer.stage("teacher correction"):
             run_teacher_correction(cfg.teacher_correction, teacher, tokenizer, data, run_dir,
                                    teacher_source=cfg.teacher.source, accelerator=accelerator)
-    with timer.stage("prune" if cfg.student is None and resume_path is None else "load student"):
+    with timer.stage("prune" if cfg.student is None and not continuing else "load student"):
         with parallel.full_weights_init(accelerator):
-            student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, resume_path)
+            student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, continuing)
     alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
+    if cfg.exits is not None:
+        from .distill.exits import check_exit_layers
+
+        check_exit_layers(cfg.exits, get_adapter(student).shape(student.config)["num_layers"])
     cache = None
     if cfg.teacher_cache is not None and cfg.teacher_cache.enabled:
         cache_dir = Path(cfg.teacher_cache.path or run_dir / "teacher_cache")
@@ -404,6 +439,26 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         peers, peer_maps = load_peers(cfg, student, teacher)
     for peer_map in peer_maps:
         check_pairing_possible(cfg.loss, peer_map)
+    fit = functools.partial(_fit, cfg, data=data, accelerator=accelerator, vocab_size=alignment.mask_from, tokenizer=tokenizer,
+                            timer=timer)
+    model_dir = run_dir / MODEL_DIR
+    if cfg.born_again is None:
+        result, metadata = fit(student=student, teacher=teacher, prune_map=prune_map, run_dir=run_dir, resume=resume_path,
+                               cache=cache, peers=peers, peer_maps=peer_maps, export_prune_map=prune_map)
+    else:
+        result, metadata = _fit_generations(cfg, fit, student=student, teacher=teacher, prune_map=prune_map,
+                                            resume=resume_path, accelerator=accelerator)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
+    accelerator.wait_for_everyone()
+    return RecipeResult(run_dir=run_dir, model_dir=model_dir, train=result)
+
+
+def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | None, run_dir: Path, resume: Path | None, cache,
+         peers: list, peer_maps: list, export_prune_map: PruneMap | None, data, accelerator, vocab_size: int | None,
+         tokenizer, timer, generation: int | None = None) -> tuple[TrainResult, dict[str, Any]]:
+    """Distill ``student`` (and any peers) from ``teacher`` in ``run_dir``, export to ``run_dir/model`` (peers next to it)."""
     distiller = Distiller(
         student=student,
         teacher=teacher,
@@ -415,16 +470,18 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         run_dir=run_dir,
         config_dict=cfg.to_dict(),
         accelerator=accelerator,
-        run_name=cfg.run_name,
-        vocab_size=alignment.mask_from,
+        run_name=cfg.run_name if generation is None else f"{cfg.run_name}-gen{generation}",
+        vocab_size=vocab_size,
         teacher_cache=cache,
         on_policy=cfg.on_policy,
         mutual=cfg.mutual,
         peers=peers,
         peer_prune_maps=peer_maps,
+        exits=cfg.exits,
     )
-    with timer.stage("distill"):
-        result = distiller.run(resume=resume_path)
+    stage = "distill" if generation is None else f"distill gen{generation}"
+    with timer.stage(stage):
+        result = distiller.run(resume=resume)
     metadata = {
         "teacher": cfg.teacher.source,
         "steps": result.steps,
@@ -436,20 +493,95 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         "lora": cfg.train.lora is not None,
         "config": cfg.to_dict(),
     }
-    model_dir = run_dir / MODEL_DIR
+    if generation is not None:
+        metadata["generation"] = generation
     with timer.stage("export"):
         export_student(
-            accelerator, result.module, model_dir, tokenizer=tokenizer, prune_map=prune_map, metadata=metadata,
-            peft_model=distiller.peft_model,
+            accelerator, result.module, run_dir / MODEL_DIR, tokenizer=tokenizer, prune_map=export_prune_map,
+            metadata=metadata, peft_model=distiller.peft_model,
         )
         for i, peer_map in enumerate(peer_maps, start=1):
             export_student(accelerator, result.module, peer_dir(run_dir, i), tokenizer=tokenizer, prune_map=peer_map,
                            metadata={**metadata, "peer": peer_name(i)}, role=f"peers.{i - 1}")
-    accelerator.wait_for_everyone()
+    return result, metadata
+
+
+def check_born_again_pairing(cfg: PruneDistillConfig) -> None:
+    """ConfigError when a born-again run has a loss term that pairs layers by the prune map: generations after the
+    first learn from a model of the student's own shape, which the map does not describe."""
+    if cfg.born_again is None:
+        return
+    from .config import ConfigError
+
+    try:
+        check_pairing_possible(cfg.loss, None)
+    except ConfigError as e:
+        raise ConfigError(f"born_again: generations after the first learn from the previous generation, which has no "
+                          f"prune map to pair layers with: {e}") from None
+
+
+def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_map: PruneMap | None, resume: Path | None,
+                     accelerator) -> tuple[TrainResult, dict[str, Any]]:
+    """Born-again generations 0 .. born_again.generations, each in its own folder; the last one's model is the run's.
+
+    Finished generations are skipped (``resume`` is a checkpoint of the first unfinished one, or None); generation
+    ``g >= 1`` starts from the pruned student or generation ``g - 1`` (``born_again.init``) and learns from
+    generation ``g - 1``.
+    """
+    import gc
+
+    init_source = cfg.student.source if cfg.student is not None else str(student_init_dir(cfg))
+    # All finished but the run's model/ missing: the last generation resumes from its final checkpoint (no steps left).
+    first = min(generations_done(cfg), cfg.born_again.generations)
+    for g in range(first, cfg.born_again.generations + 1):
+        gen_dir = generation_dir(cfg.run_dir, g)
+        if g == 0:
+            gen_student, gen_teacher, objective_map = student, teacher, prune_map
+        else:
+            previous = str(generation_dir(cfg.run_dir, g - 1) / MODEL_DIR)
+            with parallel.full_weights_init(accelerator):
+                gen_teacher = load_model(ModelConfig(source=previous, dtype=cfg.teacher.dtype))
+                source = init_source if cfg.born_again.init == "pruned" else previous
+                gen_student = student if g == first and source == init_source else load_model(
+                    ModelConfig(source=source, dtype=cfg.teacher.dtype))
+            objective_map = None
+        logger.info("born-again generation %d of %d: learns from %s", g, cfg.born_again.generations,
+                    "the teacher" if g == 0 else f"generation {g - 1}")
+        result, metadata = fit(student=gen_student, teacher=gen_teacher, prune_map=objective_map, run_dir=gen_dir,
+                               resume=resume if g == first else None, cache=None, peers=[], peer_maps=[],
+                               export_prune_map=prune_map, generation=g)
+        if g < cfg.born_again.generations:
+            # The next generation's checkpoints must hold only its own models and optimizer.
+            accelerator.free_memory()
+            del gen_student, gen_teacher, result
+            gc.collect()
+    last = generation_dir(cfg.run_dir, cfg.born_again.generations) / MODEL_DIR
     if accelerator.is_main_process:
-        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
+        publish_copy(last, cfg.run_dir / MODEL_DIR)
     accelerator.wait_for_everyone()
-    return RecipeResult(run_dir=run_dir, model_dir=model_dir, train=result)
+    return result, metadata
+
+
+def publish_copy(src: Path, dst: Path) -> None:
+    """Copy the folder ``src`` to ``dst`` through a temporary sibling and a rename (never a half-written ``dst``)."""
+    import os
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=True)
+        if dst.exists():
+            old = dst.with_name(f".old-{dst.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict,
@@ -501,7 +633,14 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
     from .evaluation.perplexity import heldout_loss
     from .report import eval_records, heldout_of, measure_speed, model_entry, read_log, write_report
 
-    first, last = eval_records(read_log(cfg.run_dir / "log.jsonl"))
+    log_file = "log.jsonl"
+    if cfg.born_again is None:
+        first, last = eval_records(read_log(cfg.run_dir / log_file))
+    else:  # teacher and pruned student from generation 0's log, the distilled model from the last generation's
+        k = cfg.born_again.generations
+        first, last = eval_records(read_log(generation_dir(cfg.run_dir, 0) / log_file))[0], eval_records(
+            read_log(generation_dir(cfg.run_dir, k) / log_file))[1]
+        log_file = str(generation_dir(Path("."), k) / log_file)
     pruned_dir = Path(resolve_source(cfg.student.source)) if cfg.student is not None else student_init_dir(cfg)
     pruned = load_model(ModelConfig(source=str(pruned_dir)))
     map_dir = next((d for d in (pruned_dir, model_dir) if (d / PRUNE_MAP_FILENAME).is_file()), None)
@@ -529,6 +668,15 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         models[name] = model_entry(peer, heldout=heldout_of(last, f"{name}/heldout"), agreement=last.get(f"{name}/top1_agreement"),
                                    generations=greedy_generations(peer, tokenizer, max_new_tokens=cfg.report_new_tokens))
         models[name]["heldout_sets"] = heldout_sets(peer)
+    generations = []
+    for g in range(cfg.born_again.generations + 1 if cfg.born_again is not None else 0):
+        gen_dir = generation_dir(cfg.run_dir, g)
+        final = eval_records(read_log(gen_dir / "log.jsonl"))[1]
+        model = load_model(ModelConfig(source=str(gen_dir / MODEL_DIR))).to(device)
+        generations.append({"generation": g, "learned_from": "teacher" if g == 0 else f"generation {g - 1}",
+                            "folder": str(gen_dir / MODEL_DIR), "heldout": heldout_of(final, "heldout"),
+                            "heldout_sets": heldout_sets(model)})
+        del model
     overrides = f" run_name={cfg.run_name}" if cfg.run_name != "demo" else ""
     metrics = {
         "run_name": cfg.run_name,
@@ -550,6 +698,8 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
             "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
             "losses": cfg.loss.weights(),
         },
+        "generations": generations,
+        "exits": _exit_entries(cfg, model_dir, last, heldout_sets, device),
         "stage_seconds": {k: round(v, 1) for k, v in timer.seconds.items()},
         "commands": {
             "reproduce": f"accelerate launch recipes/prune_distill.py --config {cfg.config_file or '<config.yaml>'}{overrides}",
@@ -560,7 +710,22 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
             ),
         },
     }
-    write_report(cfg.run_dir, metrics)
+    write_report(cfg.run_dir, metrics, log_file=log_file)
+
+
+def _exit_entries(cfg: PruneDistillConfig, model_dir: Path, last: dict[str, Any], heldout_sets, device) -> list[dict[str, Any]]:
+    """Each early exit of the distilled model: held-out numbers (training's last evaluation, and each extra held-out
+    set measured on the model that stops there) and that model's speed."""
+    from .distill.exits import exit_layers, load_exit_model
+    from .report import heldout_of, measure_speed
+
+    out = []
+    for layer in exit_layers(model_dir) if cfg.exits is not None else []:
+        model = load_exit_model(model_dir, layer).to(device)
+        out.append({"layer": layer, "layers_run": layer + 1, "heldout": heldout_of(last, f"exit{layer}/heldout"),
+                    "heldout_sets": heldout_sets(model), "speed": measure_speed(model, **REPORT_SPEED)})
+        del model
+    return out
 
 
 def _pruning_summary(pmap: PruneMap | None, pruned_dir: Path, run_dir: Path) -> dict[str, Any]:

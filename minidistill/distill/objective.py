@@ -15,6 +15,7 @@ every trainable parameter (student and projections) inside the wrapped forward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -1094,12 +1095,13 @@ class DistillationModule(nn.Module):
     ``loss`` (the sum of the models' balanced totals, differentiable) and ``components`` (detached per-term
     values). Peers (deep mutual learning, :mod:`minidistill.distill.mutual`) each have their own objective
     against the teacher, scaled by ``teacher_weight``, plus ``mutual_weight`` x ``mutual`` to the other peers;
-    the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``.
+    the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``. Early-exit
+    heads (``exits``, :mod:`minidistill.distill.exits`) add their loss against the student's own final layer.
     """
 
     def __init__(self, student: nn.Module, objective: DistillObjective, *, peers: list[nn.Module] | None = None,
                  peer_objectives: list[DistillObjective] | None = None, mutual: nn.Module | None = None,
-                 mutual_weight: float = 1.0, teacher_weight: float = 1.0):
+                 mutual_weight: float = 1.0, teacher_weight: float = 1.0, exits: nn.Module | None = None):
         super().__init__()
         self.student = student
         self.objective = objective
@@ -1110,6 +1112,10 @@ class DistillationModule(nn.Module):
         self.peer_objectives = nn.ModuleList(peer_objectives)
         self.mutual = mutual
         self.mutual_weight, self.teacher_weight = float(mutual_weight), float(teacher_weight)
+        if exits is not None and peers:
+            raise ValueError("early exits train one student; they do not combine with peers")
+        self.exits = exits
+        """:class:`~minidistill.distill.exits.ExitHeads` on the student's intermediate layers (None: none)."""
 
     @property
     def config(self):
@@ -1129,15 +1135,29 @@ class DistillationModule(nn.Module):
         """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With
         ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
         of :func:`minidistill.training.evaluation.heldout_stats` for trainable model ``peer`` (0: the student)."""
+        exit_request = CaptureRequest(hidden=set(self.exits.layers)) if self.exits is not None and peer == 0 else CaptureRequest()
         if eval_chunk_tokens is not None:
             from ..training.evaluation import heldout_stats
 
-            features = model_features(self.trainable_models()[peer], input_ids, CaptureRequest())
-            return {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
-                                           vocab_size=self.objective.vocab_size)}
+            features = model_features(self.trainable_models()[peer], input_ids, exit_request)
+            out = {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
+                                          vocab_size=self.objective.vocab_size)}
+            if exit_request.hidden:
+                out["exit_stats"] = {
+                    layer: heldout_stats(dataclasses.replace(features, final_hidden=self.exits.exit_hidden(layer, features.hidden[layer])),
+                                         input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
+                                         vocab_size=self.objective.vocab_size)
+                    for layer in self.exits.layers
+                }
+            return out
         if not self.peers:
-            student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT))
+            student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT).merge(exit_request))
             total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids, target_mask)
+            if self.exits is not None:
+                exit_total, exit_components = self.exits(student_features.hidden, student_features.final_hidden,
+                                                         student_features.head_weight, student_features.head_bias)
+                total = total + exit_total
+                components.update(exit_components)
             return {"loss": total, "components": components}
         return self._mutual_forward(input_ids, teacher_features, target_mask)
 

@@ -1,7 +1,7 @@
 """The final model as a plain Hugging Face folder, gathered whatever the sharding, written via temp + rename.
 
 ``<run_dir>/model/`` holds ``config.json``, safetensors weights, the tokenizer, ``prune_map.json`` (when
-the student has one) and ``training_metadata.json``. LoRA adapters are merged into the weights.
+the student has one), ``training_metadata.json`` and, with early exits, ``exits/``. LoRA adapters are merged into the weights.
 
 The exported ``prune_map.json`` is the map of the *initial* student, marked ``"student_weights":
 "trained"``: its layer / head / neuron / channel origins still pair the model with its teacher, but
@@ -67,6 +67,13 @@ def export_student(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
         student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        heads = getattr(unwrapped, "exits", None)
+        if heads is not None and role == "student":  # early exits, next to the plain model
+            from ..adapters import get_adapter
+            from ..distill.exits import save_exits
+
+            save_exits(heads, {k[len("exits."):]: v for k, v in full.items() if k.startswith("exits.")}, tmp,
+                       final_norm=get_adapter(student).final_norm)
         tokenizer.save_pretrained(tmp)
         if prune_map is not None:
             replace(prune_map, student_weights="trained").save(tmp)

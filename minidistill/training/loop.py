@@ -33,6 +33,7 @@ from ..distill.objective import (
     check_cache_compatible,
     teacher_features,
 )
+from ..distill.exits import ExitConfig, ExitHeads, check_exits
 from ..distill.mutual import MutualConfig, MutualLoss, check_mutual
 from ..distill.on_policy import (
     OnPolicyConfig,
@@ -149,6 +150,7 @@ class Distiller:
         mutual: MutualConfig | None = None,
         peers: list[nn.Module] | None = None,
         peer_prune_maps: list[PruneMap | None] | None = None,
+        exits: ExitConfig | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
         self.mutual = mutual
@@ -159,6 +161,8 @@ class Distiller:
             raise ValueError("mutual and peers go together (one prune map or None per peer)")
         if mutual is not None:
             check_mutual(lora=train.lora is not None, on_policy=on_policy is not None, teacher_cache=teacher_cache is not None)
+        if exits is not None:
+            check_exits(lora=train.lora is not None, on_policy=on_policy is not None, mutual=mutual is not None)
         self.on_policy = on_policy
         """On-policy distillation settings (None: every micro-batch is corpus data)."""
         if on_policy is not None:
@@ -213,7 +217,8 @@ class Distiller:
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
         if mutual is None:
-            module = DistillationModule(student, objective)
+            module = DistillationModule(student, objective,
+                                        exits=ExitHeads(student, exits, vocab_size) if exits is not None else None)
         else:
             module = DistillationModule(
                 student, objective, peers=peers,
@@ -296,18 +301,22 @@ class Distiller:
         """Student held-out loss / perplexity and top-1 agreement with the teacher (all processes); with peers, each
         peer's too under ``peer<i>/``."""
         stats = self._heldout(student=True)
-        out = summarize(self.accelerator.reduce(stats, "sum").cpu())
+        out = summarize(self.accelerator.reduce(stats.pop(""), "sum").cpu())
+        for name, exit_stats in stats.items():  # early exits: exit<l>/heldout_*
+            out.update({f"{name}/{k}": v for k, v in summarize(self.accelerator.reduce(exit_stats, "sum").cpu()).items()})
         for i in range(1, len(self.peers) + 1):
-            peer = summarize(self.accelerator.reduce(self._heldout(student=True, peer=i), "sum").cpu())
+            peer = summarize(self.accelerator.reduce(self._heldout(student=True, peer=i)[""], "sum").cpu())
             out.update({f"peer{i}/{k}": v for k, v in peer.items()})
         return out
 
     def evaluate_teacher(self) -> dict[str, float]:
-        stats = self._heldout(student=False)
+        stats = self._heldout(student=False)[""]
         return summarize(self.accelerator.reduce(stats, "sum").cpu(), prefix="teacher_heldout", agreement=False)
 
     @torch.no_grad()
-    def _heldout(self, *, student: bool, peer: int = 0) -> torch.Tensor:
+    def _heldout(self, *, student: bool, peer: int = 0) -> dict[str, torch.Tensor]:
+        """This process's summed held-out ``[nll, tokens, agreements]`` under ``""``, and each early exit's under
+        ``exit<l>`` (the student's only)."""
         acc, ev = self.accelerator, self.eval_cfg
         blocks = self.data.heldout.input_ids
         if ev.max_blocks is not None:
@@ -316,7 +325,7 @@ class Distiller:
         mine = blocks[rank::world]
         # Every process runs the same number of forwards (sharded models gather inside forward).
         rounds = math.ceil(math.ceil(len(blocks) / world) / ev.batch_size)
-        total = torch.zeros(3, dtype=torch.float64, device=acc.device)
+        totals: dict[str, torch.Tensor] = {}
         was_training = self.module.training
         self.module.eval()
         objective = self._objective()
@@ -329,12 +338,14 @@ class Distiller:
             with acc.autocast():
                 t_feats = teacher_features(self.teacher, batch, objective, copy_head=self.teacher_sharded)
                 if student:
-                    stats = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=peer)["stats"]
+                    out = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=peer)
+                    stats = {"": out["stats"], **{f"exit{k}": v for k, v in out.get("exit_stats", {}).items()}}
                 else:
-                    stats = heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)
-            total += weight * stats
+                    stats = {"": heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)}
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + weight * value.to(torch.float64)
         self.module.train(was_training)
-        return total
+        return totals
 
     # ------------------------------------------------------------------ the run
     def _trainer_state(self, step: int, tokens: int, elapsed: float) -> dict[str, Any]:
