@@ -29,7 +29,7 @@ from .models import ModelConfig, ModelError, load_model, load_model_and_tokenize
 from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
 from .training.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoint, verify_checkpoint
-from .training.export import export_student
+from .training.export import copy_folder, export_student
 from .training.loop import CHECKPOINTS, Distiller, NonFiniteLossError, TrainResult, build_accelerator
 
 logger = logging.getLogger(__name__)
@@ -557,31 +557,9 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
             gc.collect()
     last = generation_dir(cfg.run_dir, cfg.born_again.generations) / MODEL_DIR
     if accelerator.is_main_process:
-        publish_copy(last, cfg.run_dir / MODEL_DIR)
+        copy_folder(last, cfg.run_dir / MODEL_DIR)
     accelerator.wait_for_everyone()
     return result, metadata
-
-
-def publish_copy(src: Path, dst: Path) -> None:
-    """Copy the folder ``src`` to ``dst`` through a temporary sibling and a rename (never a half-written ``dst``)."""
-    import os
-    import shutil
-    import tempfile
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
-    try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=True)
-        if dst.exists():
-            old = dst.with_name(f".old-{dst.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict,

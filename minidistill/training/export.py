@@ -30,6 +30,29 @@ METADATA_FILE = "training_metadata.json"
 STUDENT_PREFIX = "student."
 
 
+def swap_in(tmp: Path, out_dir: Path) -> None:
+    """Make the finished folder ``tmp`` (a sibling of ``out_dir``) be ``out_dir``, replacing any old one by renames."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def copy_folder(src: Path, out_dir: Path) -> None:
+    """Copy the folder ``src`` to ``out_dir`` through a temporary sibling (never a half-written ``out_dir``)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=True)
+        swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def export_student(
     accelerator,
     module: nn.Module,
@@ -78,14 +101,7 @@ def export_student(
         if prune_map is not None:
             replace(prune_map, student_weights="trained").save(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".old-{out_dir.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
