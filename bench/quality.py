@@ -16,7 +16,8 @@ blocks, and the offline lm-eval tasks ``minidistill_heldout_ppl`` / ``minidistil
 
 Training modes (``--groups modes``, their own table in ``bench/RESULTS.md``), equal tokens per trained model,
 from the same pruned student: one student with logit KD vs deep mutual learning (two peers, with the
-teacher and without it, against LM loss only).
+teacher and without it, against LM loss only), a born-again second generation, network augmentation and an
+early exit (the full model and the model stopped there).
 
     python bench/quality.py --write            # ~2 hours on 2 CPU cores; table into bench/RESULTS.md
     python bench/quality.py --groups pruning   # one comparison (the teacher row is always measured)
@@ -52,7 +53,9 @@ from results_file import write_section  # noqa: E402
 
 from minidistill.adapters import count_parameters, get_adapter  # noqa: E402
 from minidistill.data import DataConfig, TextData, build_text_data  # noqa: E402
+from minidistill.distill.exits import ExitConfig, load_exit_model, save_exits  # noqa: E402
 from minidistill.distill.mutual import MutualConfig, perturbed_copy  # noqa: E402
+from minidistill.distill.netaug import NetAugConfig  # noqa: E402
 from minidistill.distill.objective import DistillLossConfig  # noqa: E402
 from minidistill.evaluation.lm_eval_runner import LmEvalConfig, run_lm_eval  # noqa: E402
 from minidistill.evaluation.metrics import top1_agreement  # noqa: E402
@@ -88,7 +91,8 @@ INIT = "4. initialisation (equal tokens)"
 MATCH = f"5. {quality_match.GROUP}"
 PRUNING = "6. pruning options (no retraining)"
 MODES_SECTION = "## Quality study: training modes"
-MUTUAL = "mutual learning (equal tokens per model)"
+MODES = "training modes (equal tokens per model)"
+NETAUG = {"alpha": 1.0, "width_ratios": [0.25, 0.5, 1.0]}
 MUTUAL_RUNS = {
     # name: (objective against the teacher, mutual settings); the peer is a copy of the student with 1% noise.
     "mutual, 2 peers + teacher": ("logit KD", {"copies": 1, "noise": 0.01, "weight": 1.0, "teacher_weight": 1.0}),
@@ -198,12 +202,13 @@ class Study:
 
         ``start_ppl``: ``student``'s held-out perplexity when already measured (else it is measured here).
         """
-        (trained, *_), tokens, seconds, start_ppl = self.distill_mutual(student, pmap, objective, name, None, start_ppl)
-        return trained, tokens, seconds, start_ppl
+        module, tokens, seconds, start_ppl = self.train_module(student, pmap, objective, name, start_ppl=start_ppl)
+        return module.student, tokens, seconds, start_ppl
 
-    def distill_mutual(self, student, pmap, objective: str, name: str, mutual: dict | None, start_ppl: float | None = None):
-        """Like :meth:`distill`, with peers trained alongside when ``mutual`` is given; the first item is the list of
-        trained models (the student, then each peer)."""
+    def train_module(self, student, pmap, objective: str, name: str, *, start_ppl: float | None = None, teacher=None,
+                     mutual: dict | None = None, **options):
+        """Train a copy of ``student`` (from ``teacher``, default the study's) with a training mode's ``options``
+        (``mutual``, ``exits``, ``netaug`` settings as dicts); (trained DistillationModule, tokens, seconds, start ppl)."""
         s = self.sizes
         if start_ppl is None:
             start_ppl = heldout_loss(student.eval(), self.heldout)["perplexity"]
@@ -212,15 +217,18 @@ class Study:
                             schedule="cosine", min_lr_ratio=0.1, progress_bar=False, keep_last=1)
         cfg = MutualConfig.from_dict(mutual) if mutual is not None else None
         peers = [perturbed_copy(student, cfg.noise, seed=train.seed + i) for i in range(1, cfg.copies + 1)] if cfg else []
+        kinds = {"exits": ExitConfig, "netaug": NetAugConfig}
         distiller = Distiller(
-            student=copy.deepcopy(student), teacher=self.teacher, data=self.data, prune_map=pmap, loss=loss, train=train,
-            eval=EvalConfig(max_blocks=1, batch_size=s.batch_size), run_dir=self.work_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name),
-            config_dict={"objective": objective, "mutual": mutual}, mutual=cfg, peers=peers, peer_prune_maps=[pmap] * len(peers),
+            student=copy.deepcopy(student), teacher=teacher or self.teacher, data=self.data, prune_map=pmap, loss=loss,
+            train=train, eval=EvalConfig(max_blocks=1, batch_size=s.batch_size),
+            run_dir=self.work_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name),
+            config_dict={"objective": objective, "mutual": mutual, **options}, mutual=cfg, peers=peers,
+            peer_prune_maps=[pmap] * len(peers), **{k: kinds[k].from_dict(v) for k, v in options.items()},
         )
         result = distiller.run()
         module = result.accelerator.unwrap_model(result.module)
         shutil.rmtree(distiller.run_dir, ignore_errors=True)  # its checkpoint (weights + optimizer state)
-        return module.trainable_models(), result.tokens, result.seconds, start_ppl
+        return module, result.tokens, result.seconds, start_ppl
 
     # ------------------------------------------------------------------ the comparisons
     def run(self, groups: list[str]) -> None:
@@ -313,20 +321,43 @@ class Study:
             del s
 
     def modes_group(self) -> None:
-        """One student against deep mutual learning, from the same pruned student, at equal tokens per model."""
+        """One student against each training mode, from the same pruned student, at equal tokens per trained model."""
         student, pmap, pruned_row = self.main_pruned()
+        start = pruned_row.perplexity
+        one = {}
         for objective in ("logit KD", "LM loss only"):
-            model, tokens, seconds, start = self.distill(student, pmap, objective, f"modes {objective}",
-                                                         start_ppl=pruned_row.perplexity)
-            self.score(MUTUAL, f"one student, {objective}", model, tokens=tokens, seconds=seconds, start_perplexity=start)
-            del model
+            module, tokens, seconds, _ = self.train_module(student, pmap, objective, f"modes {objective}", start_ppl=start)
+            self.score(MODES, f"one student, {objective}", module.student, tokens=tokens, seconds=seconds,
+                       start_perplexity=start)
+            one[objective] = module.student
         for label, (objective, mutual) in MUTUAL_RUNS.items():
-            models, tokens, seconds, start = self.distill_mutual(student, pmap, objective, label, mutual,
-                                                                 start_ppl=pruned_row.perplexity)
-            for i, model in enumerate(models):
-                self.score(MUTUAL, f"{label}: {'student' if i == 0 else f'peer {i}'}", model, tokens=tokens,
+            module, tokens, seconds, _ = self.train_module(student, pmap, objective, label, start_ppl=start, mutual=mutual)
+            for i, model in enumerate(module.trainable_models()):
+                self.score(MODES, f"{label}: {'student' if i == 0 else f'peer {i}'}", model, tokens=tokens,
                            seconds=seconds, start_perplexity=start)
-            del models
+            del module
+        # Born-again: generation 1 starts from the pruned student again and learns from generation 0 (the row above).
+        module, tokens, seconds, _ = self.train_module(student, None, "logit KD", "born-again gen 1", start_ppl=start,
+                                                       teacher=one["logit KD"].eval())
+        self.score(MODES, "born-again: generation 1 (from the one-student logit KD model)", module.student, tokens=tokens,
+                   seconds=seconds, start_perplexity=start)
+        del module
+        module, tokens, seconds, _ = self.train_module(student, pmap, "logit KD", "netaug", start_ppl=start,
+                                                       netaug=NETAUG)
+        self.score(MODES, "netaug (the student's weights also trained inside a wider model)", module.student,
+                   tokens=tokens, seconds=seconds, start_perplexity=start)
+        del module
+        layers = get_adapter(student).shape(student.config)["num_layers"]
+        exits = {"layers": [layers // 2 - 1]}
+        module, tokens, seconds, _ = self.train_module(student, pmap, "logit KD", "exits", start_ppl=start, exits=exits)
+        row = self.score(MODES, f"exit after layer {exits['layers'][0]} (be your own teacher): full model", module.student,
+                         tokens=tokens, seconds=seconds, start_perplexity=start)
+        folder = self.work_dir / "exit_model"
+        module.student.save_pretrained(folder)
+        save_exits(module.exits, module.exits.state_dict(), folder, final_norm=get_adapter(student).final_norm)
+        self.score(MODES, f"exit after layer {exits['layers'][0]} (be your own teacher): stopped at the exit",
+                   load_exit_model(folder, exits["layers"][0]), tokens=row.tokens, seconds=row.seconds, start_perplexity=start)
+        shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def random_init(student):

@@ -16,6 +16,7 @@ from .data import DataConfig
 from .distill.born_again import BornAgainConfig, check_born_again
 from .distill.exits import ExitConfig, check_exits
 from .distill.mutual import MutualConfig, check_mutual
+from .distill.netaug import NetAugConfig, check_netaug_combination
 from .distill.objective import DistillLossConfig, check_cache_compatible
 from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
@@ -74,6 +75,8 @@ class PruneDistillConfig(ConfigBase):
     """Born-again generations: after the first, each generation of the student learns from the previous one (null: one)."""
     exits: ExitConfig | None = None
     """Be your own teacher: early-exit heads on intermediate layers trained against the final layer (null: none)."""
+    netaug: NetAugConfig | None = None
+    """Network augmentation: the pruned student also trained inside a wider model sharing its weights (null: off)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, checkpoints and logging."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -123,6 +126,12 @@ class PruneDistillConfig(ConfigBase):
             check_exits(lora=self.train.lora is not None, on_policy=self.on_policy is not None, mutual=self.mutual is not None)
             if self.born_again is not None:
                 raise ConfigError("exits with born_again is not supported; set exits=null or born_again=null")
+        if self.netaug is not None:
+            check_netaug_combination({
+                "train.lora": self.train.lora is not None, "mutual": self.mutual is not None, "exits": self.exits is not None,
+                "born_again": self.born_again is not None, "on_policy": self.on_policy is not None,
+                "train.gradient_checkpointing": self.train.gradient_checkpointing, "train.compile": self.train.compile,
+                "teacher_cache.enabled": self.teacher_cache is not None and self.teacher_cache.enabled})
         if self.born_again is not None:
             check_born_again(mutual=self.mutual is not None, on_policy=self.on_policy is not None,
                              teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)

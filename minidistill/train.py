@@ -403,6 +403,10 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         _align(teacher.get_output_embeddings().weight.shape[0], int(getattr(student_cfg_only, "vocab_size", 0) or 0),
                tokenizer, student_tok)
         check_pairing_possible(cfg.loss, _prune_map_for(cfg.student.source, teacher))
+        if cfg.netaug is not None:
+            from .distill.netaug import check_netaug
+
+            check_netaug(_prune_map_for(cfg.student.source, teacher), f"student.source={cfg.student.source}")
         if cfg.exits is not None:
             from .distill.exits import check_exit_layers
 
@@ -478,6 +482,7 @@ def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | Non
         peers=peers,
         peer_prune_maps=peer_maps,
         exits=cfg.exits,
+        netaug=cfg.netaug,
     )
     stage = "distill" if generation is None else f"distill gen{generation}"
     with timer.stage(stage):

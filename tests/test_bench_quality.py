@@ -124,14 +124,25 @@ def test_modes_group_trains_every_peer_on_the_same_tokens(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "## Quality study: training modes" in proc.stdout
-    g = _by_group(json.loads((tmp_path / "rows.json").read_text()))["mutual learning (equal tokens per model)"]
-    assert set(g) == {"one student, logit KD", "one student, LM loss only",
-                      "mutual, 2 peers + teacher: student", "mutual, 2 peers + teacher: peer 1",
-                      "mutual, 2 peers, no teacher: student", "mutual, 2 peers, no teacher: peer 1"}
+    g = _by_group(json.loads((tmp_path / "rows.json").read_text()))["training modes (equal tokens per model)"]
+    exit_rows = {n for n in g if n.startswith("exit after layer")}
+    assert set(g) - exit_rows == {
+        "one student, logit KD", "one student, LM loss only", "mutual, 2 peers + teacher: student",
+        "mutual, 2 peers + teacher: peer 1", "mutual, 2 peers, no teacher: student", "mutual, 2 peers, no teacher: peer 1",
+        "born-again: generation 1 (from the one-student logit KD model)",
+        "netaug (the student's weights also trained inside a wider model)"}
+    assert len(exit_rows) == 2
     assert {r["tokens"] for r in g.values()} == {2 * 2 * 64}
     starts = {r["extra"]["start_perplexity"] for r in g.values()}
     assert len(starts) == 1  # every row starts from the same pruned student
+    kd = g["one student, logit KD"]
     for name in ("mutual, 2 peers + teacher", "mutual, 2 peers, no teacher"):
         # the peer is a perturbed copy, trained: neither the student nor its start
         assert g[f"{name}: peer 1"]["perplexity"] != pytest.approx(g[f"{name}: student"]["perplexity"], rel=1e-6)
-        assert g[f"{name}: student"]["perplexity"] != pytest.approx(g["one student, logit KD"]["perplexity"], rel=1e-6)
+        assert g[f"{name}: student"]["perplexity"] != pytest.approx(kd["perplexity"], rel=1e-6)
+    for name in ("born-again: generation 1 (from the one-student logit KD model)",
+                 "netaug (the student's weights also trained inside a wider model)"):
+        assert g[name]["perplexity"] != pytest.approx(kd["perplexity"], rel=1e-6)
+        assert g[name]["shape"] == kd["shape"]
+    full, stopped = sorted(exit_rows, key=lambda n: n.endswith("stopped at the exit"))
+    assert g[stopped]["shape"]["num_layers"] < g[full]["shape"]["num_layers"] == kd["shape"]["num_layers"]

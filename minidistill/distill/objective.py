@@ -1096,12 +1096,14 @@ class DistillationModule(nn.Module):
     values). Peers (deep mutual learning, :mod:`minidistill.distill.mutual`) each have their own objective
     against the teacher, scaled by ``teacher_weight``, plus ``mutual_weight`` x ``mutual`` to the other peers;
     the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``. Early-exit
-    heads (``exits``, :mod:`minidistill.distill.exits`) add their loss against the student's own final layer.
+    heads (``exits``, :mod:`minidistill.distill.exits`) add their loss against the student's own final layer; with
+    ``netaug`` (:mod:`minidistill.distill.netaug`) the student also runs inside the wider model (``netaug_ratio``).
     """
 
     def __init__(self, student: nn.Module, objective: DistillObjective, *, peers: list[nn.Module] | None = None,
                  peer_objectives: list[DistillObjective] | None = None, mutual: nn.Module | None = None,
-                 mutual_weight: float = 1.0, teacher_weight: float = 1.0, exits: nn.Module | None = None):
+                 mutual_weight: float = 1.0, teacher_weight: float = 1.0, exits: nn.Module | None = None,
+                 netaug: nn.Module | None = None):
         super().__init__()
         self.student = student
         self.objective = objective
@@ -1116,6 +1118,10 @@ class DistillationModule(nn.Module):
             raise ValueError("early exits train one student; they do not combine with peers")
         self.exits = exits
         """:class:`~minidistill.distill.exits.ExitHeads` on the student's intermediate layers (None: none)."""
+        if netaug is not None and (peers or "logits" not in objective.terms):
+            raise ValueError("netaug trains one student with a logit term")
+        self.netaug = netaug
+        """:class:`~minidistill.distill.netaug.AugmentedWidth`: the wider model's extra neurons (None: none)."""
 
     @property
     def config(self):
@@ -1131,7 +1137,7 @@ class DistillationModule(nn.Module):
         return [self.objective, *self.peer_objectives]
 
     def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
-                target_mask: torch.Tensor | None = None, peer: int = 0) -> dict:
+                target_mask: torch.Tensor | None = None, peer: int = 0, netaug_ratio: float | None = None) -> dict:
         """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With
         ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
         of :func:`minidistill.training.evaluation.heldout_stats` for trainable model ``peer`` (0: the student)."""
@@ -1158,6 +1164,12 @@ class DistillationModule(nn.Module):
                                                          student_features.head_weight, student_features.head_bias)
                 total = total + exit_total
                 components.update(exit_components)
+            if self.netaug is not None and netaug_ratio is not None:
+                with self.netaug.active(self.student, netaug_ratio):
+                    wide = model_features(self.student, input_ids, CaptureRequest())
+                wide_loss = self.objective.terms["logits"]({STUDENT: wide, TEACHER: teacher_features}, input_ids)
+                total = total + self.netaug.alpha * wide_loss
+                components["loss/netaug"] = wide_loss.detach().float()
             return {"loss": total, "components": components}
         return self._mutual_forward(input_ids, teacher_features, target_mask)
 

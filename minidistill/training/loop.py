@@ -35,6 +35,7 @@ from ..distill.objective import (
 )
 from ..distill.exits import ExitConfig, ExitHeads, check_exits
 from ..distill.mutual import MutualConfig, MutualLoss, check_mutual
+from ..distill.netaug import AugmentedWidth, NetAugConfig, check_netaug, check_netaug_combination
 from ..distill.on_policy import (
     OnPolicyConfig,
     check_on_policy,
@@ -151,6 +152,7 @@ class Distiller:
         peers: list[nn.Module] | None = None,
         peer_prune_maps: list[PruneMap | None] | None = None,
         exits: ExitConfig | None = None,
+        netaug: NetAugConfig | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
         self.mutual = mutual
@@ -163,6 +165,12 @@ class Distiller:
             check_mutual(lora=train.lora is not None, on_policy=on_policy is not None, teacher_cache=teacher_cache is not None)
         if exits is not None:
             check_exits(lora=train.lora is not None, on_policy=on_policy is not None, mutual=mutual is not None)
+        if netaug is not None:
+            check_netaug_combination({"train.lora": train.lora is not None, "mutual": mutual is not None,
+                                      "exits": exits is not None, "on_policy": on_policy is not None,
+                                      "train.gradient_checkpointing": train.gradient_checkpointing,
+                                      "train.compile": train.compile, "teacher_cache": teacher_cache is not None})
+            check_netaug(prune_map, "the student")
         self.on_policy = on_policy
         """On-policy distillation settings (None: every micro-batch is corpus data)."""
         if on_policy is not None:
@@ -217,8 +225,10 @@ class Distiller:
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
         if mutual is None:
-            module = DistillationModule(student, objective,
-                                        exits=ExitHeads(student, exits, vocab_size) if exits is not None else None)
+            module = DistillationModule(
+                student, objective, exits=ExitHeads(student, exits, vocab_size) if exits is not None else None,
+                netaug=AugmentedWidth(student, teacher, prune_map, netaug) if netaug is not None else None,
+            )
         else:
             module = DistillationModule(
                 student, objective, peers=peers,
@@ -518,6 +528,9 @@ class Distiller:
             generated = self.on_policy is not None and is_on_policy(self.on_policy, tc.seed, step * tc.grad_accum_steps + micro)
             if generated:
                 input_ids, target["target_mask"] = self._on_policy_rows(indices, step * tc.grad_accum_steps + micro)
+            netaug = acc.unwrap_model(self.module).netaug
+            if netaug is not None:  # the wider model's width for this micro-batch
+                target["netaug_ratio"] = netaug.draw(step * tc.grad_accum_steps + micro)
             with positions:
                 if self.teacher_cache is not None:
                     t_feats = self._cached_teacher(indices)
