@@ -189,10 +189,31 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     """Load ``cls`` from a YAML file (optional) with command-line overrides applied on top."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        data = read_yaml_file(path)
+        data = read_config_file(path)
     data = merge_dicts(data, parse_overrides(overrides or []))
     return cls.from_dict(data)
+
+
+BASE_KEY = "base"
+"""A config file's ``base: other.yaml`` (relative to the file) is read first and the file's own keys merged on top."""
+
+
+def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a config file with its ``base`` chain resolved (ConfigError naming the file on a missing base or a cycle)."""
+    path = Path(path)
+    data = read_yaml_file(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {path}: base must be a YAML file name (e.g. base: demo.yaml), not {base!r}")
+    base_path = (path.parent / base).resolve()
+    seen = (*_seen, path.resolve())
+    if base_path in seen:
+        raise ConfigError(f"config file {path}: base: {base} leads back to {base_path.name}; remove the cycle")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base: {base} does not exist next to it ({base_path}); fix the name")
+    return merge_dicts(read_config_file(base_path, seen), data)
 
 
 def read_yaml_file(path: str | Path) -> dict[str, Any]:

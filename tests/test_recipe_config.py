@@ -37,6 +37,33 @@ def test_demo_trains_for_a_time_budget_that_fits_twenty_minutes():
     assert cfg.prune.search.reconstruct and "bundled:wiki" in cfg.data.mix
 
 
+def test_mode_configs_are_the_demo_plus_their_mode():
+    by_name = {p.name: p for p in CONFIGS}
+    demo = load_recipe_config(by_name["demo.yaml"]).to_dict()
+    modes = {"demo_mutual.yaml": "mutual", "demo_born_again.yaml": "born_again", "demo_exits.yaml": "exits",
+             "demo_netaug.yaml": "netaug"}
+    for name, key in modes.items():
+        got = load_recipe_config(by_name[name]).to_dict()
+        assert demo[key] is None and got[key] is not None, name
+        changed = {k for k in got if got[k] != demo[k]}
+        assert changed <= {"run_name", key, "train"}, (name, changed)
+        assert {k for k in got["train"] if got["train"][k] != demo["train"][k]} <= {"max_minutes"}, name
+
+
+def test_base_file_is_read_first_and_overridden_by_the_file_and_the_command_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("run_name: a\ntrain: {lr: 1.0e-3, batch_size: 8}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {lr: 2.0e-3}\n")
+    cfg = load_recipe_config(tmp_path / "b.yaml", ["train.batch_size=4"])
+    assert (cfg.run_name, cfg.train.lr, cfg.train.batch_size) == ("a", 2e-3, 4)
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: base: missing\.yaml does not exist next to it"):
+        load_recipe_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("base: d.yaml\n")
+    with pytest.raises(ConfigError, match=r"leads back to d\.yaml; remove the cycle"):
+        load_recipe_config(tmp_path / "d.yaml")
+
+
 def test_nested_overrides_reach_every_level():
     cfg = load_recipe_config(
         None,
