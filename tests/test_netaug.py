@@ -154,3 +154,4 @@ def test_a_student_without_a_prune_map_is_refused_before_the_data_is_built(folde
 def test_bad_netaug_settings_fail_at_config_load(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_recipe_config(None, overrides)
+

@@ -1,0 +1,40 @@
+"""Early exits and network augmentation under 2-process DDP: the recipe's losses and model equal one process's."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes_ddp")
+    teacher = make_teacher_dir(root / "teacher")
+    return root, teacher, make_student_dir(teacher, root / "student")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
+                         ids=["netaug", "exits"])
+def test_two_process_ddp_matches_one_process(folders, tmp_path, mode):
+    from test_distributed import WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
+
+    root, teacher, student = folders
+    ddp = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()))
+    runs = {}
+    for name, launcher in (("single", [sys.executable]), ("ddp", ddp)):
+        overrides = tiny_overrides(tmp_path / "runs", teacher, student, run_name=name, **{
+            "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **mode})
+        _launch([*launcher, str(WRAPPER), *overrides], _env(tmp_path, sharded=False), f"{name} run")
+        run_dir = tmp_path / "runs" / name
+        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), sorted(p.name for p in (run_dir / "model").rglob("*")))
+    (ref, ref_state, ref_files), (got, state, files) = runs["single"], runs["ddp"]
+    extra = "loss/netaug" if "netaug.alpha" in mode else "loss/exit0"
+    assert ref[0]["loss"] != ref[-1]["loss"] and files == ref_files
+    for a, b in zip(ref, got, strict=True):
+        for key in ("loss", "loss/logits", extra):
+            assert b[key] == pytest.approx(a[key], rel=5e-5, abs=1e-8), (a["step"], key)
+    for k, v in ref_state.items():
+        assert (state[k] - v).abs().max().item() <= 2e-5, k
