@@ -89,6 +89,31 @@ def test_full_k_equals_the_dense_fused_forward_kl():
                                sparse, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ce_weight", [0.5, 1.0])
+def test_hard_labels_mix_like_the_dense_loss(ce_weight):
+    """ce_weight: (1 - w) * KL + w * CE, equal to the dense fused loss at k = vocab (values and gradients), and to
+    KL and CE written out in float64 at k < vocab."""
+    h_s, w_s, b_s, h_t, w_t, labels = _inputs(seed=5)
+    idx, top_lp, rest = _teacher_topk(h_t, w_t, V)
+    h, w = h_s.float().requires_grad_(True), w_s.float().requires_grad_(True)
+    got = CachedLogitKDLoss(chunk_tokens=7, ce_weight=ce_weight)(h, w, idx, top_lp.float(), rest.float(), labels)
+    got_g = torch.autograd.grad(got, [h, w])
+    h2, w2 = h_s.float().requires_grad_(True), w_s.float().requires_grad_(True)
+    dense = FusedLogitKDLoss("forward_kl", chunk_tokens=7, ce_weight=ce_weight)(h2, w2, h_t.float(), w_t.float(), labels)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_g, torch.autograd.grad(dense, [h2, w2])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    idx, top_lp, rest = _teacher_topk(h_t, w_t, 4)
+    kept = labels != -100
+    ce = F.cross_entropy(h_s @ w_s.T + b_s, labels, ignore_index=-100)
+    want = (1 - ce_weight) * _naive(h_s, w_s, b_s, idx, top_lp, rest, labels) + ce_weight * ce
+    sparse = CachedLogitKDLoss(ce_weight=ce_weight)(h_s, w_s, idx, top_lp, rest, labels, student_head_bias=b_s)
+    torch.testing.assert_close(sparse, want, rtol=1e-7, atol=1e-9)
+    assert kept.sum() < labels.numel()  # ignored positions count in neither part
+    with pytest.raises(ValueError, match="needs labels"):
+        CachedLogitKDLoss(ce_weight=0.5)(h_s, w_s, idx, top_lp, rest)
+
+
 def test_shapes_and_k_are_checked():
     h_s, w_s, _, h_t, w_t, _ = _inputs()
     idx, top_lp, rest = _teacher_topk(h_t, w_t, 4)

@@ -60,13 +60,15 @@ def _run(run_dir, cache_k: int | None, loss: dict | None = None):
     return [r["loss"] for r in _train_records(run_dir)], len(calls)
 
 
-def test_cached_run_at_full_k_equals_the_live_run_without_teacher_forwards(tmp_path):
-    live, live_calls = _run(tmp_path / "live", None)
-    cached, cached_calls = _run(tmp_path / "cached", 128)
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_cached_run_at_full_k_equals_the_live_run_without_teacher_forwards(tmp_path, ce_weight):
+    loss = {"logits": {"ce_weight": ce_weight}}
+    live, live_calls = _run(tmp_path / "live", None, loss)
+    cached, cached_calls = _run(tmp_path / "cached", 128, loss)
     assert len(live) == 3
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(live), rtol=1e-5, atol=1e-6)
     assert live_calls - cached_calls == 3 * 2  # one teacher forward per training micro-batch, none with the cache
-    sparse, _ = _run(tmp_path / "k4", 4)
+    sparse, _ = _run(tmp_path / "k4", 4, loss)
     assert abs(sparse[0] - live[0]) > 1e-4  # k < vocab truncates the teacher: a different loss
 
 

@@ -267,7 +267,7 @@ def check_cache_compatible(cfg: DistillLossConfig) -> None:
             f"({', '.join(features)}), which need a teacher forward: set {key}=0 or teacher_cache.enabled=false"
         )
     lg, default = cfg.logits, LogitLossSettings()
-    for key in ("divergence", "temperature", "top_k", "top_p", "ce_weight", "teacher_bound_margin", "token_weighting"):
+    for key in ("divergence", "temperature", "top_k", "top_p", "teacher_bound_margin", "token_weighting"):
         if getattr(lg, key) != getattr(default, key):
             raise ConfigError(
                 f"teacher_cache.enabled=true trains the forward KL at temperature 1 against the cached top-k (its k sets the "
@@ -457,7 +457,7 @@ class LogitTerm(LossTerm):
         self.ce = self.loss.loss_fn.needs_labels
         from .losses.cached import CachedLogitKDLoss
 
-        self.cached = CachedLogitKDLoss(chunk_tokens=cfg.chunk_tokens, vocab_size=vocab_size)
+        self.cached = CachedLogitKDLoss(chunk_tokens=cfg.chunk_tokens, vocab_size=vocab_size, ce_weight=cfg.ce_weight)
 
     def forward(self, features, input_ids, target_mask: torch.Tensor | None = None):
         """``target_mask`` [batch, seq] (bool): only positions predicting a True token count (None: all)."""
@@ -466,7 +466,8 @@ class LogitTerm(LossTerm):
             if target_mask is not None:
                 raise ValueError("target_mask is not supported with a cached teacher")
             h_s = s.final_hidden[:, :-1]
-            return self.cached(h_s, s.head_weight, t.indices, t.logprobs, t.rest, student_head_bias=s.head_bias)
+            labels = input_ids[:, 1:] if self.cached.ce_weight > 0 else None
+            return self.cached(h_s, s.head_weight, t.indices, t.logprobs, t.rest, labels, student_head_bias=s.head_bias)
         h_s = s.final_hidden[:, :-1].reshape(-1, s.final_hidden.shape[-1])
         h_t = t.final_hidden[:, :-1].reshape(-1, t.final_hidden.shape[-1])
         labels = input_ids[:, 1:].reshape(-1) if self.ce else None

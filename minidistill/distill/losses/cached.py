@@ -27,8 +27,9 @@ from .fused import precomputed_grads
 
 
 def cached_kl_summed(logits_s: Tensor, top_idx: Tensor, top_lp: Tensor, rest_lp: Tensor, mask: Tensor | None,
-                     vocab_size: int | None) -> Tensor:
-    """Summed forward KL of rows ``logits_s`` [n, V] against cached teacher rows (``mask``: counted rows)."""
+                     vocab_size: int | None, labels: Tensor | None = None, ce_weight: float = 0.0) -> Tensor:
+    """Summed forward KL of rows ``logits_s`` [n, V] against cached teacher rows (``mask``: counted rows); with
+    ``ce_weight = w`` each row's loss is ``(1 - w) * KL + w * CE`` on its ``labels`` (the next tokens)."""
     width = logits_s.shape[-1]
     tokens = width if vocab_size is None else min(vocab_size, width)
     if tokens < width:
@@ -45,6 +46,9 @@ def cached_kl_summed(logits_s: Tensor, top_idx: Tensor, top_lp: Tensor, rest_lp:
         has_rest = torch.isfinite(rest_lp)
         safe_rest = torch.where(has_rest, rest_lp, zero)
         per_token = per_token + torch.where(has_rest, safe_rest.exp() * (safe_rest - lq_rest), zero)
+    if ce_weight > 0:
+        safe = labels.clamp(min=0).unsqueeze(-1)  # ignored rows are masked below
+        per_token = (1 - ce_weight) * per_token + ce_weight * (lse - logits_s.gather(-1, safe).squeeze(-1))
     if mask is not None:
         per_token = torch.where(mask, per_token, zero)
     return per_token.sum()
@@ -55,7 +59,8 @@ class _CachedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, top_idx: Tensor, top_lp: Tensor,
-                rest_lp: Tensor, mask: Tensor | None, denominator: float, chunk_tokens: int, vocab_size: int | None) -> Tensor:
+                rest_lp: Tensor, mask: Tensor | None, denominator: float, chunk_tokens: int, vocab_size: int | None,
+                labels: Tensor | None, ce_weight: float) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         w = weight.detach() if weight.dtype in (torch.float32, torch.float64) else weight.detach().float()
         b = None if bias is None else bias.detach().to(w.dtype)
@@ -68,16 +73,17 @@ class _CachedLinearKD(torch.autograd.Function):
                 stop = min(start + chunk_tokens, hidden.shape[0])
                 h = hidden[start:stop].detach().to(w.dtype)
                 rows = (top_idx[start:stop].long(), top_lp[start:stop], rest_lp[start:stop],
-                        None if mask is None else mask[start:stop])
+                        None if mask is None else mask[start:stop], vocab_size,
+                        None if labels is None else labels[start:stop], ce_weight)
                 with torch.no_grad():
                     logits = F.linear(h, w, b)
                 if not (need_h or need_w or need_b):
                     with torch.no_grad():
-                        total += cached_kl_summed(logits, *rows, vocab_size) / denominator
+                        total += cached_kl_summed(logits, *rows) / denominator
                     continue
                 logits.requires_grad_(True)
                 with torch.enable_grad():
-                    loss = cached_kl_summed(logits, *rows, vocab_size) / denominator
+                    loss = cached_kl_summed(logits, *rows) / denominator
                     (g,) = torch.autograd.grad(loss, logits)
                 total += loss.detach()
                 if grad_h is not None:
@@ -93,15 +99,21 @@ class _CachedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None, None, None)
 
 
 class CachedLogitKDLoss(nn.Module):
-    """Forward KL of a cached top-k teacher (plus its rest bucket) to the student (see the module docstring)."""
+    """Forward KL of a cached top-k teacher (plus its rest bucket) to the student (see the module docstring).
+
+    ``ce_weight = w``: the per-position loss is ``(1 - w) * KL + w * CE`` with the data's next tokens (``labels``).
+    """
 
     def __init__(self, *, chunk_tokens: int = 256, ignore_index: int = -100, reduction: Literal["mean", "sum"] = "mean",
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, ce_weight: float = 0.0):
         super().__init__()
+        if not 0.0 <= ce_weight <= 1.0:
+            raise ValueError(f"ce_weight={ce_weight!r} must be in [0, 1]")
+        self.ce_weight = float(ce_weight)
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens!r} must be >= 1")
         if reduction not in ("mean", "sum"):
@@ -114,7 +126,8 @@ class CachedLogitKDLoss(nn.Module):
     def forward(self, student_hidden: Tensor, student_head_weight: Tensor, top_indices: Tensor, top_logprobs: Tensor,
                 rest_logprob: Tensor, labels: Tensor | None = None, *, student_head_bias: Tensor | None = None) -> Tensor:
         """Loss for hidden states [..., D], head weight [V, D], ``top_indices`` / ``top_logprobs`` [..., k] and
-        ``rest_logprob`` [...]; ``labels`` [...] only masks ``ignore_index`` positions."""
+        ``rest_logprob`` [...]; ``labels`` [...] masks ``ignore_index`` positions and, with ``ce_weight``, are the
+        cross-entropy targets."""
         d = student_hidden.shape[-1]
         if student_head_weight.dim() != 2 or student_head_weight.shape[1] != d:
             raise ValueError(f"student head weight {tuple(student_head_weight.shape)} does not take hidden size {d}")
@@ -128,10 +141,13 @@ class CachedLogitKDLoss(nn.Module):
         if top_indices.shape[-1] > rows:
             raise ValueError(f"the cache holds k={top_indices.shape[-1]} tokens per position but the vocabulary has {rows}")
         k = top_indices.shape[-1]
+        if self.ce_weight > 0 and labels is None:
+            raise ValueError(f"ce_weight={self.ce_weight} needs labels; pass labels or set ce_weight=0")
         mask = None if labels is None else (labels.reshape(-1) != self.ignore_index)
         count = positions.numel() if mask is None else int(mask.sum())
         denominator = 1.0 if self.reduction == "sum" else float(max(count, 1))
         return _CachedLinearKD.apply(
             student_hidden.reshape(-1, d), student_head_weight, student_head_bias, top_indices.reshape(-1, k),
             top_logprobs.reshape(-1, k), rest_logprob.reshape(-1), mask, denominator, self.chunk_tokens, self.vocab_size,
+            None if labels is None else labels.reshape(-1).long(), self.ce_weight,
         )
