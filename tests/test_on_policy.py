@@ -137,6 +137,28 @@ def test_student_equal_to_teacher_has_zero_on_policy_loss(tmp_path, divergence):
     assert abs(record["loss/logits"]) < 1e-6
 
 
+def test_with_lora_the_adapted_student_generates_and_only_the_adapters_train(tmp_path):
+    """After LoRA steps the on-policy continuations are the adapted student's: sampling the merged model with the
+    same uniforms gives the same tokens; the base weights do not move."""
+    d = _distiller(tmp_path / "run", on_policy={"fraction": 1.0, "max_new_tokens": NEW},
+                   train={"lora": {"r": 4, "alpha": 8.0}, "lr": 5e-2})
+    base = {k: v.detach().clone() for k, v in d.student.state_dict().items() if "lora_" not in k}
+    for step in range(2):
+        assert d.train_step(step)["on_policy_share"] == 1.0
+    indices = d.sampler.next_indices()
+    seqs, _ = d._on_policy_rows(indices, 7)
+    merged = copy.deepcopy(d.peft_model).merge_and_unload()
+    prefix = d.data.train.input_ids[indices][:, : SEQ - NEW]
+    want = generate_continuations(merged, prefix, sampling_uniforms(d.train_cfg.seed, 7, prefix.shape[0], NEW), temperature=1.0)
+    assert torch.equal(seqs, want)
+    with d.peft_model.disable_adapter():  # the unadapted base
+        unadapted = generate_continuations(d.peft_model.get_base_model(), prefix,
+                                           sampling_uniforms(d.train_cfg.seed, 7, prefix.shape[0], NEW), temperature=1.0)
+    assert not torch.equal(unadapted, want)  # the adapters changed what the student writes
+    now = {k: v for k, v in d.student.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], now[k]) for k in base)
+
+
 def _naive_loss(student, teacher, seqs, prefix_len, divergence, beta=0.5):
     """Float64 divergence averaged over the positions predicting generated tokens, from full logits."""
     with torch.no_grad():
