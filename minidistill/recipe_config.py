@@ -17,7 +17,7 @@ from .distill.born_again import BornAgainConfig, check_born_again
 from .distill.exits import ExitConfig, check_exits
 from .distill.mutual import MutualConfig, check_mutual
 from .distill.netaug import NetAugConfig, check_netaug_combination
-from .distill.objective import DistillLossConfig, check_cache_compatible
+from .distill.objective import DistillLossConfig, check_cache_compatible, feature_terms
 from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
 from .export_gguf import GGUFExportConfig
@@ -135,6 +135,10 @@ class PruneDistillConfig(ConfigBase):
         if self.born_again is not None:
             check_born_again(mutual=self.mutual is not None, on_policy=self.on_policy is not None,
                              teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
+            features, key = feature_terms(self.loss)
+            if self.born_again.ensemble and features:
+                raise ConfigError(f"born_again.ensemble=true gives the logit term the generations' mean distribution only; "
+                                  f"set {key}=0 (or born_again.ensemble=false)")
         if self.student is not None and self.teacher_correction is not None and self.teacher_correction.enabled:
             raise ConfigError(
                 "teacher_correction changes the teacher before pruning, but student.source is already pruned from the "

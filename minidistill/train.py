@@ -511,6 +511,15 @@ def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | Non
     return result, metadata
 
 
+def _learned_from(cfg: PruneDistillConfig, generation: int) -> str:
+    """What born-again ``generation`` learns from, in words."""
+    if generation == 0:
+        return "teacher"
+    if cfg.born_again.ensemble and generation > 1:
+        return f"mean of generations 0-{generation - 1}"
+    return f"generation {generation - 1}"
+
+
 def check_born_again_pairing(cfg: PruneDistillConfig) -> None:
     """ConfigError when a born-again run has a loss term that pairs layers by the prune map: generations after the
     first learn from a model of the student's own shape, which the map does not describe."""
@@ -535,6 +544,12 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
     """
     import gc
 
+    from .config import ConfigError
+    from .distill.objective import EnsembleTeacher
+
+    if cfg.born_again.ensemble and parallel.teacher_is_sharded(accelerator):
+        raise ConfigError("born_again.ensemble=true runs the generations as replicas; launch with launch/ddp.yaml or "
+                          "launch/zero2.yaml (or set born_again.ensemble=false)")
     init_source = cfg.student.source if cfg.student is not None else str(student_init_dir(cfg))
     # All finished but the run's model/ missing: the last generation resumes from its final checkpoint (no steps left).
     first = min(generations_done(cfg), cfg.born_again.generations)
@@ -545,13 +560,16 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
         else:
             previous = str(generation_dir(cfg.run_dir, g - 1) / MODEL_DIR)
             with parallel.full_weights_init(accelerator):
-                gen_teacher = load_model(ModelConfig(source=previous, dtype=cfg.teacher.dtype))
+                if cfg.born_again.ensemble:
+                    gen_teacher = EnsembleTeacher([load_model(ModelConfig(source=str(generation_dir(cfg.run_dir, j) / MODEL_DIR),
+                                                                          dtype=cfg.teacher.dtype)) for j in range(g)])
+                else:
+                    gen_teacher = load_model(ModelConfig(source=previous, dtype=cfg.teacher.dtype))
                 source = init_source if cfg.born_again.init == "pruned" else previous
                 gen_student = student if g == first and source == init_source else load_model(
                     ModelConfig(source=source, dtype=cfg.teacher.dtype))
             objective_map = None
-        logger.info("born-again generation %d of %d: learns from %s", g, cfg.born_again.generations,
-                    "the teacher" if g == 0 else f"generation {g - 1}")
+        logger.info("born-again generation %d of %d: learns from %s", g, cfg.born_again.generations, _learned_from(cfg, g))
         result, metadata = fit(student=gen_student, teacher=gen_teacher, prune_map=objective_map, run_dir=gen_dir,
                                resume=resume if g == first else None, cache=None, peers=[], peer_maps=[],
                                export_prune_map=prune_map, generation=g)
@@ -656,7 +674,7 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         gen_dir = generation_dir(cfg.run_dir, g)
         final = eval_records(read_log(gen_dir / "log.jsonl"))[1]
         model = load_model(ModelConfig(source=str(gen_dir / MODEL_DIR))).to(device)
-        generations.append({"generation": g, "learned_from": "teacher" if g == 0 else f"generation {g - 1}",
+        generations.append({"generation": g, "learned_from": _learned_from(cfg, g),
                             "folder": str(gen_dir / MODEL_DIR), "heldout": heldout_of(final, "heldout"),
                             "heldout_sets": heldout_sets(model)})
         del model

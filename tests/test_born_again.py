@@ -76,6 +76,30 @@ def test_each_generation_learns_from_the_previous_one_and_is_saved_and_measured(
     assert f"{metrics['generations'][1]['heldout']['perplexity']:.2f}" in section
 
 
+def test_ensemble_generation_learns_from_the_mean_of_all_earlier_ones(folders):
+    from transformers import AutoModelForCausalLM
+
+    from minidistill.data import build_text_data
+    from minidistill.models import load_tokenizer
+
+    cfg = _cfg(folders, "ensemble", **{"born_again.ensemble": "true"})
+    run_dir = run_prune_distill(cfg).run_dir
+    # generation 2's teacher, scored at its step 0, is the mean distribution of generations 0 and 1
+    data = build_text_data(cfg.data, load_tokenizer(str(folders[1])))
+    blocks = data.heldout.input_ids[: cfg.eval.max_blocks]
+    lps = []
+    for g in (0, 1):
+        model = AutoModelForCausalLM.from_pretrained(generation_dir(run_dir, g) / "model", dtype=torch.float64)
+        with torch.no_grad():
+            lps.append(torch.log_softmax(model(blocks).logits[:, :-1], -1))
+    mix = torch.logsumexp(torch.stack(lps), 0) - torch.log(torch.tensor(2.0, dtype=torch.float64))
+    nll = -mix.gather(-1, blocks[:, 1:, None]).mean().item()
+    assert _evals(run_dir, 2)[0]["teacher_heldout_loss"] == pytest.approx(nll, rel=1e-5)
+    assert _evals(run_dir, 1)[0]["teacher_heldout_loss"] == pytest.approx(_evals(run_dir, 0)[-1]["heldout_loss"], rel=1e-5)
+    learned = json.loads((generation_dir(run_dir, 2) / "model" / "training_metadata.json").read_text())["generation"]
+    assert learned == 2
+
+
 def test_init_previous_starts_each_generation_from_the_one_before(folders):
     result = run_prune_distill(_cfg(folders, "previous", **{"born_again.generations": 1, "born_again.init": "previous"}))
     before, after = _evals(result.run_dir, 0), _evals(result.run_dir, 1)
@@ -121,6 +145,7 @@ def test_a_crash_inside_generation_one_resumes_there(folders, monkeypatch):
         (["born_again.generations=1", "on_policy.fraction=0.5"], r"set on_policy=null \(or born_again=null\)"),
         (["born_again.generations=1", "teacher_cache.enabled=true"], r"teacher_cache\.enabled=false \(or born_again=null\)"),
         (["born_again.init=random"], r"born_again\.init"),
+        (["born_again.ensemble=true", "loss.hidden.weight=1"], r"born_again\.ensemble=true .* set loss\.hidden\.weight=0"),
     ],
 )
 def test_bad_born_again_settings_fail_at_config_load(overrides, match):

@@ -193,3 +193,25 @@ def test_autocast_does_not_lower_logit_precision():
         bf16_logits = LogitKDLoss(**kwargs)(F.linear(h_s, w_s, b_s), F.linear(h_t, w_t, b_t), labels)
     torch.testing.assert_close(autocast, reference, rtol=1e-6, atol=0)
     assert abs(float(bf16_logits.detach() - reference.detach())) > 1e-5  # what autocast would have done
+
+
+@pytest.mark.parametrize("vocab_size", [None, 40])
+def test_ensemble_teacher_target_is_the_mean_of_the_members_distributions(vocab_size):
+    """extra_teachers: KL from the mean of the members' softmaxes (float64, by hand) to the student, and its gradients."""
+    g = torch.Generator().manual_seed(11)
+    n, v, ds, dts = 19, 47, 8, (10, 6, 12)
+    h_s = torch.randn(n, ds, generator=g, dtype=torch.float64, requires_grad=True)
+    w_s = (torch.randn(v, ds, generator=g, dtype=torch.float64) / ds**0.5).requires_grad_(True)
+    members = [(torch.randn(n, d, generator=g, dtype=torch.float64), 2 * torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5)
+               for d in dts]
+    tokens = v if vocab_size is None else vocab_size
+    probs = torch.stack([torch.softmax((h @ w.T)[:, :tokens], -1) for h, w in members]).mean(0)
+    lq = torch.log_softmax((h_s @ w_s.T)[:, :tokens], -1)
+    want = (probs * (probs.log() - lq)).sum(-1).mean()
+    want_g = torch.autograd.grad(want, [h_s, w_s])
+    loss = FusedLogitKDLoss("forward_kl", chunk_tokens=5, vocab_size=vocab_size)
+    (h0, w0), *rest = members
+    got = loss(h_s, w_s, h0, w0, extra_teachers=[(h, w, None) for h, w in rest])
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), want_g):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

@@ -1,7 +1,8 @@
 """Born-again generations: each generation of the student is distilled from the one before it.
 
 Generation 0 learns from the teacher as a plain run does; generation ``g >= 1`` has the student's shape and
-learns from generation ``g - 1`` (Furlanello et al. 2018, "Born-Again Neural Networks"). Each generation is its own
+learns from generation ``g - 1`` (Furlanello et al. 2018, "Born-Again Neural Networks"), or with
+``ensemble: true`` from the mean distribution of generations ``0 .. g - 1`` (their "BANE"). Each generation is its own
 run folder, ``<run_dir>/generations/gen<g>/`` (log, checkpoints, ``model/``); the last generation's model is
 the run's ``<run_dir>/model/``. A resumed run skips the finished generations and continues inside the first
 unfinished one.
@@ -24,6 +25,8 @@ class BornAgainConfig(ConfigBase):
 
     generations: int = 1
     """Generations after generation 0 (which learns from the teacher)."""
+    ensemble: bool = False
+    """Generation g learns from the mean of the distributions of generations 0 .. g-1 (logit term only; replica teacher)."""
     init: Literal["pruned", "previous"] = "pruned"
     """Where each generation starts: the pruned student (as generation 0 did), or the previous generation's weights."""
 

@@ -239,6 +239,33 @@ class ModelFeatures:
 
 
 @dataclass
+class EnsembleFeatures:
+    """The features of each member of an ensemble teacher (:class:`EnsembleTeacher`); the logit term's target is
+    the mean of the members' distributions."""
+
+    members: list[ModelFeatures]
+
+
+class EnsembleTeacher(nn.Module):
+    """Frozen models of one tokenizer whose mean distribution is the teacher (e.g. born-again generations)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if len(members) < 1:
+            raise ValueError("an ensemble teacher needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def config(self):
+        """The first member's config (sharding and placement helpers look for ``.config``)."""
+        return self.members[0].config
+
+    def get_output_embeddings(self) -> nn.Module:
+        """The first member's output head (the members share the tokenizer)."""
+        return self.members[0].get_output_embeddings()
+
+
+@dataclass
 class CachedTeacher:
     """The teacher of one micro-batch read from a teacher cache: top-k ids, their log-probs and the rest log-mass."""
 
@@ -462,6 +489,9 @@ class LogitTerm(LossTerm):
     def forward(self, features, input_ids, target_mask: torch.Tensor | None = None):
         """``target_mask`` [batch, seq] (bool): only positions predicting a True token count (None: all)."""
         s, t = features[STUDENT], features[TEACHER]
+        extra = None
+        if isinstance(t, EnsembleFeatures):
+            t, extra = t.members[0], [(m.final_hidden[:, :-1], m.head_weight, m.head_bias) for m in t.members[1:]]
         if isinstance(t, CachedTeacher):
             if target_mask is not None:
                 raise ValueError("target_mask is not supported with a cached teacher")
@@ -475,7 +505,8 @@ class LogitTerm(LossTerm):
             ignore = self.loss.loss_fn.ignore_index
             labels = input_ids[:, 1:].masked_fill(~target_mask[:, 1:], ignore).reshape(-1)
         return self.loss(
-            h_s, s.head_weight, h_t, t.head_weight, labels, student_head_bias=s.head_bias, teacher_head_bias=t.head_bias
+            h_s, s.head_weight, h_t, t.head_weight, labels, student_head_bias=s.head_bias, teacher_head_bias=t.head_bias,
+            extra_teachers=extra,
         )
 
 
@@ -1197,8 +1228,13 @@ class DistillationModule(nn.Module):
 
 
 @torch.no_grad()
-def teacher_features(teacher: nn.Module, input_ids: torch.Tensor, objective: DistillObjective, *, copy_head: bool = False) -> ModelFeatures:
-    """The frozen teacher's features for one micro-batch (one forward, no gradients)."""
+def teacher_features(teacher: nn.Module, input_ids: torch.Tensor, objective: DistillObjective, *,
+                     copy_head: bool = False) -> ModelFeatures | EnsembleFeatures:
+    """The frozen teacher's features for one micro-batch (one forward of it, or of each ensemble member; no gradients)."""
+    inner = unwrap_module(teacher)
+    if isinstance(inner, EnsembleTeacher):
+        return EnsembleFeatures([model_features(m, input_ids, objective.request_for(TEACHER), copy_head=copy_head)
+                                 for m in inner.members])
     return model_features(teacher, input_ids, objective.request_for(TEACHER), copy_head=copy_head)
 
 
@@ -1220,6 +1256,8 @@ __all__ = [
     "DistillLossConfig",
     "DistillObjective",
     "DistillationModule",
+    "EnsembleFeatures",
+    "EnsembleTeacher",
     "HiddenLossSettings",
     "LOSS_TERMS",
     "LayerPairing",

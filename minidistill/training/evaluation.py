@@ -19,27 +19,39 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(hidden, weight, bias).float()[..., :vocab_size]
 
 
+def _chunks(features, labels: torch.Tensor, chunk_tokens: int, vocab_size: int | None):
+    """(logits or, for an ensemble, mixture log-probs [n, V], labels [n]) chunk by chunk."""
+    members = getattr(features, "members", None)
+    if members is None:
+        for h, y in iter_token_chunks(features.final_hidden[:, :-1], labels, chunk_tokens):
+            yield _logits(h, features.head_weight, features.head_bias, vocab_size), y
+        return
+    from ..distill.losses.fused import mixture_logprobs
+
+    streams = [iter_token_chunks(m.final_hidden[:, :-1], labels, chunk_tokens) for m in members]
+    for parts in zip(*streams):
+        logits = [_logits(h, m.head_weight, m.head_bias, vocab_size) for (h, _), m in zip(parts, members)]
+        yield mixture_logprobs(logits, None), parts[0][1]
+
+
 @torch.no_grad()
 def heldout_stats(features, input_ids: torch.Tensor, *, chunk_tokens: int, reference=None,
                   vocab_size: int | None = None) -> torch.Tensor:
     """``[nll_sum, tokens, agreeing_tokens]`` (float64) of next-token prediction on ``input_ids``.
 
-    ``features`` are the evaluated model's; ``reference`` (optional) the teacher's, for top-1 agreement.
+    ``features`` are the evaluated model's; ``reference`` (optional) the teacher's, for top-1 agreement (either may
+    be an ensemble's :class:`~minidistill.distill.objective.EnsembleFeatures`: its mean distribution is scored).
     ``vocab_size`` (optional): only the first this many head rows are scored, so padding rows past the
     tokenizer's ids take no probability mass and are never the predicted token.
     """
     labels = input_ids[:, 1:]
     out = torch.zeros(3, dtype=torch.float64, device=input_ids.device)
-    h = features.final_hidden[:, :-1]
-    chunks = iter_token_chunks(h, labels, chunk_tokens)
-    ref_chunks = iter_token_chunks(reference.final_hidden[:, :-1], labels, chunk_tokens) if reference is not None else None
-    for h_chunk, y in chunks:
-        logits = _logits(h_chunk, features.head_weight, features.head_bias, vocab_size)
+    ref_chunks = _chunks(reference, labels, chunk_tokens, vocab_size) if reference is not None else None
+    for logits, y in _chunks(features, labels, chunk_tokens, vocab_size):
         out[0] += F.cross_entropy(logits, y, reduction="sum").double()
         out[1] += y.numel()
         if ref_chunks is not None:
-            r_chunk, _ = next(ref_chunks)
-            ref_logits = _logits(r_chunk, reference.head_weight, reference.head_bias, vocab_size)
+            ref_logits, _ = next(ref_chunks)
             out[2] += (logits.argmax(-1) == ref_logits.argmax(-1)).sum().double()
     return out
 

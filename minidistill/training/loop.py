@@ -30,7 +30,9 @@ from ..distill.objective import (
     DistillationModule,
     DistillLossConfig,
     DistillObjective,
+    EnsembleTeacher,
     check_cache_compatible,
+    feature_terms,
     teacher_features,
 )
 from ..distill.exits import ExitConfig, ExitHeads, check_exits
@@ -209,6 +211,12 @@ class Distiller:
                 "on_policy generates with the student outside the sharded forward, which FSDP2 and ZeRO-3 do not support: "
                 "launch with launch/ddp.yaml / launch/zero2.yaml or set on_policy=null"
             )
+        if isinstance(teacher, EnsembleTeacher):
+            features, key = feature_terms(loss)
+            if features:
+                raise ConfigError(f"an ensemble teacher gives the logit term its mean distribution only; set {key}=0")
+            if _teacher_sharded(acc):
+                raise ConfigError("an ensemble teacher runs as a replica; launch with launch/ddp.yaml or launch/zero2.yaml")
         self.peft_model = None
         if train.lora is not None and _teacher_sharded(acc):
             raise ValueError(

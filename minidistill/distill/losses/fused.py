@@ -14,13 +14,14 @@ The teacher side receives no gradient. Double backward is not supported.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minidistill.distill.losses.logits import Divergence, LogitKDLoss, TokenWeighting
+from minidistill.distill.losses.logits import Divergence, LogitKDLoss, TokenWeighting, mask_padding
 
 
 def _as_float(t: Tensor | None) -> Tensor | None:
@@ -28,6 +29,14 @@ def _as_float(t: Tensor | None) -> Tensor | None:
     if t is None:
         return None
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def mixture_logprobs(logits: list[Tensor], vocab_size: int | None) -> Tensor:
+    """Log of the mean of the members' softmax distributions (rows past ``vocab_size`` masked first), [..., V]."""
+    width = max(x.shape[-1] for x in logits)
+    tokens = width if vocab_size is None else vocab_size
+    lps = [F.log_softmax(mask_padding(x, width, tokens), -1) for x in logits]
+    return torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
 
 
 def _accumulate_chunk(
@@ -41,6 +50,7 @@ def _accumulate_chunk(
     heads: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
     grads: tuple[Tensor | None, Tensor | None, Tensor | None],
     total: Tensor,
+    extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] = (),
 ) -> None:
     """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (in place)."""
     w_s, b_s, w_t, b_t = heads
@@ -50,6 +60,10 @@ def _accumulate_chunk(
     chunk_labels = None if labels is None else labels[start:stop]
     with torch.no_grad():
         logits_t = F.linear(h_t, w_t, b_t)
+        if extra_teachers:  # an ensemble teacher: the mean of the members' distributions
+            logits_t = mixture_logprobs([logits_t, *(F.linear(h[start:stop].detach().to(w_t.dtype), w.to(w_t.dtype),
+                                                              None if b is None else b.to(w_t.dtype))
+                                                     for h, w, b in extra_teachers)], loss_fn.vocab_size)
         logits_s = F.linear(h_s, w_s, b_s)
     if grad_h is None and grad_w is None and grad_b is None:
         with torch.no_grad():
@@ -91,6 +105,7 @@ class _FusedLinearKD(torch.autograd.Function):
         labels: Tensor | None,
         loss_fn: LogitKDLoss,
         chunk_tokens: int,
+        extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] = (),
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         num_tokens = student_hidden.shape[0]
@@ -109,7 +124,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_tokens):
                 _accumulate_chunk(
                     start, min(start + chunk_tokens, num_tokens), student_hidden, teacher_hidden, labels, loss_fn,
-                    denominator, (w_s, b_s, w_t, b_t), (grad_h, grad_w, grad_b), total,
+                    denominator, (w_s, b_s, w_t, b_t), (grad_h, grad_w, grad_b), total, extra_teachers,
                 )
 
         ctx.has_grads = (need_h, need_w, need_b)
@@ -119,7 +134,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None)
 
 
 class FusedLogitKDLoss(nn.Module):
@@ -172,8 +187,13 @@ class FusedLogitKDLoss(nn.Module):
         *,
         student_head_bias: Tensor | None = None,
         teacher_head_bias: Tensor | None = None,
+        extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] | None = None,
     ) -> Tensor:
-        """Loss for hidden states [..., D_s] / [..., D_t] and head weights [V, D_s] / [V, D_t]."""
+        """Loss for hidden states [..., D_s] / [..., D_t] and head weights [V, D_s] / [V, D_t].
+
+        ``extra_teachers``: further ``(hidden [..., D_i], head weight [V, D_i], bias)`` of an ensemble teacher; the
+        target is then the mean of all members' distributions (:func:`mixture_logprobs`), tempered as one.
+        """
         d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
         if student_head_weight.dim() != 2 or student_head_weight.shape[1] != d_s:
             raise ValueError(f"student head weight {tuple(student_head_weight.shape)} does not take hidden size {d_s}")
@@ -193,4 +213,5 @@ class FusedLogitKDLoss(nn.Module):
             flat_labels,
             self.loss_fn,
             self.chunk_tokens,
+            [(h.reshape(-1, h.shape[-1]), w.detach(), None if b is None else b.detach()) for h, w, b in extra_teachers or []],
         )

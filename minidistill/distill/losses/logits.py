@@ -128,7 +128,7 @@ def sparse_buckets(lp_t: Tensor, lp_s: Tensor, keep: Tensor, columns: Tensor | N
     return bucket_t, bucket_s, torch.cat([keep, has_rest], -1)
 
 
-def _mask_padding(logits: Tensor, width: int, vocab_size: int) -> Tensor:
+def mask_padding(logits: Tensor, width: int, vocab_size: int) -> Tensor:
     """``logits`` widened to ``width`` columns with -inf, and columns ``>= vocab_size`` set to -inf."""
     if logits.shape[-1] < width:
         pad = logits.new_full((*logits.shape[:-1], width - logits.shape[-1]), float("-inf"))
@@ -224,7 +224,7 @@ class LogitKDLoss(nn.Module):
         if self.vocab_size is None:
             return student_logits, teacher_logits
         width = max(student_logits.shape[-1], teacher_logits.shape[-1])
-        return _mask_padding(student_logits, width, self.vocab_size), _mask_padding(teacher_logits, width, self.vocab_size)
+        return mask_padding(student_logits, width, self.vocab_size), mask_padding(teacher_logits, width, self.vocab_size)
 
     def token_columns(self, width: int, device: torch.device) -> Tensor | None:
         """Bool [width] of token columns (None when no column is padding)."""
