@@ -262,7 +262,8 @@ def _causal_lms(root: nn.Module) -> list[nn.Module]:
 # ---------------------------------------------------------------------------------------------- teacher
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring gradients (returned for chaining)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -338,7 +339,7 @@ def prepare_teacher(accelerator, teacher: nn.Module) -> nn.Module:
     layer then the root, no optimizer. ZeRO-3: its own DeepSpeed engine with partitioned parameters and no
     optimizer state. Sharded teachers gather one layer at a time during forward, never the whole model.
     """
-    _freeze(teacher)
+    freeze(teacher)
     kind = distributed_kind(accelerator)
     if kind == "fsdp2":
         teacher = _shard_teacher_fsdp2(accelerator, teacher)

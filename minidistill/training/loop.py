@@ -49,6 +49,7 @@ from ..distill.on_policy import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
+from ..parallel import freeze
 from ..streaming import packed_positions
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
@@ -227,9 +228,7 @@ class Distiller:
             self.peft_model, student = _apply_lora(student, train)
         for model in (student, *peers):
             _ready_for_training(model, train)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        teacher.eval()
+        freeze(teacher)
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
         if mutual is None:
