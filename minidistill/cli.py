@@ -28,6 +28,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from .config import ConfigBase, ConfigError, field_docs
 from .errors import format_error, run_cli
+from .prune.prune_map import PRUNABLE_SHAPE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ options, e.g. search.score=kl importance.batch_agg=mean. The output folder holds
 (safetensors, loadable with AutoModelForCausalLM.from_pretrained), its tokenizer, prune_map.json,
 prune_config.json and prune_summary.json."""
 
-SHAPE_OPTIONS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+SHAPE_OPTIONS = PRUNABLE_SHAPE_KEYS
 
 
 def prune_parser(prog: str | None = None) -> argparse.ArgumentParser:

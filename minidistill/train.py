@@ -23,6 +23,7 @@ from .adapters import get_adapter
 from .data import build_text_data
 from .distill.born_again import generation_dir
 from .distill.mutual import peer_name
+from .distill.loss_config import FEATURE_SECTIONS
 from .distill.objective import DistillLossConfig, DistillObjective
 from .distill.teacher_cache import TeacherCache, build_teacher_cache
 from .models import ModelConfig, ModelError, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
@@ -105,7 +106,7 @@ def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) 
     layers by prune map but the student has none."""
     if prune_map is not None:
         return
-    sections = [(name, getattr(loss, name), f"loss.{name}.weight=0") for name in ("hidden", "attention", "relations")]
+    sections = [(name, getattr(loss, name), f"loss.{name}.weight=0") for name in FEATURE_SECTIONS]
     sections += [(f"extra.{name}", loss.extra_settings(name), f"loss.extra.{name}=0") for name in loss.extra]
     for name, section, off in sections:
         pairing = getattr(section, "pairing", None)

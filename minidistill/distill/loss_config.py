@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..config import ConfigBase, ConfigError
+from .pairing import PairingStrategy
+
+FEATURE_SECTIONS = ("hidden", "attention", "relations")
+"""The feature terms with a section of their own under ``loss`` (the others are under ``loss.extra``)."""
 
 @dataclass
 class ExtraTermSettings(ConfigBase):
@@ -57,9 +61,6 @@ class LogitLossSettings(ConfigBase):
             raise ConfigError(f"loss.logits.temperature={self.temperature}: must be positive")
         if self.chunk_tokens < 1:
             raise ConfigError(f"loss.logits.chunk_tokens={self.chunk_tokens}: must be at least 1")
-
-
-PairingStrategy = Literal["prune_map", "uniform", "last_k", "explicit"]
 
 
 @dataclass
@@ -147,7 +148,7 @@ class DistillLossConfig(ConfigBase):
 
     def validate(self) -> None:
         for name in self.extra:
-            if name in ("logits", "hidden", "attention", "relations"):
+            if name in ("logits", *FEATURE_SECTIONS):
                 raise ConfigError(f"loss.extra.{name}: set loss.{name}.weight instead")
             w = self.extra_weight(name)
             if w < 0:
@@ -174,7 +175,7 @@ class DistillLossConfig(ConfigBase):
     def weights(self) -> dict[str, float]:
         """Weight of every enabled term, by term name."""
         out = {"logits": self.logits.weight}
-        for name in ("hidden", "attention", "relations"):
+        for name in FEATURE_SECTIONS:
             w = getattr(self, name).weight
             if w > 0:
                 out[name] = w
@@ -187,7 +188,7 @@ def feature_terms(cfg: DistillLossConfig) -> tuple[list[str], str | None]:
     features = [n for n in cfg.weights() if n != "logits"]
     if not features:
         return features, None
-    return features, f"loss.{features[0]}.weight" if features[0] in ("hidden", "attention", "relations") else f"loss.extra.{features[0]}"
+    return features, f"loss.{features[0]}.weight" if features[0] in FEATURE_SECTIONS else f"loss.extra.{features[0]}"
 
 
 def check_cache_compatible(cfg: DistillLossConfig) -> None:
@@ -209,6 +210,6 @@ def check_cache_compatible(cfg: DistillLossConfig) -> None:
 
 
 __all__ = [
-    "EXTRA_SETTINGS", "AttentionLossSettings", "DistillLossConfig", "ExtraTermSettings", "HiddenLossSettings", "LayerPairing",
+    "EXTRA_SETTINGS", "FEATURE_SECTIONS", "AttentionLossSettings", "DistillLossConfig", "ExtraTermSettings", "HiddenLossSettings", "LayerPairing",
     "LogitLossSettings", "RelationLossSettings", "check_cache_compatible", "feature_terms",
 ]

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from ..adapters import ArchAdapter, get_adapter, lm_head_is_tied
-from .prune_map import PruneMap, PruneMapError
+from .prune_map import PRUNABLE_SHAPE_KEYS, PruneMap, PruneMapError
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,6 @@ def apply_prune_map(teacher: PreTrainedModel, pmap: PruneMap) -> PreTrainedModel
             norm.copy_((norm.double() + a.norm_weight_offset) / scale - a.norm_weight_offset)
     logger.info(
         "pruned student: %d layers, hidden %d, %d heads / %d KV heads, MLP %d",
-        *(pmap.student_shape[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")),
+        *(pmap.student_shape[k] for k in PRUNABLE_SHAPE_KEYS),
     )
     return student.eval()

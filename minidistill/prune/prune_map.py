@@ -43,7 +43,10 @@ from ..errors import MinidistillError
 PRUNE_MAP_VERSION = 1
 PRUNE_MAP_FILENAME = "prune_map.json"
 STUDENT_WEIGHTS = ("pruned", "trained")
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+PRUNABLE_SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+"""The axes a student's shape is cut along (``head_dim`` is kept)."""
+SHAPE_KEYS = (*PRUNABLE_SHAPE_KEYS[:4], "head_dim", PRUNABLE_SHAPE_KEYS[4])
+"""Every key of a shape dict (the adapters' ``shape()``), in their order."""
 
 
 class PruneMapError(MinidistillError, ValueError):

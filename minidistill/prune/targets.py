@@ -34,10 +34,11 @@ from ..adapters import count_parameters, count_parameters_for_shape, get_adapter
 from ..config import ConfigBase, ConfigError
 from ..errors import MinidistillError
 from ..evaluation.perplexity import heldout_loss, iter_token_chunks
+from .prune_map import PRUNABLE_SHAPE_KEYS
 
 logger = logging.getLogger(__name__)
 
-SHAPE_TARGET_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+SHAPE_TARGET_KEYS = PRUNABLE_SHAPE_KEYS
 SCORES = ("loss", "kl")
 ScoreSet = Literal["train_tail", "heldout"]
 SCORE_SETS = get_args(ScoreSet)
