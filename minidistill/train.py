@@ -355,13 +355,49 @@ def _own_student_init(cfg: PruneDistillConfig, init_dir: Path) -> bool:
 
 
 def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = None) -> RecipeResult:
-    """Run the recipe: checks, teacher, data, student (pruned or given), distillation, final model, report, hub push.
+    """Run the recipe step by step: checks, teacher, data, student (pruned or given), distillation, publishing.
 
     ``resume``: None (fresh run), ``"latest"`` / True, a checkpoint path, or ``"auto"``
     (:func:`resolve_auto_resume`).
     """
     from .report import StageTimer
 
+    cfg, resume_path, continuing = check_run(cfg, resume)
+    timer = StageTimer()
+    accelerator = build_accelerator(cfg.train, cfg.run_dir)
+    teacher, tokenizer = load_teacher(cfg, accelerator, timer)
+    check_student_inputs(cfg, teacher, tokenizer)
+    with timer.stage("data"):
+        data = build_text_data(cfg.data, tokenizer)
+    correct_teacher(cfg, teacher, tokenizer, data, accelerator, timer)
+    student, prune_map, alignment = prune_or_load_student(cfg, teacher, tokenizer, data, accelerator, continuing, timer)
+    cache = build_cache(cfg, teacher, tokenizer, data, accelerator, alignment.mask_from, timer)
+    with parallel.full_weights_init(accelerator):
+        peers, peer_maps = load_peers(cfg, student, teacher)
+    for peer_map in peer_maps:
+        check_pairing_possible(cfg.loss, peer_map)
+    fit = functools.partial(_fit, cfg, data=data, accelerator=accelerator, vocab_size=alignment.mask_from, tokenizer=tokenizer,
+                            timer=timer)
+    if cfg.born_again is None:
+        result, metadata = fit(student=student, teacher=teacher, prune_map=prune_map, run_dir=cfg.run_dir, resume=resume_path,
+                               cache=cache, peers=peers, peer_maps=peer_maps, export_prune_map=prune_map)
+    else:
+        result, metadata = _fit_generations(cfg, fit, student=student, teacher=teacher, prune_map=prune_map,
+                                            resume=resume_path, accelerator=accelerator)
+    model_dir = cfg.run_dir / MODEL_DIR
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
+    accelerator.wait_for_everyone()
+    return RecipeResult(run_dir=cfg.run_dir, model_dir=model_dir, train=result)
+
+
+def check_run(cfg: PruneDistillConfig, resume: str | bool | None) -> tuple[PruneDistillConfig, Path | None, bool]:
+    """The checks that need no model: config, resume state, folders, data files, lengths, export.
+
+    Returns the config (renamed by ``--resume auto`` when its run had finished), the checkpoint to resume from,
+    and whether an earlier process of the run already pruned the student.
+    """
     cfg.validate()
     if resume == "auto":
         cfg, resume = resolve_auto_resume(cfg)
@@ -374,7 +410,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         )
     if resume_path is None and finished(cfg.run_dir):
         raise CheckpointError(f"{cfg.run_dir} holds a finished run; choose another run_name (or pass --resume auto)")
-    continuing = resume_path is not None or generations_done(cfg) > 0  # an earlier process pruned the student
+    continuing = resume_path is not None or generations_done(cfg) > 0
     check_born_again_pairing(cfg)
     check_outputs_and_inputs(cfg, continuing)
     if cfg.student is None and not continuing:
@@ -386,9 +422,11 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         check_seq_len(cfg.student, cfg.data.seq_len, "student")
     if cfg.export.gguf is not None:
         check_gguf_exportable(cfg.student or cfg.teacher)
-    run_dir = cfg.run_dir
-    timer = StageTimer()
-    accelerator = build_accelerator(cfg.train, run_dir)
+    return cfg, resume_path, continuing
+
+
+def load_teacher(cfg: PruneDistillConfig, accelerator, timer):
+    """(teacher, tokenizer), with full weights on every process; the tokenizer checked for GGUF export if asked."""
     with timer.stage("load teacher"), parallel.full_weights_init(accelerator):  # ZeRO-3 would partition at load
         teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
     if cfg.export.gguf is not None:  # before pruning and training, not after them
@@ -398,6 +436,11 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
             check_tokenizer_exportable(tokenizer)
         except ModelError as e:
             raise ModelError(f"export.gguf: {e}; or set export.gguf=null") from None
+    return teacher, tokenizer
+
+
+def check_student_inputs(cfg: PruneDistillConfig, teacher, tokenizer) -> None:
+    """Checks of a given student and the peers against the teacher, from their configs and tokenizers only."""
     if cfg.student is not None:
         student_tok = load_tokenizer(cfg.student.tokenizer or cfg.student.source, trust_remote_code=cfg.student.trust_remote_code)
         student_cfg_only = AutoConfig.from_pretrained(resolve_source(cfg.student.source), trust_remote_code=cfg.student.trust_remote_code)
@@ -414,14 +457,21 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
             check_exit_layers(cfg.exits, get_adapter(student_cfg_only).shape(student_cfg_only)["num_layers"],
                               f"student.source={cfg.student.source}")
     check_peer_sources(cfg, teacher.get_output_embeddings().weight.shape[0], tokenizer)
-    with timer.stage("data"):
-        data = build_text_data(cfg.data, tokenizer)
-    if cfg.teacher_correction is not None and cfg.teacher_correction.enabled:
-        from .teacher_correction import run_teacher_correction
 
-        with timer.stage("teacher correction"):
-            run_teacher_correction(cfg.teacher_correction, teacher, tokenizer, data, run_dir,
-                                   teacher_source=cfg.teacher.source, accelerator=accelerator)
+
+def correct_teacher(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, timer) -> None:
+    """Teacher correction (in place), when configured."""
+    if cfg.teacher_correction is None or not cfg.teacher_correction.enabled:
+        return
+    from .teacher_correction import run_teacher_correction
+
+    with timer.stage("teacher correction"):
+        run_teacher_correction(cfg.teacher_correction, teacher, tokenizer, data, cfg.run_dir,
+                               teacher_source=cfg.teacher.source, accelerator=accelerator)
+
+
+def prune_or_load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool, timer):
+    """(student, prune map, vocabulary alignment with the teacher), checked for the loss terms and modes."""
     with timer.stage("prune" if cfg.student is None and not continuing else "load student"):
         with parallel.full_weights_init(accelerator):
             student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, continuing)
@@ -430,34 +480,21 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
         from .distill.exits import check_exit_layers
 
         check_exit_layers(cfg.exits, get_adapter(student).shape(student.config)["num_layers"])
-    cache = None
-    if cfg.teacher_cache is not None and cfg.teacher_cache.enabled:
-        cache_dir = Path(cfg.teacher_cache.path or run_dir / "teacher_cache")
-        with timer.stage("teacher cache"):
-            if accelerator.is_main_process:
-                build_teacher_cache(cfg.teacher_cache, teacher, data.train.input_ids, cache_dir,
-                                    tokenizer_vocab=tokenizer.get_vocab(), vocab_size=alignment.mask_from)
-            accelerator.wait_for_everyone()
-            cache = TeacherCache(cache_dir)
     check_pairing_possible(cfg.loss, prune_map)
-    with parallel.full_weights_init(accelerator):
-        peers, peer_maps = load_peers(cfg, student, teacher)
-    for peer_map in peer_maps:
-        check_pairing_possible(cfg.loss, peer_map)
-    fit = functools.partial(_fit, cfg, data=data, accelerator=accelerator, vocab_size=alignment.mask_from, tokenizer=tokenizer,
-                            timer=timer)
-    model_dir = run_dir / MODEL_DIR
-    if cfg.born_again is None:
-        result, metadata = fit(student=student, teacher=teacher, prune_map=prune_map, run_dir=run_dir, resume=resume_path,
-                               cache=cache, peers=peers, peer_maps=peer_maps, export_prune_map=prune_map)
-    else:
-        result, metadata = _fit_generations(cfg, fit, student=student, teacher=teacher, prune_map=prune_map,
-                                            resume=resume_path, accelerator=accelerator)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _after_training(cfg, model_dir, teacher, tokenizer, data, metadata, result, timer)
-    accelerator.wait_for_everyone()
-    return RecipeResult(run_dir=run_dir, model_dir=model_dir, train=result)
+    return student, prune_map, alignment
+
+
+def build_cache(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, vocab_size: int | None, timer) -> TeacherCache | None:
+    """The teacher cache of ``data.train`` (built on the main process, resumable), when configured."""
+    if cfg.teacher_cache is None or not cfg.teacher_cache.enabled:
+        return None
+    cache_dir = Path(cfg.teacher_cache.path or cfg.run_dir / "teacher_cache")
+    with timer.stage("teacher cache"):
+        if accelerator.is_main_process:
+            build_teacher_cache(cfg.teacher_cache, teacher, data.train.input_ids, cache_dir,
+                                tokenizer_vocab=tokenizer.get_vocab(), vocab_size=vocab_size)
+        accelerator.wait_for_everyone()
+        return TeacherCache(cache_dir)
 
 
 def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | None, run_dir: Path, resume: Path | None, cache,
@@ -586,7 +623,7 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
     return result, metadata
 
 
-def _after_training(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict,
+def publish(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, metadata: dict,
                     result: TrainResult, timer) -> None:
     """Main process: resolved config, GGUF export, lm-eval tasks and report (when configured), the Hub push."""
     from .config import save_config
