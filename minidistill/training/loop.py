@@ -319,11 +319,8 @@ class Distiller:
         peer's too under ``peer<i>/``."""
         stats = self._heldout(student=True)
         out = summarize(self.accelerator.reduce(stats.pop(""), "sum").cpu())
-        for name, exit_stats in stats.items():  # early exits: exit<l>/heldout_*
-            out.update({f"{name}/{k}": v for k, v in summarize(self.accelerator.reduce(exit_stats, "sum").cpu()).items()})
-        for i in range(1, len(self.peers) + 1):
-            peer = summarize(self.accelerator.reduce(self._heldout(student=True, peer=i)[""], "sum").cpu())
-            out.update({f"peer{i}/{k}": v for k, v in peer.items()})
+        for name, part in stats.items():  # peers (peer<i>/heldout_*) and early exits (exit<l>/heldout_*)
+            out.update({f"{name}/{k}": v for k, v in summarize(self.accelerator.reduce(part, "sum").cpu()).items()})
         return out
 
     def evaluate_teacher(self) -> dict[str, float]:
@@ -331,9 +328,10 @@ class Distiller:
         return summarize(self.accelerator.reduce(stats, "sum").cpu(), prefix="teacher_heldout", agreement=False)
 
     @torch.no_grad()
-    def _heldout(self, *, student: bool, peer: int = 0) -> dict[str, torch.Tensor]:
-        """This process's summed held-out ``[nll, tokens, agreements]`` under ``""``, and each early exit's under
-        ``exit<l>`` (the student's only)."""
+    def _heldout(self, *, student: bool) -> dict[str, torch.Tensor]:
+        """This process's summed held-out ``[nll, tokens, agreements]`` under ``""`` (the student, or the teacher), and
+        with ``student`` each peer's under ``peer<i>`` and each early exit's under ``exit<l>``; one teacher forward
+        per batch for all of them."""
         acc, ev = self.accelerator, self.eval_cfg
         blocks = self.data.heldout.input_ids
         if ev.max_blocks is not None:
@@ -355,8 +353,10 @@ class Distiller:
             with acc.autocast():
                 t_feats = teacher_features(self.teacher, batch, objective, copy_head=self.teacher_sharded)
                 if student:
-                    out = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=peer)
+                    out = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)
                     stats = {"": out["stats"], **{f"exit{k}": v for k, v in out.get("exit_stats", {}).items()}}
+                    for i in range(1, len(self.peers) + 1):
+                        stats[f"peer{i}"] = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=i)["stats"]
                 else:
                     stats = {"": heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)}
             for name, value in stats.items():
