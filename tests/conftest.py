@@ -77,3 +77,14 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, dtype=torch.float32,
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    """(root, teacher folder, student folder): the tiny teacher of ``train_scripts.tiny_setup`` and a student pruned
+    from it with its prune map, shared by a test module's recipe runs."""
+    from train_scripts.tiny_setup import make_student_dir, make_teacher_dir
+
+    root = tmp_path_factory.mktemp("tiny")
+    teacher = make_teacher_dir(root / "teacher")
+    return root, teacher, make_student_dir(teacher, root / "student")

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+from train_scripts.tiny_setup import tiny_overrides
 
 from minidistill.config import ConfigError
 from minidistill.distill.born_again import generation_dir
@@ -20,15 +20,8 @@ from minidistill.train import run_prune_distill
 from minidistill.training.loop import Distiller
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("born_again")
-    teacher = make_teacher_dir(root / "teacher")
-    return root, teacher, make_student_dir(teacher, root / "student")
-
-
-def _cfg(folders, run_name: str, **extra):
-    root, teacher, student = folders
+def _cfg(tiny_folders, run_name: str, **extra):
+    root, teacher, student = tiny_folders
     return load_recipe_config(None, tiny_overrides(root / "runs", teacher, student, run_name=run_name, **{
         "train.max_steps": 3, "train.save_every": 0, "eval.max_blocks": 2, "born_again.generations": 2, **extra}))
 
@@ -49,8 +42,8 @@ def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_each_generation_learns_from_the_previous_one_and_is_saved_and_measured(folders):
-    cfg = _cfg(folders, "gens", report="true", report_new_tokens=4)
+def test_each_generation_learns_from_the_previous_one_and_is_saved_and_measured(tiny_folders):
+    cfg = _cfg(tiny_folders, "gens", report="true", report_new_tokens=4)
     result = run_prune_distill(cfg)
     run_dir = result.run_dir
     for g in (1, 2):
@@ -76,16 +69,16 @@ def test_each_generation_learns_from_the_previous_one_and_is_saved_and_measured(
     assert f"{metrics['generations'][1]['heldout']['perplexity']:.2f}" in section
 
 
-def test_ensemble_generation_learns_from_the_mean_of_all_earlier_ones(folders):
+def test_ensemble_generation_learns_from_the_mean_of_all_earlier_ones(tiny_folders):
     from transformers import AutoModelForCausalLM
 
     from minidistill.data import build_text_data
     from minidistill.models import load_tokenizer
 
-    cfg = _cfg(folders, "ensemble", **{"born_again.ensemble": "true"})
+    cfg = _cfg(tiny_folders, "ensemble", **{"born_again.ensemble": "true"})
     run_dir = run_prune_distill(cfg).run_dir
     # generation 2's teacher, scored at its step 0, is the mean distribution of generations 0 and 1
-    data = build_text_data(cfg.data, load_tokenizer(str(folders[1])))
+    data = build_text_data(cfg.data, load_tokenizer(str(tiny_folders[1])))
     blocks = data.heldout.input_ids[: cfg.eval.max_blocks]
     lps = []
     for g in (0, 1):
@@ -100,16 +93,16 @@ def test_ensemble_generation_learns_from_the_mean_of_all_earlier_ones(folders):
     assert learned == 2
 
 
-def test_init_previous_starts_each_generation_from_the_one_before(folders):
-    result = run_prune_distill(_cfg(folders, "previous", **{"born_again.generations": 1, "born_again.init": "previous"}))
+def test_init_previous_starts_each_generation_from_the_one_before(tiny_folders):
+    result = run_prune_distill(_cfg(tiny_folders, "previous", **{"born_again.generations": 1, "born_again.init": "previous"}))
     before, after = _evals(result.run_dir, 0), _evals(result.run_dir, 1)
     assert after[0]["heldout_loss"] == pytest.approx(before[-1]["heldout_loss"], rel=1e-6)
     assert after[0]["top1_agreement"] == 1.0  # the student is its own teacher at the start
 
 
-def test_a_crash_inside_generation_one_resumes_there(folders, monkeypatch):
+def test_a_crash_inside_generation_one_resumes_there(tiny_folders, monkeypatch):
     kw = {"born_again.generations": 1, "train.max_steps": 4, "train.save_every": 2}
-    full = run_prune_distill(_cfg(folders, "full", **kw)).run_dir
+    full = run_prune_distill(_cfg(tiny_folders, "full", **kw)).run_dir
     original = Distiller.train_step
     calls = {"n": 0}
 
@@ -120,7 +113,7 @@ def test_a_crash_inside_generation_one_resumes_there(folders, monkeypatch):
         return original(self, step)
 
     monkeypatch.setattr(Distiller, "train_step", crashing)
-    cfg = _cfg(folders, "crash", **kw)
+    cfg = _cfg(tiny_folders, "crash", **kw)
     with pytest.raises(RuntimeError, match="killed"):
         run_prune_distill(cfg)
     monkeypatch.setattr(Distiller, "train_step", original)
@@ -153,8 +146,8 @@ def test_bad_born_again_settings_fail_at_config_load(overrides, match):
         load_recipe_config(None, overrides)
 
 
-def test_prune_map_pairing_is_refused_before_anything_runs(folders):
-    cfg = _cfg(folders, "paired", **{"loss.hidden.weight": 1.0, "born_again.generations": 1})
+def test_prune_map_pairing_is_refused_before_anything_runs(tiny_folders):
+    cfg = _cfg(tiny_folders, "paired", **{"loss.hidden.weight": 1.0, "born_again.generations": 1})
     with pytest.raises(ConfigError, match=r"born_again: generations after the first .* no prune map .*loss\.hidden"):
         run_prune_distill(cfg)
     assert not cfg.run_dir.exists() or not any(cfg.run_dir.rglob("*.safetensors"))

@@ -5,23 +5,16 @@ from __future__ import annotations
 import sys
 
 import pytest
-from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("modes_ddp")
-    teacher = make_teacher_dir(root / "teacher")
-    return root, teacher, make_student_dir(teacher, root / "student")
+from train_scripts.tiny_setup import tiny_overrides
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
                          ids=["netaug", "exits"])
-def test_two_process_ddp_matches_one_process(folders, tmp_path, mode):
+def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
     from test_distributed import WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
 
-    root, teacher, student = folders
+    root, teacher, student = tiny_folders
     ddp = _accelerate("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port()))
     runs = {}
     for name, launcher in (("single", [sys.executable]), ("ddp", ddp)):

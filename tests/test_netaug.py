@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
+from train_scripts.tiny_setup import make_teacher_dir, tiny_overrides
 from transformers import AutoModelForCausalLM
 
 from minidistill.config import ConfigError
@@ -26,15 +26,8 @@ from minidistill.training.config import EvalConfig, TrainConfig
 from minidistill.training.loop import Distiller
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("netaug")
-    teacher = make_teacher_dir(root / "teacher")
-    return root, teacher, make_student_dir(teacher, root / "student")
-
-
-def _distiller(folders, run_dir, netaug: dict):
-    _, teacher_dir, student_dir = folders
+def _distiller(tiny_folders, run_dir, netaug: dict):
+    _, teacher_dir, student_dir = tiny_folders
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     g = torch.Generator().manual_seed(3)
@@ -69,8 +62,8 @@ def _kl(t_logits, s_logits):
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
-def test_shared_weights_get_the_sum_of_both_paths_gradients(folders, tmp_path, ratio):
-    d = _distiller(folders, tmp_path / "run", {"alpha": 0.7, "width_ratios": [ratio]})
+def test_shared_weights_get_the_sum_of_both_paths_gradients(tiny_folders, tmp_path, ratio):
+    d = _distiller(tiny_folders, tmp_path / "run", {"alpha": 0.7, "width_ratios": [ratio]})
     module = d.module
     ids = d.data.train.input_ids[:4]
     t_feats = teacher_features(d.teacher, ids, d._objective())
@@ -106,16 +99,16 @@ def test_shared_weights_get_the_sum_of_both_paths_gradients(folders, tmp_path, r
         assert not e.gate.grad[k:].any()  # neurons outside the drawn width are not used
 
 
-def test_the_width_draw_is_seeded_per_micro_batch(folders, tmp_path):
-    d = _distiller(folders, tmp_path / "run", {"width_ratios": [0.25, 0.5, 1.0], "seed": 4})
+def test_the_width_draw_is_seeded_per_micro_batch(tiny_folders, tmp_path):
+    d = _distiller(tiny_folders, tmp_path / "run", {"width_ratios": [0.25, 0.5, 1.0], "seed": 4})
     draws = [d.module.netaug.draw(i) for i in range(40)]
     assert draws == [d.module.netaug.draw(i) for i in range(40)] and set(draws) == {0.25, 0.5, 1.0}
 
 
-def test_recipe_trains_with_netaug_and_saves_the_student_alone(folders, tmp_path):
+def test_recipe_trains_with_netaug_and_saves_the_student_alone(tiny_folders, tmp_path):
     from minidistill.train import run_prune_distill
 
-    root, teacher, student = folders
+    root, teacher, student = tiny_folders
     cfg = load_recipe_config(None, tiny_overrides(tmp_path / "runs", teacher, student, **{
         "train.max_steps": 3, "eval.max_blocks": 2, "netaug.alpha": 0.5}))
     result = run_prune_distill(cfg)
@@ -130,10 +123,10 @@ def test_recipe_trains_with_netaug_and_saves_the_student_alone(folders, tmp_path
         assert torch.equal(saved.state_dict()[k], v), k
 
 
-def test_a_student_without_a_prune_map_is_refused_before_the_data_is_built(folders, tmp_path, monkeypatch):
+def test_a_student_without_a_prune_map_is_refused_before_the_data_is_built(tiny_folders, tmp_path, monkeypatch):
     import minidistill.train as train_mod
 
-    root, teacher, _ = folders
+    root, teacher, _ = tiny_folders
     other = make_teacher_dir(tmp_path / "unpruned", seed=3)
     cfg = load_recipe_config(None, tiny_overrides(tmp_path / "runs", teacher, other, **{"netaug.alpha": 1.0}))
     monkeypatch.setattr(train_mod, "build_text_data", lambda *a, **k: pytest.fail("data was built"))
