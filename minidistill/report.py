@@ -383,19 +383,26 @@ def _quality_section(models: dict[str, Any], data: dict[str, Any]) -> list[str]:
     return out
 
 
+def _perplexity_cells(entry: dict[str, Any], teacher: dict[str, Any], sets: list[str]) -> list[str]:
+    """``entry``'s held-out perplexity, then each extra set's, each with its ratio to the teacher's."""
+    def ppl(m: dict[str, Any], name: str | None) -> float | None:
+        numbers = m.get("heldout") if name is None else (m.get("heldout_sets") or {}).get(name)
+        return (numbers or {}).get("perplexity")
+
+    out = []
+    for name in (None, *sets):
+        p, r = ppl(entry, name), ppl(teacher, name)
+        out.append("-" if p is None else f"{p:.2f}" + (f" ({p / r:.2f}x)" if r else ""))
+    return out
+
+
 def _generations_section(generations: list[dict[str, Any]], teacher: dict[str, Any], data: dict[str, Any]) -> list[str]:
     """Born-again generations: what each learned from and its held-out perplexity (x the teacher's) per set."""
     if not generations:
         return []
     sets = sorted({k for g in generations for k in (g.get("heldout_sets") or {})})
     header = ["generation", "learned from", f"{data.get('source') or 'held-out'} ppl", *(f"{name} ppl" for name in sets)]
-    rows = []
-    for g in generations:
-        cells = [(g.get("heldout") or {}).get("perplexity"), *((g.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
-        refs = [(teacher.get("heldout") or {}).get("perplexity"),
-                *((teacher.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
-        rows.append([g.get("generation"), g.get("learned_from"),
-                     *("-" if p is None else f"{p:.2f}" + (f" ({p / r:.2f}x)" if r else "") for p, r in zip(cells, refs))])
+    rows = [[g.get("generation"), g.get("learned_from"), *_perplexity_cells(g, teacher, sets)] for g in generations]
     return ["## Born-again generations", "", _table(header, rows), "",
             "Each generation has the student's shape; the last one is the distilled model.", ""]
 
@@ -408,15 +415,11 @@ def _exits_section(exits: list[dict[str, Any]], models: dict[str, Any], data: di
     sets = sorted({k for e in exits for k in (e.get("heldout_sets") or {})})
     header = ["exit after layer", "layers run", f"{data.get('source') or 'held-out'} ppl", *(f"{n} ppl" for n in sets),
               "forward tokens/s", "x full model"]
+    ref_fwd = (full.get("speed") or {}).get("forward_tokens_per_s")
     rows = []
     for e in exits:
-        cells = [(e.get("heldout") or {}).get("perplexity"), *((e.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
-        refs = [(teacher.get("heldout") or {}).get("perplexity"),
-                *((teacher.get("heldout_sets") or {}).get(n, {}).get("perplexity") for n in sets)]
         fwd = (e.get("speed") or {}).get("forward_tokens_per_s")
-        ref_fwd = (full.get("speed") or {}).get("forward_tokens_per_s")
-        rows.append([e.get("layer"), e.get("layers_run"),
-                     *("-" if p is None else f"{p:.2f}" + (f" ({p / r:.2f}x)" if r else "") for p, r in zip(cells, refs)),
+        rows.append([e.get("layer"), e.get("layers_run"), *_perplexity_cells(e, teacher, sets),
                      _fmt(fwd, 0), f"{fwd / ref_fwd:.2f}x" if fwd and ref_fwd else "-"])
     return ["## Early exits", "", _table(header, rows), "",
             "Each exit stops the distilled model after that layer (`minidistill.distill.exits.load_exit_model`); "
