@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
+TEACHER_SAMPLES = "teacher_samples"
+"""The source name of the text the teacher writes in the run (:mod:`minidistill.distill.teacher_samples`)."""
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -41,7 +44,8 @@ class DataConfig(ConfigBase):
 
     source: str = BUNDLED
     """``bundled`` (the Lee news corpus), ``bundled:news``, ``bundled:wiki`` (an English Wikipedia sample; both in
-    the gensim wheel, see :mod:`minidistill.corpora`), a local .txt/.json/.jsonl/.parquet file, or a Hub dataset name."""
+    the gensim wheel, see :mod:`minidistill.corpora`), ``teacher_samples`` (text the teacher writes in the run, see the
+    recipe's ``teacher_samples`` section), a local .txt/.json/.jsonl/.parquet file, or a Hub dataset name."""
     mix: list[str] = field(default_factory=list)
     """More sources (same forms as ``source``, same text column) whose train documents join the training and
     calibration blocks. Each is split train / held-out like ``source``; its held-out blocks are never trained
@@ -99,7 +103,7 @@ class DataConfig(ConfigBase):
         if self.max_documents is not None:
             raise ConfigError("data.max_documents is not used with data.streaming=true; unset it (the stream has no end)")
         for name in (self.source, *self.mix):
-            if is_bundled(name):
+            if is_bundled(name) or name == TEACHER_SAMPLES:
                 raise ConfigError(f"data.streaming reads local files, not {name!r}; give a file, folder or glob pattern")
         if self.mix_weights is not None:
             n = 1 + len(self.mix)
@@ -139,6 +143,8 @@ def check_data_source(cfg: DataConfig) -> None:
         return
     for source in cfg.mix:
         check_data_source(replace(cfg, source=source, mix=[]))
+    if cfg.source == TEACHER_SAMPLES:  # written by the run itself
+        return
     if is_bundled(cfg.source):
         try:
             gensim_test_data(NEWS_FILE if bundled_name(cfg.source) == "news" else WIKI_FILE)
@@ -301,18 +307,20 @@ def split_documents(docs: Dataset, cfg: DataConfig) -> DatasetDict:
 
 
 def _tokenize_and_pack(docs: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, num_proc: int | None) -> Dataset:
+    """Blocks of ``seq_len`` tokens from the documents' ``text`` (or, already tokenized, ``input_ids``), each
+    document followed by the EOS token."""
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + [eos] if eos is not None else x for x in ids]}
+        ids = batch["input_ids"] if "text" not in batch else tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [list(x) + [eos] if eos is not None else list(x) for x in ids]}
 
     def pack(batch):
         flat = [t for ids in batch["input_ids"] for t in ids]
         n = len(flat) // seq_len
         return {"input_ids": [flat[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
 
-    tokenized = docs.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenize")
+    tokenized = docs.map(tokenize, batched=True, remove_columns=docs.column_names, num_proc=num_proc, desc="tokenize")
     # One packing batch spans many documents so that little is dropped at batch ends.
     return tokenized.map(pack, batched=True, batch_size=10_000, num_proc=num_proc, desc=f"pack to {seq_len}")
 
@@ -350,9 +358,18 @@ class TextData:
     """With ``data.streaming``: the training stream (``train`` then holds only its first blocks)."""
 
 
-def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, TokenBlocks]:
+def _source_documents(cfg: DataConfig, generated: Mapping[str, Dataset]) -> Dataset:
+    if cfg.source in generated:
+        return generated[cfg.source]
+    if cfg.source == TEACHER_SAMPLES:
+        raise DataError(f"data source {TEACHER_SAMPLES!r} is text the teacher writes in the prune-and-distill recipe "
+                        "(its teacher_samples section); elsewhere give the samples folder's files or another source")
+    return load_documents(cfg)
+
+
+def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, generated: Mapping[str, Dataset]) -> dict[str, TokenBlocks]:
     """Train and held-out blocks of ``cfg.source``; DataError when a split has less than one sequence."""
-    splits = split_documents(load_documents(cfg), cfg)
+    splits = split_documents(_source_documents(cfg, generated), cfg)
     out = {}
     for name in ("train", "heldout"):
         packed = _tokenize_and_pack(splits[name], tokenizer, cfg.seq_len, cfg.num_proc)
@@ -365,9 +382,11 @@ def _split_blocks(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> dict[s
     return out
 
 
-def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> TextData:
+def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                    generated: Mapping[str, Dataset] | None = None) -> TextData:
     """Load, split, tokenize and pack ``data.source`` and every ``data.mix`` source; errors early when a split
-    has less than one sequence. With ``mix``, the training blocks of all sources (a seeded subset of the mixed-in
+    has less than one sequence. ``generated``: already tokenized documents (an ``input_ids`` column) of sources
+    made in the run, by name (``teacher_samples``). With ``mix``, the training blocks of all sources (a seeded subset of the mixed-in
     ones under ``mix_ratio``) are shuffled together with ``data.seed``. With ``streaming``, see
     :func:`minidistill.streaming.build_streaming_data`."""
     cfg.validate()
@@ -375,10 +394,11 @@ def build_text_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Text
         from .streaming import build_streaming_data  # streaming imports this module
 
         return build_streaming_data(cfg, tokenizer)
-    main = _split_blocks(cfg, tokenizer)
+    generated = generated or {}
+    main = _split_blocks(cfg, tokenizer, generated)
     train, extra_heldout = [main["train"].input_ids], {}
     for source in cfg.mix:
-        blocks = _split_blocks(replace(cfg, source=source, mix=[]), tokenizer)
+        blocks = _split_blocks(replace(cfg, source=source, mix=[]), tokenizer, generated)
         mixed = blocks["train"].input_ids
         if cfg.mix_ratio is not None:
             keep = min(len(mixed), max(1, round(cfg.mix_ratio * len(main["train"]) / len(cfg.mix))))

@@ -42,7 +42,7 @@ EXIT_CODES: dict[str, tuple[int, str, str]] = {
     "HubError": (9, "hub", "a Hub push: no token, offline, bad repo id, upload failed"),
     "NonFiniteLossError": (10, "non-finite-loss", "training produced a NaN / inf loss"),
     "FileExistsError": (11, "output", "an output folder: not empty, the source model itself, or not writable"),
-    "TeacherCacheError": (12, "teacher-cache", "a teacher cache: built from another teacher, tokenizer, data or k, or incomplete"),
+    "TeacherCacheError": (12, "teacher-cache", "a teacher cache or teacher samples: made from another teacher, tokenizer, data, k or settings, or incomplete"),
 }
 INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigBase, ConfigError, load_config
-from .data import DataConfig
+from .data import TEACHER_SAMPLES, DataConfig
 from .distill.born_again import BornAgainConfig, check_born_again
 from .distill.exits import ExitConfig, check_exits
 from .distill.mutual import MutualConfig, check_mutual
@@ -20,6 +20,7 @@ from .distill.netaug import NetAugConfig, check_netaug_combination
 from .distill.objective import DistillLossConfig, check_cache_compatible, feature_terms
 from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
+from .distill.teacher_samples import CORPUS, TeacherSamplesConfig
 from .export_gguf import GGUFExportConfig
 from .hub import HubConfig
 from .models import ModelConfig
@@ -63,6 +64,8 @@ class PruneDistillConfig(ConfigBase):
     """A short LM-loss fine-tune of the teacher on ``data.train`` before pruning and distillation (null: none); saved to ``<run_dir>/teacher_corrected/``."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training and held-out text."""
+    teacher_samples: TeacherSamplesConfig | None = None
+    """How the teacher writes the text of the data source ``teacher_samples`` (null: the defaults, when the data names it)."""
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     """Distillation objective."""
     teacher_cache: TeacherCacheConfig | None = None
@@ -110,6 +113,7 @@ class PruneDistillConfig(ConfigBase):
                 f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
                 "or set student=null to prune the teacher"
             )
+        self._check_teacher_samples()
         if self.teacher_cache is not None and self.teacher_cache.enabled:
             check_cache_compatible(self.loss)
             if self.data.streaming:
@@ -146,6 +150,25 @@ class PruneDistillConfig(ConfigBase):
                 "teacher in this run, or teacher_correction=null"
             )
 
+
+    @property
+    def samples(self) -> TeacherSamplesConfig | None:
+        """The teacher-samples settings when the data reads them, else None."""
+        if TEACHER_SAMPLES not in (self.data.source, *self.data.mix):
+            return None
+        return self.teacher_samples or TeacherSamplesConfig()
+
+    def _check_teacher_samples(self) -> None:
+        sources = (self.data.source, *self.data.mix)
+        if self.samples is None:
+            if self.teacher_samples is not None:
+                raise ConfigError(f"teacher_samples is set but the data does not read it; add {TEACHER_SAMPLES} to data.mix "
+                                  f"(or make it data.source), or set teacher_samples=null")
+            return
+        if self.samples.prompts == CORPUS and all(s == TEACHER_SAMPLES for s in sources):
+            raise ConfigError(f"teacher_samples.prompts=corpus takes its prompts from the data's other sources, and "
+                              f"data.source={self.data.source!r} with data.mix={self.data.mix} has none; add a corpus to "
+                              "data.mix, or set teacher_samples.prompts to none or a prompt file")
 
     def _check_mutual(self) -> None:
         check_mutual(lora=self.train.lora is not None, on_policy=self.on_policy is not None,

@@ -11,6 +11,8 @@
 - ``candidates``: ranked rows of the budget search (each a dict; shown as they are, and plotted as
   parameters against the search score when rows carry ``params`` and the score).
 - ``training``: ``{"steps", "tokens", "seconds", "tokens_per_second", "losses": {name: weight}}``.
+- ``teacher_samples`` (optional): ``{"folder", "prompts", "num_samples", "num_prompts", "max_new_tokens", "temperature",
+  "top_p", "top_k", "new_tokens", "seconds", "tokens_per_second"}`` of the text the teacher wrote for training.
 - ``stage_seconds``: ``{stage: seconds}`` in run order.
 - ``commands``: ``{"reproduce": str, "load": str}``.
 """
@@ -138,6 +140,15 @@ def render_report(metrics: dict[str, Any], *, plot_name: str | None = "loss.png"
                 ""]
         if training.get("losses"):
             out += ["Loss components and weights: " + ", ".join(f"`{k}` x{_fmt(v)}" for k, v in training["losses"].items()), ""]
+    samples = metrics.get("teacher_samples")
+    if samples:
+        out += ["## Teacher samples", "",
+                f"Training text written by the teacher in `{samples.get('folder')}` (data source `teacher_samples`): "
+                f"{samples.get('num_samples')} samples from {samples.get('num_prompts')} prompt(s) (`{samples.get('prompts')}`), "
+                f"at most {samples.get('max_new_tokens')} new tokens each, temperature {_fmt(samples.get('temperature'))}, "
+                f"top-p {_fmt(samples.get('top_p'))}, top-k {samples.get('top_k')}.", "",
+                _table(["new tokens", "seconds", "tokens/s"],
+                       [[samples.get("new_tokens"), samples.get("seconds"), samples.get("tokens_per_second")]]), ""]
     if plot_name:
         out += [f"![loss components and held-out perplexity]({plot_name})", ""]
 

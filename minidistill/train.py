@@ -10,6 +10,7 @@ losses, and on resume the checkpoint's config against the current one.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ from transformers import AutoConfig
 from . import parallel
 from .config import ConfigError
 from .adapters import get_adapter
-from .data import build_text_data
+from .data import TEACHER_SAMPLES, build_text_data
 from .distill.born_again import generation_dir
 from .distill.mutual import peer_name
 from .distill.loss_config import FEATURE_SECTIONS
 from .distill.objective import DistillLossConfig, DistillObjective
 from .distill.teacher_cache import TeacherCache, build_teacher_cache
+from .distill.teacher_samples import (finish_samples_folder, open_samples_folder, prompts_for, read_teacher_samples,
+                                      write_teacher_samples)
 from .models import ModelConfig, ModelError, load_model, load_model_and_tokenizer, load_tokenizer, resolve_source
 from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
@@ -367,8 +370,9 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     accelerator = build_accelerator(cfg.train, cfg.run_dir)
     teacher, tokenizer = load_teacher(cfg, accelerator, timer)
     check_student_inputs(cfg, teacher, tokenizer)
+    generated = write_samples(cfg, teacher, tokenizer, accelerator, timer)
     with timer.stage("data"):
-        data = build_text_data(cfg.data, tokenizer)
+        data = build_text_data(cfg.data, tokenizer, generated)
     correct_teacher(cfg, teacher, tokenizer, data, accelerator, timer)
     student, prune_map, alignment = prune_or_load_student(cfg, teacher, tokenizer, data, accelerator, continuing, timer)
     cache = build_cache(cfg, teacher, tokenizer, data, accelerator, alignment.mask_from, timer)
@@ -457,6 +461,37 @@ def check_student_inputs(cfg: PruneDistillConfig, teacher, tokenizer) -> None:
             check_exit_layers(cfg.exits, get_adapter(student_cfg_only).shape(student_cfg_only)["num_layers"],
                               f"student.source={cfg.student.source}")
     check_peer_sources(cfg, teacher.get_output_embeddings().weight.shape[0], tokenizer)
+
+
+def samples_dir(cfg: PruneDistillConfig) -> Path:
+    """The folder of the run's teacher samples."""
+    return Path(cfg.samples.path or cfg.run_dir / TEACHER_SAMPLES)
+
+
+def write_samples(cfg: PruneDistillConfig, teacher, tokenizer, accelerator, timer) -> dict:
+    """``{"teacher_samples": documents}`` when the data reads them (written once, shards spread over the processes,
+    reused when complete), else ``{}``."""
+    samples = cfg.samples
+    if samples is None:
+        return {}
+    path = samples_dir(cfg)
+    with timer.stage("teacher samples"):
+        prompts = prompts_for(samples, cfg.data, tokenizer)
+        if accelerator.is_main_process:
+            open_samples_folder(samples, teacher, tokenizer, prompts, path)
+        accelerator.wait_for_everyone()
+        home = next(teacher.parameters()).device
+        teacher.to(accelerator.device)
+        write_teacher_samples(samples, teacher, tokenizer, prompts, path, rank=accelerator.process_index,
+                              world=accelerator.num_processes)
+        teacher.to(home)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            manifest = finish_samples_folder(samples, path)
+            logger.info("teacher samples: %d samples, %d new tokens, written at %.0f tokens/s (%s)", samples.num_samples,
+                        manifest["new_tokens"], manifest["tokens_per_second"], path)
+        accelerator.wait_for_everyone()
+        return {TEACHER_SAMPLES: read_teacher_samples(path)}
 
 
 def correct_teacher(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, timer) -> None:
@@ -726,6 +761,7 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         "candidates": (pmap.notes.get("search", {}).get("candidates") if pmap is not None else None) or [],
         "data": {"source": cfg.data.source, "mix": list(cfg.data.mix), "train_blocks": len(data.train),
                  "seq_len": cfg.data.seq_len},
+        "teacher_samples": _samples_summary(cfg),
         "pruning": _pruning_summary(pmap, pruned_dir, cfg.run_dir),
         "training": {
             "steps": result.steps,
@@ -750,6 +786,16 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         },
     }
     write_report(cfg.run_dir, metrics, log_file=log_file)
+
+
+def _samples_summary(cfg: PruneDistillConfig) -> dict[str, Any] | None:
+    """The teacher samples' size and generation throughput from their manifest (None when the data reads none)."""
+    if cfg.samples is None:
+        return None
+    manifest = json.loads((samples_dir(cfg) / "manifest.json").read_text())
+    return {"folder": str(samples_dir(cfg)), "prompts": cfg.samples.prompts, **{k: manifest.get(k) for k in (
+        "num_samples", "num_prompts", "max_new_tokens", "temperature", "top_p", "top_k", "new_tokens", "seconds",
+        "tokens_per_second")}}
 
 
 def _exit_entries(cfg: PruneDistillConfig, model_dir: Path, last: dict[str, Any], heldout_sets, device) -> list[dict[str, Any]]:
