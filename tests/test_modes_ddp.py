@@ -1,4 +1,5 @@
-"""Early exits and network augmentation under 2-process DDP: the recipe's losses and model equal one process's."""
+"""Early exits, network augmentation and teacher samples under 2-process DDP: the recipe's losses and model (and the
+samples, written half by each process) equal one process's."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import pytest
 from train_scripts.tiny_setup import tiny_overrides
 
 
+SAMPLES = {"data.mix": "[teacher_samples]", "teacher_samples.num_samples": 8, "teacher_samples.samples_per_shard": 2,
+           "teacher_samples.batch_size": 2, "teacher_samples.max_new_tokens": 48}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
-                         ids=["netaug", "exits"])
+@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}, SAMPLES],
+                         ids=["netaug", "exits", "teacher_samples"])
 def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
     from test_distributed import WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
 
@@ -24,7 +29,12 @@ def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
         run_dir = tmp_path / "runs" / name
         runs[name] = (_train_records(run_dir), _state(run_dir / "model"), sorted(p.name for p in (run_dir / "model").rglob("*")))
     (ref, ref_state, ref_files), (got, state, files) = runs["single"], runs["ddp"]
-    extra = "loss/netaug" if "netaug.alpha" in mode else "loss/exit0"
+    extra = {"netaug.alpha": "loss/netaug", "exits.layers": "loss/exit0"}.get(next(iter(mode)), "loss/logits")
+    if mode is SAMPLES:
+        from minidistill.distill.teacher_samples import read_teacher_samples
+
+        one, two = (read_teacher_samples(tmp_path / "runs" / name / "teacher_samples")["input_ids"] for name in ("single", "ddp"))
+        assert len(one) == 8 and one == two
     assert ref[0]["loss"] != ref[-1]["loss"] and files == ref_files
     for a, b in zip(ref, got, strict=True):
         for key in ("loss", "loss/logits", extra):
