@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from minidistill.adapters import get_adapter
 from minidistill.config import ConfigError
 from minidistill.data import DataConfig, TextData, TokenBlocks
 from minidistill.distill.objective import DistillLossConfig
@@ -196,6 +197,25 @@ def test_loss_counts_only_generated_positions(tmp_path, divergence):
         assert d.module(seqs, changed, target_mask=mask)["loss"].item() == loss
         changed.final_hidden[:, prefix_len - 1] += 3.0
         assert d.module(seqs, changed, target_mask=mask)["loss"].item() != pytest.approx(loss, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_layers_generate_and_train_like_eager_ones(tmp_path):
+    """``train.compile`` compiles the decoder layers the student also generates with (KV cache, growing lengths):
+    the generated tokens, losses and gradient norms match the eager run."""
+    kw = dict(on_policy={"fraction": 1.0, "max_new_tokens": NEW}, train={"max_steps": 2})
+    eager = _distiller(tmp_path / "eager", **kw)
+    compiled = _distiller(tmp_path / "compiled", **{**kw, "train": {"max_steps": 2, "compile": True}})
+    layers = get_adapter(compiled.student).decoder_layers(compiled.student)
+    assert all(layer._compiled_call_impl is not None for layer in layers)  # nn.Module.compile() took effect
+    indices = eager.sampler.next_indices()
+    assert torch.equal(compiled.sampler.next_indices(), indices)
+    assert torch.equal(compiled._on_policy_rows(indices, 0)[0], eager._on_policy_rows(indices, 0)[0])
+    for step in range(2):
+        a, b = eager.train_step(step), compiled.train_step(step)
+        assert b["on_policy_share"] == a["on_policy_share"] == 1.0
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (step, key)
 
 
 @pytest.mark.slow
