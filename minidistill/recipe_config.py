@@ -137,8 +137,7 @@ class PruneDistillConfig(ConfigBase):
                 "train.gradient_checkpointing": self.train.gradient_checkpointing, "train.compile": self.train.compile,
                 "teacher_cache.enabled": self.teacher_cache is not None and self.teacher_cache.enabled})
         if self.born_again is not None:
-            check_born_again(mutual=self.mutual is not None, on_policy=self.on_policy is not None,
-                             teacher_cache=self.teacher_cache is not None and self.teacher_cache.enabled)
+            check_born_again(mutual=self.mutual is not None, on_policy=self.on_policy is not None)
             features, key = feature_terms(self.loss)
             if self.born_again.ensemble and features:
                 raise ConfigError(f"born_again.ensemble=true gives the logit term the generations' mean distribution only; "

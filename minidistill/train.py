@@ -387,7 +387,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
                                cache=cache, peers=peers, peer_maps=peer_maps, export_prune_map=prune_map)
     else:
         result, metadata = _fit_generations(cfg, fit, student=student, teacher=teacher, prune_map=prune_map,
-                                            resume=resume_path, accelerator=accelerator)
+                                            resume=resume_path, accelerator=accelerator, cache=cache)
     model_dir = cfg.run_dir / MODEL_DIR
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -608,12 +608,12 @@ def check_born_again_pairing(cfg: PruneDistillConfig) -> None:
 
 
 def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_map: PruneMap | None, resume: Path | None,
-                     accelerator) -> tuple[TrainResult, dict[str, Any]]:
+                     accelerator, cache: TeacherCache | None = None) -> tuple[TrainResult, dict[str, Any]]:
     """Born-again generations 0 .. born_again.generations, each in its own folder; the last one's model is the run's.
 
     Finished generations are skipped (``resume`` is a checkpoint of the first unfinished one, or None); generation
     ``g >= 1`` starts from the pruned student or generation ``g - 1`` (``born_again.init``) and learns from
-    generation ``g - 1``.
+    generation ``g - 1``. Generation 0 learns from the teacher, so it alone reads the teacher ``cache``.
     """
     import gc
 
@@ -644,7 +644,7 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
             objective_map = None
         logger.info("born-again generation %d of %d: learns from %s", g, cfg.born_again.generations, _learned_from(cfg, g))
         result, metadata = fit(student=gen_student, teacher=gen_teacher, prune_map=objective_map, run_dir=gen_dir,
-                               resume=resume if g == first else None, cache=None, peers=[], peer_maps=[],
+                               resume=resume if g == first else None, cache=cache if g == 0 else None, peers=[], peer_maps=[],
                                export_prune_map=prune_map, generation=g)
         if g < cfg.born_again.generations:
             # The next generation's checkpoints must hold only its own models and optimizer.

@@ -43,17 +43,12 @@ def generation_dir(run_dir: Path, generation: int) -> Path:
     return Path(run_dir) / GENERATIONS / f"gen{generation}"
 
 
-def check_born_again(*, mutual: bool, on_policy: bool, teacher_cache: bool) -> None:
+def check_born_again(*, mutual: bool, on_policy: bool) -> None:
     """ConfigError for what born-again generations do not combine with."""
     if mutual:
         raise ConfigError("born_again trains one student per generation; set mutual=null (or born_again=null)")
     if on_policy:
         raise ConfigError("born_again does not run on-policy batches; set on_policy=null (or born_again=null)")
-    if teacher_cache:
-        raise ConfigError(
-            "teacher_cache holds the original teacher, but born-again generations after the first learn from the "
-            "previous generation; set teacher_cache.enabled=false (or born_again=null)"
-        )
 
 
 __all__ = ["GENERATIONS", "BornAgainConfig", "check_born_again", "generation_dir"]
