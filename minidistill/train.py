@@ -193,7 +193,7 @@ def student_init_dir(cfg: PruneDistillConfig) -> Path:
     return cfg.run_dir / STUDENT_INIT
 
 
-def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool):
+def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool, teacher_cache=None):
     """(student, prune_map): from ``student.source``, from the run's saved pruned student, or by pruning.
 
     Every process takes part in pruning (each runs the calibration pass on its share of the blocks, the
@@ -215,7 +215,8 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
 
         prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
         result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source,
-                             shard=CalibrationShard.from_accelerator(accelerator), device=accelerator.device)
+                             shard=CalibrationShard.from_accelerator(accelerator), device=accelerator.device,
+                             teacher_cache=teacher_cache)
         if accelerator.is_main_process:
             logger.info(
                 "pruned %s -> %s parameters; student saved to %s", result.params_before, result.params_after, init_dir
@@ -374,8 +375,14 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     with timer.stage("data"):
         data = build_text_data(cfg.data, tokenizer, generated)
     correct_teacher(cfg, teacher, tokenizer, data, accelerator, timer)
-    student, prune_map, alignment = prune_or_load_student(cfg, teacher, tokenizer, data, accelerator, continuing, timer)
-    cache = build_cache(cfg, teacher, tokenizer, data, accelerator, alignment.mask_from, timer)
+    cache = None
+    if search_reads_cache(cfg, continuing):  # the short-distillation ranking of candidates reads it too
+        rows = teacher.get_output_embeddings().weight.shape[0]
+        cache = build_cache(cfg, teacher, tokenizer, data, accelerator, _align(rows, rows, tokenizer, tokenizer).mask_from, timer)
+    student, prune_map, alignment = prune_or_load_student(cfg, teacher, tokenizer, data, accelerator, continuing, timer,
+                                                          teacher_cache=cache)
+    if cache is None:
+        cache = build_cache(cfg, teacher, tokenizer, data, accelerator, alignment.mask_from, timer)
     with parallel.full_weights_init(accelerator):
         peers, peer_maps = load_peers(cfg, student, teacher)
     for peer_map in peer_maps:
@@ -505,11 +512,20 @@ def correct_teacher(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerat
                                teacher_source=cfg.teacher.source, accelerator=accelerator)
 
 
-def prune_or_load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool, timer):
-    """(student, prune map, vocabulary alignment with the teacher), checked for the loss terms and modes."""
+def search_reads_cache(cfg: PruneDistillConfig, continuing: bool) -> bool:
+    """Whether this run prunes with a short-distillation ranking and has a teacher cache for it to read."""
+    return (cfg.teacher_cache is not None and cfg.teacher_cache.enabled and cfg.student is None and not continuing
+            and cfg.prune.search.distill_steps > 0)
+
+
+def prune_or_load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, continuing: bool, timer,
+                          teacher_cache: TeacherCache | None = None):
+    """(student, prune map, vocabulary alignment with the teacher), checked for the loss terms and modes.
+
+    ``teacher_cache``: read by the budget search's short-distillation ranking when given."""
     with timer.stage("prune" if cfg.student is None and not continuing else "load student"):
         with parallel.full_weights_init(accelerator):
-            student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, continuing)
+            student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, continuing, teacher_cache)
     alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     if cfg.exits is not None:
         from .distill.exits import check_exit_layers

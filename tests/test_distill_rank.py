@@ -20,8 +20,9 @@ from minidistill.prune.pipeline import prune_model
 from minidistill.prune.targets import SHAPE_TARGET_KEYS, SearchConfig, teacher_hidden_states
 
 
-def naive_distill(student, teacher, batches, *, lr, seed):
-    """Reference: per step a teacher forward and full-vocabulary logits, forward KL by F.kl_div."""
+def naive_distill(student, teacher, batches, *, lr, seed, predicting_only: bool = False):
+    """Reference: per step a teacher forward and full-vocabulary logits, forward KL by F.kl_div (``predicting_only``:
+    over the positions that predict a next token, as the teacher cache holds them)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
     losses = []
@@ -30,6 +31,8 @@ def naive_distill(student, teacher, batches, *, lr, seed):
         with torch.no_grad():
             t_logp = F.log_softmax(teacher(input_ids=ids).logits.double(), -1)
         s_logp = F.log_softmax(student(input_ids=ids).logits.double(), -1)
+        if predicting_only:
+            t_logp, s_logp = t_logp[:, :-1], s_logp[:, :-1]
         loss = F.kl_div(s_logp.reshape(-1, s_logp.shape[-1]), t_logp.reshape(-1, t_logp.shape[-1]),
                         log_target=True, reduction="batchmean")
         opt.zero_grad()
@@ -98,6 +101,27 @@ def test_distill_rank_reranks_and_shares_one_teacher_forward(monkeypatch):
         assert math.isclose(r["distilled_loss"], score(ref), rel_tol=1e-4)
         assert r["distill_s"] > 0 and r["zero_shot_rank"] in (1, 2)
     assert [r["rank"] for r in out] == [1, 2, 3]
+
+
+def test_candidates_read_the_teacher_cache_instead_of_running_the_teacher(tmp_path, monkeypatch):
+    """With the run's cache at k = vocabulary the short distillation gives the naive losses over the predicting
+    positions, and the teacher never runs."""
+    from minidistill.distill.teacher_cache import TeacherCacheConfig, build_teacher_cache
+
+    teacher = tiny_model("llama", dtype=torch.float64)
+    student = tiny_model("llama", seed=1, dtype=torch.float64, intermediate_size=48)
+    train = torch.randint(3, 128, (6, 10), generator=torch.Generator().manual_seed(0))
+    cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=128, dtype="float32"), teacher, train, tmp_path / "c",
+                                tokenizer_vocab={f"w{i}": i for i in range(128)})
+    search = SearchConfig(distill_steps=3, distill_batch_size=2, distill_candidates=1, distill_lr=1e-3)
+    want = naive_distill(copy.deepcopy(student), teacher, distill_batches(train, search), lr=1e-3, seed=0, predicting_only=True)
+    for module in (teacher, teacher.get_submodule("model")):
+        monkeypatch.setattr(module, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+    row = {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 48,
+           "family": "mlp", "eligible": True, "loss": 1.0, "rank": 1}
+    out, winner = distill_rank(teacher, [row], lambda shape, rec: (copy.deepcopy(student), None), train,
+                               lambda m: 0.0, search, cache=cache)
+    assert winner["distill_losses"] == pytest.approx([want[0], want[-1]], rel=1e-5)
 
 
 def test_pipeline_distill_ranking_returns_the_pruned_init():

@@ -103,3 +103,29 @@ def test_pruning_path_saves_the_student_with_its_map_and_resumes_from_it(tiny_di
     resumed = run_prune_distill(load_recipe_config(None, [o for o in overrides if "max_steps" not in o] + ["train.max_steps=3"]), resume=True)
     assert resumed.train.steps == 3
     assert (init_dir / "model.safetensors").stat().st_mtime_ns == before  # not pruned again
+
+
+@pytest.mark.slow
+def test_search_candidates_read_the_run_s_teacher_cache(tiny_dirs, tmp_path, monkeypatch, caplog):
+    """With teacher_cache and a short-distillation ranking the cache is built once, before pruning, and the
+    candidates and the training both read it."""
+    import logging
+
+    import minidistill.train as train_module
+
+    teacher, _ = tiny_dirs
+    builds = []
+    real_build = train_module.build_teacher_cache
+    monkeypatch.setattr(train_module, "build_teacher_cache", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    overrides = tiny_overrides(tmp_path, teacher, "x", **{"train.max_steps": 2, "train.save_every": 0, "eval.max_blocks": 2})
+    overrides = [o for o in overrides if not o.startswith("student.source=")] + [
+        "student=null", "prune.target.params=0.6", "prune.calib_blocks=4", "prune.show_progress=false",
+        "prune.importance.cache=false", "prune.search.distill_steps=2", "prune.search.distill_batch_size=2",
+        "prune.search.distill_candidates=2", "teacher_cache.enabled=true", "teacher_cache.k=8"]
+    cfg = load_recipe_config(None, overrides)
+    with caplog.at_level(logging.INFO, logger="minidistill.prune.distill_rank"):
+        run_prune_distill(cfg)
+    assert builds == [1]
+    assert "teacher cache rows read once" in caplog.text
+    rows = PruneMap.load(cfg.run_dir / "student_init").notes["search"]["candidates"]
+    assert any("distilled_loss" in r for r in rows)

@@ -24,7 +24,9 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..config import ConfigError
+from ..distill.losses.cached import CachedLogitKDLoss
 from ..distill.losses.fused import FusedLogitKDLoss
+from ..distill.teacher_cache import TeacherCache
 from .targets import SHAPE_TARGET_KEYS, SearchConfig, format_rows, teacher_hidden_states
 
 logger = logging.getLogger(__name__)
@@ -61,15 +63,19 @@ def _head(model: nn.Module) -> nn.Module:
 
 def short_distill(
     student: nn.Module,
-    teacher_head: nn.Module,
-    teacher_hidden: Sequence[torch.Tensor],
+    teacher_head: nn.Module | None,
+    teacher_hidden: Sequence[torch.Tensor] | None,
     batches: Sequence[torch.Tensor],
     *,
     lr: float,
     seed: int,
     chunk_tokens: int = 256,
+    cached: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    vocab_size: int | None = None,
 ) -> list[float]:
-    """Distill ``student`` in place for one step per batch against precomputed teacher final hidden states.
+    """Distill ``student`` in place for one step per batch against precomputed teacher final hidden states, or
+    against the teacher cache's rows of the batches (``cached``: ``(indices, logprobs, rest)`` per batch, as
+    :meth:`~minidistill.distill.teacher_cache.TeacherCache.rows` gives them; the positions that predict a next token).
 
     Returns the per-step loss (forward KL per position, temperature 1).
     """
@@ -78,17 +84,24 @@ def short_distill(
     backbone = student.get_submodule(adapter.backbone)
     head = student.get_submodule(adapter.lm_head)
     loss_fn = FusedLogitKDLoss("forward_kl", chunk_tokens=chunk_tokens)
+    cached_fn = CachedLogitKDLoss(chunk_tokens=chunk_tokens, vocab_size=vocab_size)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     device = next(student.parameters()).device
-    t_weight = teacher_head.weight.detach()
-    t_bias = None if getattr(teacher_head, "bias", None) is None else teacher_head.bias.detach()
+    if cached is None:
+        t_weight = teacher_head.weight.detach()
+        t_bias = None if getattr(teacher_head, "bias", None) is None else teacher_head.bias.detach()
     losses = []
     student.train()
-    for ids, t_hidden in zip(batches, teacher_hidden, strict=True):
+    for ids, teacher_batch in zip(batches, teacher_hidden if cached is None else cached, strict=True):
         hidden = backbone(input_ids=ids.to(device)).last_hidden_state
-        loss = loss_fn(hidden, head.weight, t_hidden.to(device), t_weight,
-                       student_head_bias=getattr(head, "bias", None), teacher_head_bias=t_bias)
+        if cached is None:
+            loss = loss_fn(hidden, head.weight, teacher_batch.to(device), t_weight,
+                           student_head_bias=getattr(head, "bias", None), teacher_head_bias=t_bias)
+        else:
+            idx, lp, rest = (x.to(device) for x in teacher_batch)
+            loss = cached_fn(hidden[:, :-1], head.weight, idx.long(), lp.to(hidden.dtype), rest.to(hidden.dtype),
+                             student_head_bias=getattr(head, "bias", None))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -105,17 +118,24 @@ def distill_rank(
     train_ids: torch.Tensor,
     score_fn: Callable[[nn.Module], float],
     search: SearchConfig,
+    cache: TeacherCache | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Re-rank ``rows`` (zero-shot, best first) after a short distillation of the top eligible ones.
 
     Adds ``distilled_<score>``, ``distill_s`` (seconds spent on the candidate: build, steps, scoring)
     and ``distill_losses`` (first / last step) to each distilled row; distilled rows rank first by
     their score after the steps, the others follow by zero-shot score. Returns the rows and the
-    winning row.
+    winning row. With the run's teacher ``cache`` (built over ``train_ids``) the candidates read the teacher's
+    top-k of their batches from it and the teacher does not run.
     """
     batches = distill_batches(train_ids, search)
     t0 = time.perf_counter()
-    teacher_hidden = teacher_hidden_states(teacher, batches)  # one teacher forward per batch, for all candidates
+    if cache is None:
+        teacher_hidden, cached = teacher_hidden_states(teacher, batches), None  # one teacher forward per batch, for all
+    else:
+        bs = search.distill_batch_size
+        teacher_hidden = None
+        cached = [cache.rows(torch.arange(i * bs, i * bs + len(b))) for i, b in enumerate(batches)]
     teacher_s = time.perf_counter() - t0
     key = f"distilled_{search.score}"
     top = [r for r in rows if r["eligible"]][: search.distill_candidates]
@@ -126,7 +146,8 @@ def distill_rank(
         student, _ = build(shape, True)
         with torch.enable_grad():
             losses = short_distill(student, _head(teacher), teacher_hidden, batches, lr=search.distill_lr,
-                                   seed=search.seed, chunk_tokens=min(search.chunk_tokens, 256))
+                                   seed=search.seed, chunk_tokens=min(search.chunk_tokens, 256), cached=cached,
+                                   vocab_size=None if cache is None else int(cache.manifest["vocab_size"]))
         row[key] = score_fn(student)
         row["distill_s"] = time.perf_counter() - t0
         row["distill_losses"] = [losses[0], losses[-1]]
@@ -139,8 +160,8 @@ def distill_rank(
     for rank, row in enumerate(out, 1):
         row["zero_shot_rank"] = row.get("zero_shot_rank", row["rank"])
         row["rank"] = rank
-    logger.info("ranked after %d distillation steps (teacher hidden states once: %.1f s):\n%s", search.distill_steps,
-                teacher_s, format_rows(out))
+    logger.info("ranked after %d distillation steps (teacher %s once: %.1f s):\n%s", search.distill_steps,
+                "hidden states" if cache is None else "cache rows read", teacher_s, format_rows(out))
     return out, distilled[0]
 
 

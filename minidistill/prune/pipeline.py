@@ -32,6 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..adapters import count_parameters, get_adapter
 from ..config import ConfigBase, ConfigError
 from ..data import DataError, TextData, TokenBlocks
+from ..distill.teacher_cache import TeacherCache
 from ..errors import OutputError
 from ..models import state_dict_sha256
 from .distill_rank import check_distill_data, distill_rank
@@ -248,6 +249,7 @@ def prune_model(
     teacher_source: str,
     shard: CalibrationShard = SINGLE,
     device: torch.device | str | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> PruneResult:
     """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget).
 
@@ -255,16 +257,19 @@ def prune_model(
     rank 0 saves to ``cfg.output_dir``. ``device``: what ``prune.device=auto`` means here (the caller's
     accelerator device; None: CUDA when available, else CPU). Pruning runs on ``prune.device``; the
     teacher is moved back afterwards and the student is returned on the teacher's device.
+    ``teacher_cache``: the teacher's top-k over ``data.train``, read by the short-distillation ranking
+    (``search.distill_steps``) instead of teacher forwards.
     """
     cfg.validate()
     target = resolve_prune_device(cfg.device, device)
     home = next(teacher.parameters()).device
     if target == home:
-        return _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard)
+        return _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard, teacher_cache=teacher_cache)
     logger.info("pruning on %s (the teacher is on %s)", target, home)
     teacher.to(target)
     try:
-        result = _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard)
+        result = _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard,
+                              teacher_cache=teacher_cache)
     finally:
         teacher.to(home)
     result.student.to(home)
@@ -279,6 +284,7 @@ def _prune_model(
     *,
     teacher_source: str,
     shard: CalibrationShard,
+    teacher_cache: TeacherCache | None = None,
 ) -> PruneResult:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -352,7 +358,8 @@ def _prune_model(
     t0 = time.perf_counter()
     if space is not None:
         student, pmap, rows, extra_files = _search(teacher, data, cfg, space, budget, build, calib_batches, timings,
-                                                   full_params=ne_before if cfg.target.non_embedding else params_before)
+                                                   full_params=ne_before if cfg.target.non_embedding else params_before,
+                                                   teacher_cache=teacher_cache)
         t0 = time.perf_counter() - timings["winner_reconstruction_s"]
     else:
         student, pmap = build(shape, True)
@@ -391,6 +398,7 @@ def _search(
     timings: dict[str, float],
     *,
     full_params: int,
+    teacher_cache: TeacherCache | None = None,
 ) -> tuple[nn.Module, PruneMap, list[dict[str, Any]], dict[str, str | bytes]]:
     """Sensitivity, enumeration, zero-shot scoring, optional short-distillation ranking, winner's reconstruction."""
     search = cfg.search
@@ -424,7 +432,7 @@ def _search(
     if search.distill_steps > 0:
         t0 = time.perf_counter()
         del student
-        rows, winner = distill_rank(teacher, rows, build, data.train.input_ids, score_fn, search)
+        rows, winner = distill_rank(teacher, rows, build, data.train.input_ids, score_fn, search, cache=teacher_cache)
         # The short-distilled weights are discarded: the winner's pruned (+ reconstructed) init is returned.
         student, pmap = build({**{k: winner[k] for k in SHAPE_TARGET_KEYS}, "head_dim": teacher_shape["head_dim"]}, True)
         reconstructed = True
