@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -101,10 +101,24 @@ def data_hash(blocks: torch.Tensor) -> str:
     return _sha([str(tuple(b.shape)).encode(), b.numpy().tobytes()])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename it into place."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def open_keyed_folder(path: Path, expected: dict, check: Callable[[dict, dict, Path], None]) -> None:
+    """Create ``path`` with an incomplete manifest of ``expected`` keys, or ``check`` the one it has against them;
+    then remove temporary leftovers of a killed writer (never read)."""
+    path.mkdir(parents=True, exist_ok=True)
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        check(json.loads(manifest_path.read_text()), expected, path)
+    else:
+        atomic_write_text(manifest_path, json.dumps({"format": FORMAT, **expected, "complete": False}, indent=1))
+    for leftover in path.glob("*.tmp"):
+        leftover.unlink()
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -161,14 +175,8 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
         "k": cfg.k, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
         "num_blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "blocks_per_shard": cfg.blocks_per_shard,
     }
-    path.mkdir(parents=True, exist_ok=True)
+    open_keyed_folder(path, expected, _check_keys)
     manifest_path = path / MANIFEST
-    if manifest_path.is_file():
-        _check_keys(json.loads(manifest_path.read_text()), expected, path)
-    else:
-        _atomic_write_text(manifest_path, json.dumps({"format": FORMAT, **expected, "complete": False}, indent=1))
-    for leftover in path.glob("*.tmp"):
-        leftover.unlink()
     num_shards = -(-blocks.shape[0] // cfg.blocks_per_shard)
     device = next(teacher.parameters()).device
     value_dtype = VALUE_DTYPES[cfg.dtype]
@@ -187,7 +195,7 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
         logger.info("teacher cache: shard %d/%d written", s + 1, num_shards)
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("complete"):
-        _atomic_write_text(manifest_path, json.dumps({**manifest, "complete": True}, indent=1))
+        atomic_write_text(manifest_path, json.dumps({**manifest, "complete": True}, indent=1))
     return TeacherCache(path, expected)
 
 

@@ -31,12 +31,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigBase, ConfigError
 from ..data import TEACHER_SAMPLES, DataConfig, load_documents, split_documents
-from .teacher_cache import TeacherCacheError, teacher_hash, tokenizer_hash
+from .teacher_cache import MANIFEST, TeacherCacheError, atomic_write_text, open_keyed_folder, teacher_hash, tokenizer_hash
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = 1
 CORPUS, UNCONDITIONAL = "corpus", "none"
 SETTINGS = ("num_samples", "max_new_tokens", "temperature", "top_p", "top_k", "batch_size", "samples_per_shard", "seed")
 
@@ -160,12 +158,6 @@ def _shard_name(s: int) -> str:
     return f"shard_{s:05d}.parquet"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _stop_ids(teacher: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     ids = {tokenizer.eos_token_id}
     configured = getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)
@@ -226,16 +218,8 @@ def open_samples_folder(cfg: TeacherSamplesConfig, teacher: nn.Module, tokenizer
     if not prompts:
         raise TeacherSamplesError(f"teacher_samples.prompts={cfg.prompts!r} gives no prompt: with 'corpus', no training document "
                                   f"has teacher_samples.prompt_tokens={cfg.prompt_tokens} tokens (lower it); with a file, it has no text")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     expected = _expected(cfg, teacher, tokenizer.get_vocab(), prompts)
-    manifest_path = path / MANIFEST
-    if manifest_path.is_file():
-        _check_keys(json.loads(manifest_path.read_text()), expected, path)
-    else:
-        _atomic_write_text(manifest_path, json.dumps({"format": FORMAT, **expected, "complete": False}, indent=1))
-    for leftover in path.glob("*.tmp"):
-        leftover.unlink()
+    open_keyed_folder(Path(path), expected, _check_keys)
     return expected
 
 
@@ -269,7 +253,7 @@ def write_teacher_samples(cfg: TeacherSamplesConfig, teacher: nn.Module, tokeniz
                                     "text": tokenizer.batch_decode(rows, skip_special_tokens=False)})
             tmp = target.with_name(target.name + ".tmp")
             ds.to_parquet(str(tmp))
-            _atomic_write_text(path / f"shard_{s:05d}.json", json.dumps({"new_tokens": new_tokens, "seconds": seconds}))
+            atomic_write_text(path / f"shard_{s:05d}.json", json.dumps({"new_tokens": new_tokens, "seconds": seconds}))
             os.replace(tmp, target)
             logger.info("teacher samples: shard %d/%d, %d new tokens at %.0f tokens/s", s + 1, num_shards(cfg), new_tokens,
                         new_tokens / max(seconds, 1e-9))
@@ -288,7 +272,7 @@ def finish_samples_folder(cfg: TeacherSamplesConfig, path: str | Path) -> dict:
         stats = [json.loads((path / f"shard_{s:05d}.json").read_text()) for s in range(num_shards(cfg))]
         tokens, seconds = sum(x["new_tokens"] for x in stats), sum(x["seconds"] for x in stats)
         manifest.update(complete=True, new_tokens=tokens, seconds=seconds, tokens_per_second=tokens / max(seconds, 1e-9))
-        _atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
