@@ -166,6 +166,14 @@ class DistillationModule(nn.Module):
         """Each trainable model's objective against the teacher, in :meth:`trainable_models` order."""
         return [self.objective, *self.peer_objectives]
 
+    def generate_student(self, prefix: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
+                         vocab_size: int | None = None) -> torch.Tensor:
+        """The student's sampled continuations of ``prefix`` (:func:`~minidistill.distill.on_policy.generate_continuations`);
+        a method of the prepared module so that FSDP2 gathers the root's weights around it (``register_fsdp_forward_method``)."""
+        from .on_policy import generate_continuations
+
+        return generate_continuations(self.student, prefix, uniforms, temperature=temperature, vocab_size=vocab_size)
+
     def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
                 target_mask: torch.Tensor | None = None, peer: int = 0, netaug_ratio: float | None = None) -> dict:
         """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With

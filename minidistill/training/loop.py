@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from ..adapters import get_adapter
 from ..config import ConfigError
@@ -41,7 +42,6 @@ from ..distill.netaug import AugmentedWidth, NetAugConfig, check_netaug, check_n
 from ..distill.on_policy import (
     OnPolicyConfig,
     check_on_policy,
-    generate_continuations,
     generated_mask,
     is_on_policy,
     sampling_uniforms,
@@ -49,7 +49,7 @@ from ..distill.on_policy import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
-from ..parallel import freeze
+from ..parallel import distributed_kind, freeze, zero_stage
 from ..streaming import packed_positions
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
@@ -207,10 +207,10 @@ class Distiller:
                     f"the teacher cache holds {m['num_blocks']} blocks of {m['seq_len']} tokens but data.train has "
                     f"{tuple(data.train.input_ids.shape)}: it was built for other data; set teacher_cache.path to a new folder"
                 )
-        if on_policy is not None and _teacher_sharded(acc):
+        if on_policy is not None and distributed_kind(acc) == "deepspeed" and zero_stage(acc) == 3:
             raise ConfigError(
-                "on_policy generates with the student outside the sharded forward, which FSDP2 and ZeRO-3 do not support: "
-                "launch with launch/ddp.yaml / launch/zero2.yaml or set on_policy=null"
+                "on_policy generates with the student outside the engine's forward, which ZeRO-3 does not support: "
+                "launch with launch/fsdp2.yaml / launch/ddp.yaml / launch/zero2.yaml or set on_policy=null"
             )
         if isinstance(teacher, EnsembleTeacher):
             features, key = feature_terms(loss)
@@ -258,6 +258,8 @@ class Distiller:
             decay_fraction=train.decay_fraction,
         )
         self.module, self.optimizer, self.scheduler = self._prepare(module, optimizer, scheduler)
+        if on_policy is not None and distributed_kind(acc) == "fsdp2":
+            register_fsdp_forward_method(acc.unwrap_model(self.module), "generate_student")  # gathers the root's shards
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_sharded = _teacher_sharded(acc)
         self.run_name = run_name
@@ -305,10 +307,10 @@ class Distiller:
         prefix_len = blocks.shape[1] - cfg.max_new_tokens
         uniforms = sampling_uniforms(self.train_cfg.seed, micro_index, blocks.shape[0], cfg.max_new_tokens)
         prefix = local_rows(acc, blocks[:, :prefix_len]).to(acc.device)
-        student = acc.unwrap_model(self.module).student
         with acc.autocast():
-            seqs = generate_continuations(student, prefix, local_rows(acc, uniforms).to(acc.device),
-                                          temperature=cfg.temperature, vocab_size=self._objective().vocab_size)
+            seqs = acc.unwrap_model(self.module).generate_student(prefix, local_rows(acc, uniforms).to(acc.device),
+                                                                  temperature=cfg.temperature,
+                                                                  vocab_size=self._objective().vocab_size)
         return seqs, generated_mask(seqs.shape[0], seqs.shape[1], prefix_len, device=acc.device)
 
     def _objective(self) -> DistillObjective:
