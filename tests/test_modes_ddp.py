@@ -41,3 +41,32 @@ def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
             assert b[key] == pytest.approx(a[key], rel=5e-5, abs=1e-8), (a["step"], key)
     for k, v in ref_state.items():
         assert (state[k] - v).abs().max().item() <= 2e-5, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, tolerance", [("fsdp2.yaml", {"loss": 5e-5, "weight": 2e-5}),
+                                               ("zero3.yaml", {"loss": 2e-4, "weight": 1e-4})], ids=["fsdp2", "zero3"])
+def test_teacher_samples_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, config, tolerance):
+    """The samples are generated before the teacher is sharded: each process writes its shards with the whole
+    teacher, and the sharded run trains on the same documents as one process."""
+    from test_distributed import LAUNCH, WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
+
+    from minidistill.distill.teacher_samples import read_teacher_samples
+
+    root, teacher, student = tiny_folders
+    sharded = _accelerate("--config_file", str(LAUNCH / config), "--num_processes", "2", "--main_process_port", str(_free_port()))
+    runs = {}
+    for name, launcher, env in (("single", [sys.executable], _env(tmp_path, sharded=False)),
+                                ("sharded", sharded, _env(tmp_path, sharded=True))):
+        overrides = tiny_overrides(tmp_path / "runs", teacher, student, run_name=name, **{
+            "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **SAMPLES})
+        _launch([*launcher, str(WRAPPER), *overrides], env, f"{name} run")
+        run_dir = tmp_path / "runs" / name
+        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), read_teacher_samples(run_dir / "teacher_samples"))
+    (ref, ref_state, ref_samples), (got, state, samples) = runs["single"], runs["sharded"]
+    assert len(ref_samples["input_ids"]) == 8 and samples["input_ids"] == ref_samples["input_ids"]
+    assert ref[0]["loss"] != ref[-1]["loss"]
+    for a, b in zip(ref, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=tolerance["loss"], abs=1e-8), a["step"]
+    for k, v in ref_state.items():
+        assert (state[k] - v).abs().max().item() <= tolerance["weight"], k

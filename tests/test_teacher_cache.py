@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
 
 from minidistill.distill import teacher_cache as tc
-from minidistill.distill.teacher_cache import TeacherCache, TeacherCacheConfig, TeacherCacheError, build_teacher_cache, teacher_topk
+from minidistill.distill.losses.cached import CachedLogitKDLoss
+from minidistill.distill.teacher_cache import (
+    TeacherCache,
+    TeacherCacheConfig,
+    TeacherCacheError,
+    build_teacher_cache,
+    sample_tail,
+    teacher_topk,
+)
 
 VOCAB = {f"w{i}": i for i in range(128)}
 
@@ -48,12 +58,77 @@ def test_cache_of_other_inputs_is_refused(tmp_path):
         build_teacher_cache(_cfg(), teacher, blocks, tmp_path, tokenizer_vocab={**VOCAB, "x": 128})
     with pytest.raises(TeacherCacheError, match=r"another k \(k: cache 5, now 6\)"):
         build_teacher_cache(_cfg(k=6), teacher, blocks, tmp_path, tokenizer_vocab=VOCAB)
+    with pytest.raises(TeacherCacheError, match=r"another tail_samples \(tail_samples: cache 0, now 4\)"):
+        build_teacher_cache(_cfg(tail_samples=4), teacher, blocks, tmp_path, tokenizer_vocab=VOCAB)
+    manifest = tmp_path / tc.MANIFEST  # a manifest written before the tail draws existed reads as tail_samples 0
+    keys = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({k: v for k, v in keys.items() if k not in ("tail_samples", "seed")}))
+    build_teacher_cache(_cfg(), teacher, blocks, tmp_path, tokenizer_vocab=VOCAB)
+    with pytest.raises(TeacherCacheError, match=r"k \+ tail_samples = 130 exceeds the vocabulary \(128 tokens\): set teacher_cache.tail_samples<=8"):
+        build_teacher_cache(_cfg(k=120, tail_samples=10), teacher, blocks, tmp_path / "big", tokenizer_vocab=VOCAB)
     with pytest.raises(TeacherCacheError, match=r"teacher_cache.k=129 exceeds the vocabulary \(128 tokens\)"):
         build_teacher_cache(_cfg(k=129), teacher, blocks, tmp_path / "big", tokenizer_vocab=VOCAB)
 
 
-def test_a_killed_build_resumes_to_the_same_cache(tmp_path, monkeypatch):
+def _with_tail(tail_samples):
+    return lambda **kw: _cfg(tail_samples=tail_samples, **kw)
+
+
+def _dense(idx, lp, rest, vocab):
+    """The stored distribution as dense probabilities [..., vocab] (the rest bucket left out)."""
+    return torch.zeros(*idx.shape[:-1], vocab, dtype=torch.float64).scatter_add_(-1, idx.long(), lp.double().exp())
+
+
+def test_tail_draws_keep_the_top_k_and_equal_the_teacher_in_expectation():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    lp = logits.log_softmax(-1)
+    top = lp.topk(4, -1)
+    rest = torch.logsumexp(lp.scatter(-1, top.indices, float("-inf")), -1)
+    gen = torch.Generator().manual_seed(1)
+    ids, wl = sample_tail(lp, top.indices, rest, 8, gen)
+    assert ids.shape == wl.shape == (3, 8)
+    assert not (ids.unsqueeze(-1) == top.indices.unsqueeze(-2)).logical_and(torch.isfinite(wl).unsqueeze(-1)).any()
+    one = _dense(torch.cat([top.indices, ids], -1), torch.cat([top.values, wl], -1), rest, 40)
+    torch.testing.assert_close(one.sum(-1), torch.ones(3, dtype=torch.float64))  # sums to one: no bucket needed
+    torch.testing.assert_close(one.gather(-1, top.indices), top.values.exp())  # the top-k exactly
+    drawn = torch.isfinite(wl)
+    assert len(set(ids[0][drawn[0]].tolist())) == int(drawn[0].sum())  # distinct ids, no duplicates
+    mean = sum(_dense(*sample_tail(lp, top.indices, rest, 8, gen), rest, 40) for _ in range(3000)) / 3000
+    want = lp.exp().scatter(-1, top.indices, 0.0)
+    torch.testing.assert_close(mean, want, atol=4e-3, rtol=0)
+    # a row whose top-k hold all the mass gets no draws
+    only_top = torch.full_like(lp, float("-inf")).scatter(-1, top.indices, top.values).log_softmax(-1)
+    no_rest = torch.logsumexp(only_top.scatter(-1, top.indices, float("-inf")), -1)
+    ids, wl = sample_tail(only_top, top.indices, no_rest, 8, gen)
+    assert torch.isneginf(no_rest).all() and torch.isneginf(wl).all()
+
+
+def test_the_loss_on_a_cache_with_tail_draws_is_the_kl_to_the_stored_distribution(tmp_path):
+    teacher, blocks = tiny_model("llama"), _blocks(n=4)
+    cache = build_teacher_cache(_cfg(dtype="float32", tail_samples=6), teacher, blocks, tmp_path, tokenizer_vocab=VOCAB)
+    assert cache.width == 11 and cache.bytes_per_token() == 11 * 8 + 4
+    idx, lp, rest = cache.rows(torch.arange(4))
+    assert idx.shape == (4, 8, 11) and torch.isneginf(rest).all()
+    target = _dense(idx, lp, rest, 128)
+    torch.testing.assert_close(target.sum(-1), torch.ones(4, 8, dtype=torch.float64), rtol=0, atol=1e-6)
+    want_idx, want_lp, _ = teacher_topk(teacher, blocks, 5)
+    assert torch.equal(idx[..., :5].long(), want_idx)
+    torch.testing.assert_close(lp[..., :5], want_lp)
+    h = torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(128, 16, dtype=torch.float64, requires_grad=True)
+    got = CachedLogitKDLoss(chunk_tokens=5)(h.float(), w.float(), idx, lp, rest)
+    lq = (h @ w.t()).log_softmax(-1)
+    ref = torch.where(target > 0, target * (target.log() - lq), torch.zeros_like(lq)).sum(-1).mean()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+    got_grads = torch.autograd.grad(CachedLogitKDLoss(chunk_tokens=5)(h, w, idx, lp, rest), (h, w))
+    for g, r in zip(got_grads, torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("tail_samples", [0, 6])
+def test_a_killed_build_resumes_to_the_same_cache(tmp_path, monkeypatch, tail_samples):
     teacher, blocks = tiny_model("llama"), _blocks()
+    _cfg = _with_tail(tail_samples)
     whole = build_teacher_cache(_cfg(), teacher, blocks, tmp_path / "whole", tokenizer_vocab=VOCAB)
     real, calls = tc._write_shard, []
 

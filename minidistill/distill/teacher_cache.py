@@ -9,6 +9,12 @@
 Every file is written to a temporary name and renamed into place, so a shard either exists whole or not
 at all; a killed build resumes from its completed shards (temporary leftovers are removed, never read).
 A cache built for another teacher, tokenizer, data or ``k`` is refused, naming what differs.
+
+``tail_samples = m > 0`` also keeps the tail: per position ``m`` tokens are drawn (with replacement, from a
+generator seeded by ``seed`` and the shard) from the teacher's distribution outside its top-k, and stored
+after the top-k as distinct ids with ``log(rest mass * count / m)``; the rest bucket is then empty (-inf).
+The stored distribution sums to one and equals the teacher's in expectation, so the KL gradient the student
+gets from it (``q - p_cached``) is unbiased, where the one-bucket rest teaches no tail shape at all.
 :class:`TeacherCache` reads the rows of given block indices for :class:`~minidistill.distill.losses.cached.CachedLogitKDLoss`.
 """
 
@@ -37,7 +43,10 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = 1
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-KEYS = ("teacher", "tokenizer", "data", "k", "dtype", "index_dtype", "vocab_size", "num_blocks", "seq_len", "blocks_per_shard")
+KEYS = ("teacher", "tokenizer", "data", "k", "tail_samples", "seed", "dtype", "index_dtype", "vocab_size", "num_blocks",
+        "seq_len", "blocks_per_shard")
+KEY_DEFAULTS = {"tail_samples": 0, "seed": 0}
+"""Values of keys that manifests written before the key existed lack."""
 
 
 class TeacherCacheError(MinidistillError, ValueError):
@@ -53,7 +62,13 @@ class TeacherCacheConfig(ConfigBase):
     path: str | None = None
     """Folder of the cache (None: ``<run_dir>/teacher_cache``)."""
     k: int = 64
-    """Teacher tokens kept per position (the rest of its mass is one bucket)."""
+    """Teacher tokens kept per position (the rest of its mass is one bucket, unless ``tail_samples`` is set)."""
+    tail_samples: int = 0
+    """Tokens drawn per position from the teacher's distribution outside its top-k (0: the rest is one bucket).
+    Their distinct ids are stored after the top-k, each with its share of the rest mass, so the cached target
+    is the teacher's distribution in expectation (storage: up to ``k + tail_samples`` entries per position)."""
+    seed: int = 0
+    """Seed of the tail draws (with the shard index, so a resumed build draws what an uninterrupted one did)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Stored dtype of the log-probabilities."""
     index_dtype: Literal["int32"] = "int32"
@@ -69,6 +84,8 @@ class TeacherCacheConfig(ConfigBase):
         for key in ("k", "blocks_per_shard", "batch_size", "chunk_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"teacher_cache.{key}={getattr(self, key)}: must be at least 1")
+        if self.tail_samples < 0:
+            raise ConfigError(f"teacher_cache.tail_samples={self.tail_samples}: must be 0 (no tail draws) or more")
 
 
 def _sha(parts) -> str:
@@ -132,12 +149,29 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
+def sample_tail(lp: torch.Tensor, top_indices: torch.Tensor, rest: torch.Tensor, m: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` draws per row of log-probs ``lp`` [n, V] from the mass outside ``top_indices`` [n, k], as distinct ids
+    [n, m] and log-weights [n, m] (``log(rest * count / m)``; -inf in the unused slots and where ``rest`` is -inf)."""
+    probs = lp.exp().scatter(-1, top_indices, 0.0)
+    empty = probs.sum(-1, keepdim=True) <= 0
+    probs = torch.where(empty, torch.ones_like(probs), probs)  # any ids: their weight is log(0) below
+    draws = torch.multinomial(probs, m, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    count, ids = counts.topk(m, -1)
+    share = torch.where(empty.squeeze(-1), torch.zeros_like(rest), rest.exp()).unsqueeze(-1)
+    return ids, torch.where(count > 0, (share * count / m).log(), torch.full_like(count, float("-inf")))
+
+
 @torch.no_grad()
 def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int, *, vocab_size: int | None = None,
-                 chunk_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 chunk_tokens: int = 1024, tail_samples: int = 0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k ids [B, T-1, k], log-probs [B, T-1, k] (float32) and rest log-mass [B, T-1].
 
     One forward; logits are formed ``chunk_tokens`` positions at a time, head rows ``>= vocab_size`` at -inf.
+    ``tail_samples = m``: ``m`` more columns of drawn tail ids and their log-weights (:func:`sample_tail`), and
+    the rest log-mass is -inf (the draws carry it).
     """
     from .objective import CaptureRequest, model_features
 
@@ -156,10 +190,18 @@ def teacher_topk(teacher: nn.Module, input_ids: torch.Tensor, k: int, *, vocab_s
             logits = logits.masked_fill(torch.arange(rows, device=logits.device) >= tokens, float("-inf"))
         lp = F.log_softmax(logits, -1)
         top = lp.topk(k, -1)
-        idx.append(top.indices)
-        lp_top.append(top.values)
-        rest.append(torch.logsumexp(lp.scatter(-1, top.indices, float("-inf")), -1))
-    return (torch.cat(idx).reshape(b, t, k), torch.cat(lp_top).reshape(b, t, k), torch.cat(rest).reshape(b, t))
+        rest_lp = torch.logsumexp(lp.scatter(-1, top.indices, float("-inf")), -1)
+        if tail_samples:
+            tail_ids, tail_lp = sample_tail(lp, top.indices, rest_lp, tail_samples, generator)
+            idx.append(torch.cat([top.indices, tail_ids], -1))
+            lp_top.append(torch.cat([top.values, tail_lp], -1))
+            rest.append(torch.full_like(rest_lp, float("-inf")))
+        else:
+            idx.append(top.indices)
+            lp_top.append(top.values)
+            rest.append(rest_lp)
+    width = k + tail_samples
+    return (torch.cat(idx).reshape(b, t, width), torch.cat(lp_top).reshape(b, t, width), torch.cat(rest).reshape(b, t))
 
 
 def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: torch.Tensor, path: str | Path, *,
@@ -170,9 +212,12 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
     tokens = rows if vocab_size is None else min(vocab_size, rows)
     if cfg.k > tokens:
         raise TeacherCacheError(f"teacher_cache.k={cfg.k} exceeds the vocabulary ({tokens} tokens): set teacher_cache.k<={tokens}")
+    if cfg.tail_samples and cfg.k + cfg.tail_samples > tokens:
+        raise TeacherCacheError(f"teacher_cache.k + tail_samples = {cfg.k + cfg.tail_samples} exceeds the vocabulary ({tokens} "
+                                f"tokens): set teacher_cache.tail_samples<={tokens - cfg.k}")
     expected = {
         "teacher": teacher_hash(teacher), "tokenizer": tokenizer_hash(tokenizer_vocab), "data": data_hash(blocks),
-        "k": cfg.k, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
+        "k": cfg.k, "tail_samples": cfg.tail_samples, "seed": cfg.seed, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
         "num_blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "blocks_per_shard": cfg.blocks_per_shard,
     }
     open_keyed_folder(path, expected, _check_keys)
@@ -186,9 +231,13 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
             continue
         lo, hi = s * cfg.blocks_per_shard, min((s + 1) * cfg.blocks_per_shard, blocks.shape[0])
         parts = []
+        generator = None
+        if cfg.tail_samples:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + s)
         for start in range(lo, hi, cfg.batch_size):
             ids = blocks[start:min(start + cfg.batch_size, hi)].to(device)
-            parts.append(tuple(x.cpu() for x in teacher_topk(teacher, ids, cfg.k, vocab_size=tokens, chunk_tokens=cfg.chunk_tokens)))
+            parts.append(tuple(x.cpu() for x in teacher_topk(teacher, ids, cfg.k, vocab_size=tokens, chunk_tokens=cfg.chunk_tokens,
+                                                             tail_samples=cfg.tail_samples, generator=generator)))
         idx, lp, rest = (torch.cat(p) for p in zip(*parts))
         _write_shard({"indices": idx.to(torch.int32).contiguous(), "logprobs": lp.to(value_dtype).contiguous(),
                       "rest": rest.to(value_dtype).contiguous()}, target)
@@ -201,7 +250,7 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
 
 def _check_keys(manifest: dict, expected: dict, path: Path) -> None:
     names = {"teacher": "teacher (weights sha256)", "tokenizer": "tokenizer (vocabulary sha256)", "data": "data (token blocks sha256)"}
-    diff = [k for k in KEYS if manifest.get(k) != expected.get(k)]
+    diff = [k for k in KEYS if manifest.get(k, KEY_DEFAULTS.get(k)) != expected.get(k, KEY_DEFAULTS.get(k))]
     if diff:
         details = "; ".join(f"{names.get(k, k)}: cache {manifest.get(k)!r}, now {expected.get(k)!r}" for k in diff)
         raise TeacherCacheError(
@@ -224,6 +273,7 @@ class TeacherCache:
         if not self.manifest.get("complete"):
             raise TeacherCacheError(f"the teacher cache in {self.path} is incomplete (its build was interrupted): run the build again to resume it")
         self.k, self.per_shard = int(self.manifest["k"]), int(self.manifest["blocks_per_shard"])
+        self.width = self.k + int(self.manifest.get("tail_samples", 0))  # stored entries per position: top-k, then tail draws
         self._handles: dict[int, object] = {}
 
     def _shard(self, s: int):
@@ -246,4 +296,4 @@ class TeacherCache:
     def bytes_per_token(self) -> float:
         """Stored bytes per cached position."""
         value = torch.finfo(VALUE_DTYPES[self.manifest["dtype"]]).bits // 8
-        return self.k * (4 + value) + value
+        return self.width * (4 + value) + value
