@@ -217,7 +217,7 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
                                 f"tokens): set teacher_cache.tail_samples<={tokens - cfg.k}")
     expected = {
         "teacher": teacher_hash(teacher), "tokenizer": tokenizer_hash(tokenizer_vocab), "data": data_hash(blocks),
-        "k": cfg.k, "tail_samples": cfg.tail_samples, "seed": cfg.seed, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
+        "k": cfg.k, "tail_samples": cfg.tail_samples, "seed": cfg.seed if cfg.tail_samples else 0, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
         "num_blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "blocks_per_shard": cfg.blocks_per_shard,
     }
     open_keyed_folder(path, expected, _check_keys)
