@@ -13,7 +13,7 @@ cache's bytes per token over dense float16 log-probabilities. With ``--student-s
 a pruned student for N equal-token steps from the cache at ``--k`` and from the live teacher and prints
 both held-out perplexities and their ratio.
 
-    python bench/teacher_cache.py --quick          # 2 x 128 tokens, 3 timed steps each, k=64 (2 CPU cores: ~30 s)
+    python bench/teacher_cache.py --quick          # 2 x 128 tokens, 3 timed steps each, k=32 + 32 tail draws (2 CPU cores: ~30 s)
     python bench/teacher_cache.py --batch 4 --seq 512 --steps 10 --device cuda
     python bench/teacher_cache.py --fidelity --quick   # 4 x 128 tokens, k in 8 16 64 256 (2 CPU cores: ~2 min)
     python bench/teacher_cache.py --fidelity --blocks 32 --seq 256 --student-steps 40 --device cuda
@@ -63,7 +63,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--k", type=int, default=64, help="k of the speed run and of the --student-steps comparison")
+    parser.add_argument("--k", type=int, default=TeacherCacheConfig.k, help="k of the speed run and of the --student-steps comparison")
+    parser.add_argument("--tail", type=int, default=TeacherCacheConfig.tail_samples,
+                        help="tail draws of the speed run and of the --student-steps comparison (the KL table uses none: "
+                             "a draw leaves the undrawn tail tokens at zero mass)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--fidelity", action="store_true", help="KL and mass of the cache's distribution per k, not speed")
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 16, 64, 256], help="fidelity: the k values")
@@ -92,7 +95,7 @@ def speed(args) -> None:
     blocks = torch.randint(0, vocab, ((args.steps + 1) * args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=args.k, batch_size=args.batch), teacher, blocks,
+        cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=args.k, tail_samples=args.tail, batch_size=args.batch), teacher, blocks,
                                     Path(tmp) / "cache", tokenizer_vocab=tokenizer.get_vocab())
         build_s = time.perf_counter() - t0
         objective = DistillObjective(DistillLossConfig(), teacher=teacher, student=student)
@@ -122,7 +125,7 @@ def speed(args) -> None:
                 torch.cuda.synchronize()
             speed[cached] = args.steps * args.batch * args.seq / (time.perf_counter() - t0)
         print(f"teacher: bundled (SmolLM2-135M), student: {shape['num_layers']} layers, {args.batch} x {args.seq} tokens, "
-              f"k={args.k}, device {args.device}")
+              f"k={args.k}, {args.tail} tail draws, device {args.device}")
         print(f"live teacher step:   {speed[False]:.0f} tokens/s")
         print(f"cached teacher step: {speed[True]:.0f} tokens/s")
         print(f"ratio cached / live: {speed[True] / speed[False]:.2f}")
@@ -192,7 +195,7 @@ def fidelity(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.ks:
-            cfg = TeacherCacheConfig(enabled=True, k=k, batch_size=args.batch)
+            cfg = TeacherCacheConfig(enabled=True, k=k, tail_samples=0, batch_size=args.batch)
             cache = build_teacher_cache(cfg, teacher, blocks, Path(tmp) / f"k{k}", tokenizer_vocab=tokenizer.get_vocab(),
                                         vocab_size=vocab)
             rows.append((k, reconstruction_stats(features, cache, vocab), cache.bytes_per_token()))
@@ -200,7 +203,7 @@ def fidelity(args) -> None:
         if args.student_steps:
             train = data.train.input_ids[: args.student_steps * args.batch]
             heldout = data.heldout.input_ids[: args.eval_blocks]
-            cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=args.k, batch_size=args.batch), teacher, train,
+            cache = build_teacher_cache(TeacherCacheConfig(enabled=True, k=args.k, tail_samples=args.tail, batch_size=args.batch), teacher, train,
                                         Path(tmp) / "student-cache", tokenizer_vocab=tokenizer.get_vocab(), vocab_size=vocab)
             ppl = {"live": _distilled_perplexity(args, teacher, train, heldout, Path(tmp) / "live", None),
                    "cached": _distilled_perplexity(args, teacher, train, heldout, Path(tmp) / "cached", cache)}
@@ -219,7 +222,7 @@ def fidelity(args) -> None:
         print("| teacher | held-out perplexity |")
         print("|---|---|")
         print(f"| live | {ppl['live']:.2f} |")
-        print(f"| cache k={args.k} | {ppl['cached']:.2f} |")
+        print(f"| cache k={args.k}, {args.tail} tail draws | {ppl['cached']:.2f} |")
         print(f"| ratio cache / live | {ppl['cached'] / ppl['live']:.4f} |")
 
 

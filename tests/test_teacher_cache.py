@@ -27,7 +27,7 @@ def _blocks(n=10, t=9, seed=0):
 
 
 def _cfg(**kw):
-    return TeacherCacheConfig.from_dict({"enabled": True, "k": 5, "blocks_per_shard": 4, "batch_size": 3, "chunk_tokens": 7, **kw})
+    return TeacherCacheConfig.from_dict({"enabled": True, "k": 5, "tail_samples": 0, "blocks_per_shard": 4, "batch_size": 3, "chunk_tokens": 7, **kw})
 
 
 def test_reread_equals_live_teacher_topk(tmp_path):
@@ -64,8 +64,13 @@ def test_cache_of_other_inputs_is_refused(tmp_path):
     keys = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({k: v for k, v in keys.items() if k not in ("tail_samples", "seed")}))
     build_teacher_cache(_cfg(), teacher, blocks, tmp_path, tokenizer_vocab=VOCAB)
-    with pytest.raises(TeacherCacheError, match=r"k \+ tail_samples = 130 exceeds the vocabulary \(128 tokens\): set teacher_cache.tail_samples<=8"):
-        build_teacher_cache(_cfg(k=120, tail_samples=10), teacher, blocks, tmp_path / "big", tokenizer_vocab=VOCAB)
+    near_full = build_teacher_cache(_cfg(k=120, tail_samples=10), teacher, blocks, tmp_path / "near", tokenizer_vocab=VOCAB)
+    assert near_full.width == 128  # at most the 8 tokens outside the top-120 are drawn
+    full = build_teacher_cache(_cfg(k=128, tail_samples=10, dtype="float32"), teacher, blocks, tmp_path / "full",
+                               tokenizer_vocab=VOCAB)
+    assert full.width == 128 and full.manifest["tail_samples"] == 0  # the top-k is the whole vocabulary: no draws
+    _, full_lp, full_rest = full.rows(torch.arange(3))
+    torch.testing.assert_close(full_lp.exp().sum(-1), torch.ones(3, 8), rtol=1e-5, atol=1e-5)
     with pytest.raises(TeacherCacheError, match=r"teacher_cache.k=129 exceeds the vocabulary \(128 tokens\)"):
         build_teacher_cache(_cfg(k=129), teacher, blocks, tmp_path / "big", tokenizer_vocab=VOCAB)
 

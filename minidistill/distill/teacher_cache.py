@@ -61,12 +61,13 @@ class TeacherCacheConfig(ConfigBase):
     """Build (or reuse) the cache before training and read the logit term's teacher from it."""
     path: str | None = None
     """Folder of the cache (None: ``<run_dir>/teacher_cache``)."""
-    k: int = 64
+    k: int = 32
     """Teacher tokens kept per position (the rest of its mass is one bucket, unless ``tail_samples`` is set)."""
-    tail_samples: int = 0
+    tail_samples: int = 32
     """Tokens drawn per position from the teacher's distribution outside its top-k (0: the rest is one bucket).
     Their distinct ids are stored after the top-k, each with its share of the rest mass, so the cached target
-    is the teacher's distribution in expectation (storage: up to ``k + tail_samples`` entries per position)."""
+    is the teacher's distribution in expectation (storage: ``k + tail_samples`` entries per position; at most
+    vocabulary - k draws, none when the top-k is the whole vocabulary)."""
     seed: int = 0
     """Seed of the tail draws (with the shard index, so a resumed build draws what an uninterrupted one did)."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -212,12 +213,10 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
     tokens = rows if vocab_size is None else min(vocab_size, rows)
     if cfg.k > tokens:
         raise TeacherCacheError(f"teacher_cache.k={cfg.k} exceeds the vocabulary ({tokens} tokens): set teacher_cache.k<={tokens}")
-    if cfg.tail_samples and cfg.k + cfg.tail_samples > tokens:
-        raise TeacherCacheError(f"teacher_cache.k + tail_samples = {cfg.k + cfg.tail_samples} exceeds the vocabulary ({tokens} "
-                                f"tokens): set teacher_cache.tail_samples<={tokens - cfg.k}")
+    tail = min(cfg.tail_samples, tokens - cfg.k)  # no more draws than tokens outside the top-k
     expected = {
         "teacher": teacher_hash(teacher), "tokenizer": tokenizer_hash(tokenizer_vocab), "data": data_hash(blocks),
-        "k": cfg.k, "tail_samples": cfg.tail_samples, "seed": cfg.seed if cfg.tail_samples else 0, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
+        "k": cfg.k, "tail_samples": tail, "seed": cfg.seed if tail else 0, "dtype": cfg.dtype, "index_dtype": cfg.index_dtype, "vocab_size": tokens,
         "num_blocks": int(blocks.shape[0]), "seq_len": int(blocks.shape[1]), "blocks_per_shard": cfg.blocks_per_shard,
     }
     open_keyed_folder(path, expected, _check_keys)
@@ -232,12 +231,12 @@ def build_teacher_cache(cfg: TeacherCacheConfig, teacher: nn.Module, blocks: tor
         lo, hi = s * cfg.blocks_per_shard, min((s + 1) * cfg.blocks_per_shard, blocks.shape[0])
         parts = []
         generator = None
-        if cfg.tail_samples:
+        if tail:
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + s)
         for start in range(lo, hi, cfg.batch_size):
             ids = blocks[start:min(start + cfg.batch_size, hi)].to(device)
             parts.append(tuple(x.cpu() for x in teacher_topk(teacher, ids, cfg.k, vocab_size=tokens, chunk_tokens=cfg.chunk_tokens,
-                                                             tail_samples=cfg.tail_samples, generator=generator)))
+                                                             tail_samples=tail, generator=generator)))
         idx, lp, rest = (torch.cat(p) for p in zip(*parts))
         _write_shard({"indices": idx.to(torch.int32).contiguous(), "logprobs": lp.to(value_dtype).contiguous(),
                       "rest": rest.to(value_dtype).contiguous()}, target)
