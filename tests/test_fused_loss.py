@@ -195,6 +195,36 @@ def test_autocast_does_not_lower_logit_precision():
     assert abs(float(bf16_logits.detach() - reference.detach())) > 1e-5  # what autocast would have done
 
 
+def test_autocast_head_precision_rounds_only_the_head_matmuls():
+    """head_precision="autocast" under bf16 autocast: the loss is the plain loss on logits rounded to bf16 from
+    bf16 hidden states and weights, gradients are the float32 ones within bf16 rounding; without autocast the
+    option changes nothing."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = _inputs(seed=3)
+    kwargs = dict(divergence="forward_kl", ce_weight=0.5)
+    head = dict(kwargs, head_precision="autocast")
+
+    def rounded(h, w, b):
+        return F.linear(h.detach().bfloat16().double(), w.detach().bfloat16().double(), b.detach().bfloat16().double()).bfloat16().float()
+
+    want = LogitKDLoss(**kwargs)(rounded(h_s, w_s, b_s), rounded(h_t, w_t, b_t), labels)
+    exact = _plain(kwargs, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    exact_grads = torch.autograd.grad(exact, [h_s, w_s, b_s])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused(head, 10, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+        kept = _fused(kwargs, 10, h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=0)
+    assert abs(float(got.detach() - exact.detach())) > 1e-5  # the head really ran in bf16
+    torch.testing.assert_close(kept.detach(), exact.detach(), rtol=1e-6, atol=0)  # float32, the default
+    grads = torch.autograd.grad(got, [h_s, w_s, b_s])
+    for g, e in zip(grads, exact_grads):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-3)
+    plain_call = _fused(head, 10, h_s, w_s, b_s, h_t, w_t, b_t, labels)  # no autocast: float32 throughout
+    torch.testing.assert_close(plain_call.detach(), exact.detach(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="head_precision"):
+        FusedLogitKDLoss(head_precision="bf16")
+
+
 @pytest.mark.parametrize("vocab_size", [None, 40])
 def test_ensemble_teacher_target_is_the_mean_of_the_members_distributions(vocab_size):
     """extra_teachers: KL from the mean of the members' softmaxes (float64, by hand) to the student, and its gradients."""

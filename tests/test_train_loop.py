@@ -215,3 +215,23 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path):
     assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
     for k in s1:
         torch.testing.assert_close(s1[k], s2[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_bf16_follows_the_cpu(tmp_path, monkeypatch, amx):
+    """mixed_precision=auto_bf16 on a CPU: the explicit bf16 step where the CPU has AMX, the fp32 step elsewhere."""
+    from accelerate.state import AcceleratorState
+
+    from minidistill.training import loop
+
+    monkeypatch.setattr(loop, "cpu_has_amx_bf16", lambda: amx)
+    steps = {}
+    for precision in ("auto_bf16", "bf16", "no"):
+        AcceleratorState._reset_state(True)
+        d = make_distiller(tmp_path / precision, train={"mixed_precision": precision}, loss={"logits": {"weight": 1.0}})
+        steps[precision] = (d.accelerator.mixed_precision, d.train_step(0)["loss"])
+    AcceleratorState._reset_state(True)
+    expected = "bf16" if amx else "no"
+    assert steps["auto_bf16"] == steps[expected]
+    other = steps["no" if amx else "bf16"]
+    assert steps["auto_bf16"][1] != other[1]  # bf16 autocast really changes the arithmetic

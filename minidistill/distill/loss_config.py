@@ -47,6 +47,10 @@ class LogitLossSettings(ConfigBase):
     """Weight of the next-token cross-entropy on the data mixed into the logit term."""
     chunk_tokens: int = 256
     """Token positions projected to the vocabulary at once (extra memory ~ 4 x chunk_tokens x vocab floats)."""
+    head_precision: Literal["float32", "autocast"] = "float32"
+    """Precision of the lm_head matmuls of the fused loss: float32 always, or, under mixed precision, autocast's
+    dtype like every other linear layer (bf16 logits rounded before the float32 softmax, as HF models under autocast
+    compute them; the divergence and gradient sums stay float32)."""
     teacher_bound_margin: float | None = None
     """Teacher-bounded KD: no KD on tokens where the student's CE beats the teacher's by this many nats (None: off)."""
     token_weighting: Literal["none", "confidence", "entropy"] = "none"

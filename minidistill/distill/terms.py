@@ -125,6 +125,7 @@ class LogitTerm(LossTerm):
             bound_margin=cfg.teacher_bound_margin,
             token_weighting=cfg.token_weighting,
             vocab_size=vocab_size,
+            head_precision=cfg.head_precision,
         )
         self.ce = self.loss.loss_fn.needs_labels
         from .losses.cached import CachedLogitKDLoss

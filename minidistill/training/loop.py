@@ -95,9 +95,7 @@ def build_accelerator(train: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    precision = train.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"
+    precision = resolve_precision(train.mixed_precision)
     log_with = [t for t in train.log_with if t != "wandb" or _wandb_installed()]
     return Accelerator(
         gradient_accumulation_steps=train.grad_accum_steps,
@@ -107,6 +105,24 @@ def build_accelerator(train: TrainConfig, run_dir: Path):
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=train.process_group_timeout_minutes))],
     )
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles, so that oneDNN runs bf16 matmuls natively."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # older torch, or a build without the check
+        return False
+
+
+def resolve_precision(choice: str) -> str:
+    """Accelerate's ``mixed_precision`` for ``train.mixed_precision`` on this machine (``auto`` and ``auto_bf16``
+    resolved; see :class:`TrainConfig`)."""
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    if choice == "auto_bf16":
+        return "bf16" if torch.cuda.is_available() or cpu_has_amx_bf16() else "no"
+    return choice
 
 
 def _wandb_installed() -> bool:
@@ -245,7 +261,9 @@ class Distiller:
             )
         self.peers = peers
         params = [p for p in module.parameters() if p.requires_grad]
-        fused = {"fused": True} if acc.device.type == "cuda" else {}
+        # The fused AdamW kernel: on a GPU, and on a CPU with plain (unsharded) parameters, where it steps ~4x faster
+        # than the per-tensor loop torch uses by default there.
+        fused = {"fused": True} if acc.device.type == "cuda" or distributed_kind(acc) in ("single", "ddp") else {}
         optimizer = torch.optim.AdamW(
             params, lr=train.lr, betas=tuple(train.betas), eps=train.adam_eps, weight_decay=train.weight_decay, **fused
         )

@@ -39,6 +39,11 @@ def mixture_logprobs(logits: list[Tensor], vocab_size: int | None) -> Tensor:
     return torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
 
 
+def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """``hidden @ weight^T + bias`` in the weight's dtype, returned in ``out_dtype``."""
+    return F.linear(hidden.detach().to(weight.dtype), weight, bias).to(out_dtype)
+
+
 def _accumulate_chunk(
     start: int,
     stop: int,
@@ -52,19 +57,20 @@ def _accumulate_chunk(
     total: Tensor,
     extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] = (),
 ) -> None:
-    """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (in place)."""
+    """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (in place).
+
+    The head matmuls run in the heads' dtype; logits, loss and gradients are in ``total``'s dtype."""
     w_s, b_s, w_t, b_t = heads
     grad_h, grad_w, grad_b = grads
+    dtype = total.dtype
     h_s = student_hidden[start:stop].detach().to(w_s.dtype)
-    h_t = teacher_hidden[start:stop].detach().to(w_t.dtype)
     chunk_labels = None if labels is None else labels[start:stop]
     with torch.no_grad():
-        logits_t = F.linear(h_t, w_t, b_t)
+        logits_t = _project(teacher_hidden[start:stop], w_t, b_t, dtype)
         if extra_teachers:  # an ensemble teacher: the mean of the members' distributions
-            logits_t = mixture_logprobs([logits_t, *(F.linear(h[start:stop].detach().to(w_t.dtype), w.to(w_t.dtype),
-                                                              None if b is None else b.to(w_t.dtype))
+            logits_t = mixture_logprobs([logits_t, *(_project(h[start:stop], w.to(w_t.dtype), None if b is None else b.to(w_t.dtype), dtype)
                                                      for h, w, b in extra_teachers)], loss_fn.vocab_size)
-        logits_s = F.linear(h_s, w_s, b_s)
+        logits_s = _project(h_s, w_s, b_s, dtype)
     if grad_h is None and grad_w is None and grad_b is None:
         with torch.no_grad():
             total += loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
@@ -76,9 +82,15 @@ def _accumulate_chunk(
     total += chunk_loss.detach()
     del logits_s, logits_t, chunk_loss
     if grad_h is not None:
-        torch.mm(grad_logits, w_s, out=grad_h[start:stop])
+        if w_s.dtype == dtype:
+            torch.mm(grad_logits, w_s, out=grad_h[start:stop])
+        else:  # a half-precision head matmul
+            grad_h[start:stop] = torch.mm(grad_logits.to(w_s.dtype), w_s)
     if grad_w is not None:
-        grad_w.addmm_(grad_logits.t(), h_s)
+        if w_s.dtype == dtype:
+            grad_w.addmm_(grad_logits.t(), h_s)
+        else:
+            grad_w += torch.mm(grad_logits.t().to(w_s.dtype), h_s)
     if grad_b is not None:
         grad_b += grad_logits.sum(0)
 
@@ -106,25 +118,28 @@ class _FusedLinearKD(torch.autograd.Function):
         loss_fn: LogitKDLoss,
         chunk_tokens: int,
         extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] = (),
+        head_autocast: bool = False,
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         num_tokens = student_hidden.shape[0]
         denominator = loss_fn.denominator(labels, num_tokens)
 
-        w_s, b_s = _as_float(student_weight.detach()), _as_float(None if student_bias is None else student_bias.detach())
-        w_t, b_t = _as_float(teacher_weight.detach()), _as_float(None if teacher_bias is None else teacher_bias.detach())
-        compute_dtype = w_s.dtype
-        grad_h = torch.empty(student_hidden.shape, dtype=compute_dtype, device=student_hidden.device) if need_h else None
-        grad_w = torch.zeros_like(w_s) if need_w else None
-        grad_b = torch.zeros_like(b_s) if need_b else None
-        total = torch.zeros((), dtype=compute_dtype, device=student_hidden.device)
+        device = student_hidden.device
+        heads = [_as_float(None if t is None else t.detach()) for t in (student_weight, student_bias, teacher_weight, teacher_bias)]
+        compute_dtype = heads[0].dtype
+        if head_autocast and torch.is_autocast_enabled(device.type):  # the head matmuls in autocast's dtype
+            heads = [None if t is None else t.to(torch.get_autocast_dtype(device.type)) for t in heads]
+        grad_h = torch.empty(student_hidden.shape, dtype=compute_dtype, device=device) if need_h else None
+        grad_w = torch.zeros(student_weight.shape, dtype=compute_dtype, device=device) if need_w else None
+        grad_b = torch.zeros(student_bias.shape, dtype=compute_dtype, device=device) if need_b else None
+        total = torch.zeros((), dtype=compute_dtype, device=device)
 
-        # Logits and loss in float32 even under autocast (e.g. bf16 mixed precision).
-        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+        # Logits, loss and gradients in float32 even under autocast (e.g. bf16 mixed precision).
+        with torch.autocast(device_type=device.type, enabled=False):
             for start in range(0, num_tokens, chunk_tokens):
                 _accumulate_chunk(
                     start, min(start + chunk_tokens, num_tokens), student_hidden, teacher_hidden, labels, loss_fn,
-                    denominator, (w_s, b_s, w_t, b_t), (grad_h, grad_w, grad_b), total, extra_teachers,
+                    denominator, tuple(heads), (grad_h, grad_w, grad_b), total, extra_teachers,
                 )
 
         ctx.has_grads = (need_h, need_w, need_b)
@@ -134,7 +149,7 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None, None)
 
 
 class FusedLogitKDLoss(nn.Module):
@@ -146,6 +161,9 @@ class FusedLogitKDLoss(nn.Module):
     whatever the input dtype (half-precision head weights are upcast once per call, V x D each);
     gradients are returned in the inputs' dtypes. Tested bound for bfloat16 inputs: loss within 1e-5
     relative of float32 arithmetic on the same rounded inputs, gradients within bfloat16 rounding (1e-2).
+    ``head_precision="autocast"``: under autocast the head matmuls (logits and the two gradient products) run in
+    autocast's dtype, as every other linear layer does there; softmax, divergence and the accumulated gradients
+    stay float32. Without autocast it changes nothing.
     """
 
     def __init__(
@@ -163,11 +181,15 @@ class FusedLogitKDLoss(nn.Module):
         bound_margin: float | None = None,
         token_weighting: TokenWeighting = "none",
         vocab_size: int | None = None,
+        head_precision: Literal["float32", "autocast"] = "float32",
     ):
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens={chunk_tokens!r} must be >= 1")
+        if head_precision not in ("float32", "autocast"):
+            raise ValueError(f"head_precision={head_precision!r} must be 'float32' or 'autocast'")
         self.chunk_tokens = int(chunk_tokens)
+        self.head_precision = head_precision
         self.loss_fn = LogitKDLoss(
             divergence, temperature=temperature, beta=beta, top_k=top_k, top_p=top_p, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, bound_margin=bound_margin, token_weighting=token_weighting,
@@ -175,7 +197,7 @@ class FusedLogitKDLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"chunk_tokens={self.chunk_tokens}"
+        return f"chunk_tokens={self.chunk_tokens}, head_precision={self.head_precision}"
 
     def forward(
         self,
@@ -214,4 +236,5 @@ class FusedLogitKDLoss(nn.Module):
             self.loss_fn,
             self.chunk_tokens,
             [(h.reshape(-1, h.shape[-1]), w.detach(), None if b is None else b.detach()) for h, w, b in extra_teachers or []],
+            self.head_precision == "autocast",
         )
