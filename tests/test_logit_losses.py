@@ -249,3 +249,29 @@ def test_bad_arguments_are_rejected_early():
         LogitKDLoss(ce_weight=0.5)(s, t)
     with pytest.raises(ValueError, match="labels shape"):
         LogitKDLoss()(s, t, labels[:-1])
+
+
+@pytest.mark.parametrize(("ce_weight", "with_labels"), [(0.0, False), (0.0, True), (0.3, True), (1.0, True)])
+def test_closed_form_gradient_equals_autograd_float64(ce_weight, with_labels):
+    """summed_loss_and_grad (forward KL + CE at T=1): the summed loss and scale x its gradient equal autograd's."""
+    g = torch.Generator().manual_seed(11)
+    z_s = (3 * torch.randn(N, V, generator=g, dtype=torch.float64)).requires_grad_(True)
+    z_t = 3 * torch.randn(N, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (N,), generator=g) if with_labels else None
+    if with_labels:
+        labels[2] = -100
+    loss = LogitKDLoss("forward_kl", ce_weight=ce_weight)
+    summed = loss.summed_loss(z_s, z_t, labels)
+    (want,) = torch.autograd.grad(summed, z_s)
+    got_sum, got_grad = loss.summed_loss_and_grad(z_s, z_t, labels, scale=0.25)
+    torch.testing.assert_close(got_sum, summed.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_grad, 0.25 * want, rtol=1e-12, atol=1e-12)
+    if with_labels:
+        assert got_grad[2].abs().max() == 0  # an ignored position gets no gradient
+
+
+@pytest.mark.parametrize("kwargs", [dict(divergence="reverse_kl"), dict(temperature=2.0), dict(top_k=3), dict(top_p=0.5),
+                                    dict(bound_margin=0.1), dict(token_weighting="entropy"), dict(vocab_size=V - 2)])
+def test_closed_form_declines_what_it_does_not_cover(kwargs):
+    z = torch.randn(N, V, dtype=torch.float64)
+    assert LogitKDLoss(**kwargs).summed_loss_and_grad(z, z, torch.zeros(N, dtype=torch.long), scale=1.0) is None

@@ -75,12 +75,18 @@ def _accumulate_chunk(
         with torch.no_grad():
             total += loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
         return
-    logits_s.requires_grad_(True)
-    with torch.enable_grad():
-        chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
-        (grad_logits,) = torch.autograd.grad(chunk_loss, logits_s)
-    total += chunk_loss.detach()
-    del logits_s, logits_t, chunk_loss
+    closed_form = loss_fn.summed_loss_and_grad(logits_s, logits_t, chunk_labels, 1.0 / denominator)
+    if closed_form is not None:
+        summed, grad_logits = closed_form
+        total += summed / denominator
+    else:
+        logits_s.requires_grad_(True)
+        with torch.enable_grad():
+            chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+            (grad_logits,) = torch.autograd.grad(chunk_loss, logits_s)
+        total += chunk_loss.detach()
+        del chunk_loss
+    del logits_s, logits_t
     if grad_h is not None:
         if w_s.dtype == dtype:
             torch.mm(grad_logits, w_s, out=grad_h[start:stop])

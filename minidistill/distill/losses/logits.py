@@ -316,6 +316,42 @@ class LogitKDLoss(nn.Module):
             per_token = torch.where(mask, per_token, per_token.new_zeros(()))
         return per_token.sum()
 
+    def summed_loss_and_grad(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None,
+                             scale: float) -> tuple[Tensor, Tensor] | None:
+        """:meth:`summed_loss` of [N, V] logits and ``scale`` x its gradient w.r.t. ``student_logits``, in closed form;
+        None where it does not apply (another divergence, a temperature, top-k / top-p, the bound, token weights,
+        padding columns).
+
+        Forward KL plus CE: the gradient of ``(1 - w) KL(p_t || p_s) + w CE`` w.r.t. the student logits is
+        ``p_s - (1 - w) p_t - w onehot(y)``, so a chunk needs two log-softmaxes, their exps and two dot products
+        instead of autograd's passes through log-softmax, the KL terms and a second log-softmax for the CE.
+        """
+        closed_form = (self.divergence == "forward_kl" and self.temperature == 1.0 and self.top_k is None and self.top_p is None
+                       and self.bound_margin is None and self.token_weighting == "none")
+        if not closed_form or student_logits.shape != teacher_logits.shape or self.token_columns(student_logits.shape[-1], student_logits.device) is not None:
+            return None
+        w = self.ce_weight
+        lp_s = F.log_softmax(student_logits.detach(), -1)
+        grad = torch.exp(lp_s)  # p_s, becomes the gradient in place
+        per_token = torch.zeros(lp_s.shape[0], dtype=lp_s.dtype, device=lp_s.device)
+        if w < 1.0:
+            lp_t = F.log_softmax(teacher_logits.detach(), -1)
+            p_t = torch.exp(lp_t)
+            per_token += (1.0 - w) * (torch.linalg.vecdot(p_t, lp_t) - torch.linalg.vecdot(p_t, lp_s))  # KL(p_t || p_s)
+            grad.sub_(p_t, alpha=1.0 - w)
+            del p_t, lp_t
+        mask = self.token_mask(labels)
+        if w > 0.0:
+            rows = torch.arange(lp_s.shape[0], device=lp_s.device)
+            targets = torch.where(mask, labels, 0)
+            per_token -= w * lp_s[rows, targets]
+            grad[rows, targets] -= w
+        row_scale = torch.full_like(per_token, scale)
+        if mask is not None:
+            per_token = torch.where(mask, per_token, 0.0)
+            row_scale = torch.where(mask, row_scale, 0.0)
+        return per_token.sum(), grad.mul_(row_scale[:, None])
+
     # ------------------------------------------------------------------ forward
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         """Loss of ``student_logits`` [..., V] against ``teacher_logits`` [..., V] (no gradient to the teacher).
