@@ -45,6 +45,19 @@ def test_plan_counts_steps_evaluations_and_the_final_reserve():
     assert not b.next_step_overruns(92.0) and b.next_step_overruns(93.5)
 
 
+def test_step_time_is_the_median_of_the_probe_steps_after_the_first():
+    """Slow steps right after the warm-up (as measured on the demo: 5.7, 3.7 s, then ~2.9 s) do not shrink the plan."""
+    b = TimeBudget(600.0, probe_steps=6)
+    for s in (5.3, 5.7, 3.7, 2.9, 3.0, 2.8):
+        b.record_step(s)
+    assert b.step_seconds == 3.0  # the middle of 2.8 2.9 3.0 3.7 5.7 (the mean would be 3.62)
+    b.record_step(2.9)
+    assert b.step_seconds == pytest.approx((2.9 + 3.0) / 2)  # an even count: the mean of the middle two
+    one = TimeBudget(60.0, probe_steps=1)
+    one.record_step(4.0)
+    assert one.step_seconds == 4.0
+
+
 def test_bad_budget_is_refused():
     for bad in (0, -1, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="train.max_minutes"):

@@ -45,7 +45,7 @@ class TrainConfig(ConfigBase):
     ``time_probe_steps`` steps the run estimates how many steps fit, fits the learning-rate schedule to
     them, and ends with its final evaluation and checkpoint on time. None: ``max_steps`` alone."""
     time_probe_steps: int = 2
-    """Steps timed before the step count for ``max_minutes`` is planned (the first is not counted)."""
+    """Steps timed before the step count for ``max_minutes`` is planned from their median (the first is not counted)."""
     batch_size: int = 8
     """Sequences per optimizer step over all processes and accumulation steps."""
     grad_accum_steps: int = 1

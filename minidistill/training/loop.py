@@ -49,7 +49,7 @@ from ..distill.on_policy import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
-from ..parallel import distributed_kind, freeze, zero_stage
+from ..parallel import distributed_kind, freeze
 from ..streaming import packed_positions
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
@@ -223,11 +223,6 @@ class Distiller:
                     f"the teacher cache holds {m['num_blocks']} blocks of {m['seq_len']} tokens but data.train has "
                     f"{tuple(data.train.input_ids.shape)}: it was built for other data; set teacher_cache.path to a new folder"
                 )
-        if on_policy is not None and distributed_kind(acc) == "deepspeed" and zero_stage(acc) == 3:
-            raise ConfigError(
-                "on_policy generates with the student outside the engine's forward, which ZeRO-3 does not support: "
-                "launch with launch/fsdp2.yaml / launch/ddp.yaml / launch/zero2.yaml or set on_policy=null"
-            )
         if isinstance(teacher, EnsembleTeacher):
             features, key = feature_terms(loss)
             if features:
