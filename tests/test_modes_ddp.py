@@ -44,6 +44,41 @@ def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"], ids=["fsdp2", "zero3"])
+@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
+                         ids=["netaug", "exits"])
+def test_exits_and_netaug_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, mode, config):
+    """Under FSDP2 and ZeRO-3 (student and teacher sharded) the exit heads and the wider model's extra neurons are
+    sharded with the student: losses, the saved model and the saved exits equal one process's."""
+    from safetensors.torch import load_file
+    from test_distributed import LAUNCH, WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
+
+    root, teacher, student = tiny_folders
+    sharded = _accelerate("--config_file", str(LAUNCH / config), "--num_processes", "2", "--main_process_port", str(_free_port()))
+    runs = {}
+    for name, launcher, env in (("single", [sys.executable], _env(tmp_path, sharded=False)),
+                                ("sharded", sharded, _env(tmp_path, sharded=True))):
+        overrides = tiny_overrides(tmp_path / "runs", teacher, student, run_name=name, **{
+            "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **mode})
+        _launch([*launcher, str(WRAPPER), *overrides], env, f"{name} run")
+        model_dir = tmp_path / "runs" / name / "model"
+        exit_file = model_dir / "exits" / "exits.safetensors"
+        exits = load_file(exit_file) if exit_file.is_file() else {}
+        runs[name] = (_train_records(tmp_path / "runs" / name), _state(model_dir), exits)
+    (ref, ref_state, ref_exits), (got, state, exits) = runs["single"], runs["sharded"]
+    extra = "loss/netaug" if "netaug.alpha" in mode else "loss/exit0"
+    assert ref[0]["loss"] != ref[-1]["loss"] and ref_exits.keys() == exits.keys()
+    assert bool(ref_exits) == ("exits.layers" in mode)  # the exit norms were saved (and only with exits)
+    for a, b in zip(ref, got, strict=True):
+        for key in ("loss", extra):
+            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-8), (a["step"], key)
+    for k, v in ref_state.items():
+        assert (state[k] - v).abs().max().item() <= 1e-4, k
+    for k, v in ref_exits.items():
+        assert (exits[k] - v).abs().max().item() <= 1e-4, k
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config, tolerance", [("fsdp2.yaml", {"loss": 5e-5, "weight": 2e-5}),
                                                ("zero3.yaml", {"loss": 2e-4, "weight": 1e-4})], ids=["fsdp2", "zero3"])
 def test_teacher_samples_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, config, tolerance):
