@@ -70,8 +70,8 @@ class TrainConfig(ConfigBase):
     """Gradient clipping norm (0 disables clipping; the norm is still logged)."""
     mixed_precision: Literal["auto", "auto_bf16", "no", "bf16", "fp16"] = "auto"
     """Autocast precision. auto: bf16 on a GPU, fp32 on a CPU. auto_bf16: bf16 on a GPU and on a CPU with AMX
-    bf16 matrix units (Intel Xeon 4th generation and later, where a distillation step runs ~1.4x faster), fp32 on
-    other CPUs (their bf16 matmuls are emulated and slower). Evaluation runs under the same autocast."""
+    bf16 matrix units (Intel Xeon 4th generation and later, where the demo's step runs 1.45x faster), fp32 on
+    other CPUs (without AMX, bf16 matmuls have not been measured faster). Evaluation runs under the same autocast."""
     gradient_checkpointing: bool = False
     """Recompute student activations in the backward pass to save memory."""
     compile: bool = False

@@ -140,7 +140,8 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_b = torch.zeros(student_bias.shape, dtype=compute_dtype, device=device) if need_b else None
         total = torch.zeros((), dtype=compute_dtype, device=device)
 
-        # Logits, loss and gradients in float32 even under autocast (e.g. bf16 mixed precision).
+        # Loss and gradients in float32 even under autocast (e.g. bf16 mixed precision); logits too, unless
+        # head_autocast rounds them to autocast's dtype.
         with torch.autocast(device_type=device.type, enabled=False):
             for start in range(0, num_tokens, chunk_tokens):
                 _accumulate_chunk(

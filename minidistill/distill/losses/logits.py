@@ -328,9 +328,10 @@ class LogitKDLoss(nn.Module):
         """
         closed_form = (self.divergence == "forward_kl" and self.temperature == 1.0 and self.top_k is None and self.top_p is None
                        and self.bound_margin is None and self.token_weighting == "none")
-        if not closed_form or student_logits.shape != teacher_logits.shape or self.token_columns(student_logits.shape[-1], student_logits.device) is not None:
-            return None
         w = self.ce_weight
+        if (not closed_form or student_logits.shape != teacher_logits.shape or (w > 0 and labels is None)
+                or self.token_columns(student_logits.shape[-1], student_logits.device) is not None):
+            return None
         lp_s = F.log_softmax(student_logits.detach(), -1)
         grad = torch.exp(lp_s)  # p_s, becomes the gradient in place
         per_token = torch.zeros(lp_s.shape[0], dtype=lp_s.dtype, device=lp_s.device)
