@@ -34,7 +34,7 @@ from .prune.prune_map import PRUNE_MAP_FILENAME, PruneMap
 from .recipe_config import PruneDistillConfig, incompatible_fields
 from .training.checkpoint import CheckpointError, latest_checkpoint, resumable_checkpoint, verify_checkpoint
 from .training.export import copy_folder, export_student
-from .training.loop import CHECKPOINTS, Distiller, NonFiniteLossError, TrainResult, build_accelerator
+from .training.loop import CHECKPOINTS, Distiller, NonFiniteLossError, TrainResult, build_accelerator, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -710,9 +710,10 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
                       timer) -> None:
     """metrics.json, report.md and loss.png: teacher, pruned and distilled models measured the same way.
 
-    Besides ``data.source``'s held-out split (measured during training), each ``data.mix`` source's held-out
-    split is measured here for all three models; the teacher's and the distilled model's speed with
-    :data:`REPORT_SPEED`.
+    Besides ``data.source``'s held-out split (measured during training; re-measured here in float32 when training
+    evaluated under autocast, so that the report gives what the saved float32 checkpoint scores), each ``data.mix``
+    source's held-out split is measured here for all three models; the teacher's and the distilled model's speed
+    with :data:`REPORT_SPEED`.
     """
     import platform
     import time
@@ -741,12 +742,19 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         return {source: heldout_loss(model, blocks.batches(cfg.eval.batch_size, cfg.eval.max_blocks), chunk_tokens=cfg.eval.chunk_tokens)
                 for source, blocks in data.extra_heldout.items()}
 
+    def main_heldout(model, logged: dict[str, Any]) -> dict[str, Any]:
+        if resolve_precision(cfg.train.mixed_precision) == "no":
+            return logged
+        return heldout_loss(model.to(device), data.heldout.batches(cfg.eval.batch_size, cfg.eval.max_blocks),
+                            chunk_tokens=cfg.eval.chunk_tokens)
+
     models = {}
-    for name, model, heldout, agreement in (
+    for name, model, logged, agreement in (
         ("teacher", teacher, heldout_of(first, "teacher_heldout"), None),
         ("pruned", pruned, heldout_of(first, "heldout"), first.get("top1_agreement")),
         ("distilled", distilled, heldout_of(last, "heldout"), last.get("top1_agreement")),
     ):
+        heldout = main_heldout(model, logged)
         gens = greedy_generations(model.to(device), tokenizer, max_new_tokens=cfg.report_new_tokens)
         models[name] = model_entry(model, heldout=heldout, agreement=agreement, generations=gens)
         models[name]["heldout_sets"] = heldout_sets(model)

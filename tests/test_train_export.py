@@ -56,6 +56,23 @@ def test_saved_model_reloads_with_the_logged_perplexity(tiny_dirs, tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_run_reports_what_the_saved_checkpoint_scores_in_float32(tiny_dirs, tmp_path):
+    """Under bf16 autocast the log's held-out numbers are bf16 ones; the report re-measures the checkpoint in float32."""
+    teacher, student = tiny_dirs
+    cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"train.mixed_precision": "bf16", "report": "true"}))
+    result = run_prune_distill(cfg)
+    metrics = json.loads((cfg.run_dir / "metrics.json").read_text())
+    logged = [json.loads(l) for l in (cfg.run_dir / "log.jsonl").read_text().splitlines()][-1]
+    model = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
+    data = build_text_data(cfg.data, load_tokenizer(str(result.model_dir)))
+    measured = heldout_loss(model, data.heldout.batches(cfg.eval.batch_size, limit_blocks=cfg.eval.max_blocks))
+    reported = metrics["models"]["distilled"]["heldout"]
+    assert reported["tokens"] == measured["tokens"] == logged["heldout_tokens"]
+    assert reported["loss"] == pytest.approx(measured["loss"], rel=1e-6)
+    assert abs(logged["heldout_loss"] - measured["loss"]) > 1e-6  # the bf16 evaluation differs: the re-measure matters
+
+
+@pytest.mark.slow
 def test_lora_run_saves_merged_plain_weights(tiny_dirs, tmp_path):
     teacher, student = tiny_dirs
     cfg = load_recipe_config(
