@@ -43,14 +43,9 @@ def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
         assert (state[k] - v).abs().max().item() <= 2e-5, k
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"], ids=["fsdp2", "zero3"])
-@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
-                         ids=["netaug", "exits"])
-def test_exits_and_netaug_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, mode, config):
-    """Under FSDP2 and ZeRO-3 (student and teacher sharded) the exit heads and the wider model's extra neurons are
-    sharded with the student: losses, the saved model and the saved exits equal one process's."""
-    from safetensors.torch import load_file
+def _single_and_sharded(tiny_folders, tmp_path, config: str, mode: dict, read_extra):
+    """The recipe on one process and on 2 processes under ``launch/<config>``: ``(train records, model state,
+    read_extra(run_dir))`` of each."""
     from test_distributed import LAUNCH, WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
 
     root, teacher, student = tiny_folders
@@ -61,11 +56,26 @@ def test_exits_and_netaug_under_sharded_launches_equal_one_process(tiny_folders,
         overrides = tiny_overrides(tmp_path / "runs", teacher, student, run_name=name, **{
             "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **mode})
         _launch([*launcher, str(WRAPPER), *overrides], env, f"{name} run")
-        model_dir = tmp_path / "runs" / name / "model"
-        exit_file = model_dir / "exits" / "exits.safetensors"
-        exits = load_file(exit_file) if exit_file.is_file() else {}
-        runs[name] = (_train_records(tmp_path / "runs" / name), _state(model_dir), exits)
-    (ref, ref_state, ref_exits), (got, state, exits) = runs["single"], runs["sharded"]
+        run_dir = tmp_path / "runs" / name
+        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), read_extra(run_dir))
+    return runs["single"], runs["sharded"]
+
+
+def _saved_exits(run_dir) -> dict:
+    from safetensors.torch import load_file
+
+    path = run_dir / "model" / "exits" / "exits.safetensors"
+    return load_file(path) if path.is_file() else {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"], ids=["fsdp2", "zero3"])
+@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}],
+                         ids=["netaug", "exits"])
+def test_exits_and_netaug_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, mode, config):
+    """Under FSDP2 and ZeRO-3 (student and teacher sharded) the exit heads and the wider model's extra neurons are
+    sharded with the student: losses, the saved model and the saved exits equal one process's."""
+    (ref, ref_state, ref_exits), (got, state, exits) = _single_and_sharded(tiny_folders, tmp_path, config, mode, _saved_exits)
     extra = "loss/netaug" if "netaug.alpha" in mode else "loss/exit0"
     assert ref[0]["loss"] != ref[-1]["loss"] and ref_exits.keys() == exits.keys()
     assert bool(ref_exits) == ("exits.layers" in mode)  # the exit norms were saved (and only with exits)
@@ -84,21 +94,10 @@ def test_exits_and_netaug_under_sharded_launches_equal_one_process(tiny_folders,
 def test_teacher_samples_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, config, tolerance):
     """The samples are generated before the teacher is sharded: each process writes its shards with the whole
     teacher, and the sharded run trains on the same documents as one process."""
-    from test_distributed import LAUNCH, WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
-
     from minidistill.distill.teacher_samples import read_teacher_samples
 
-    root, teacher, student = tiny_folders
-    sharded = _accelerate("--config_file", str(LAUNCH / config), "--num_processes", "2", "--main_process_port", str(_free_port()))
-    runs = {}
-    for name, launcher, env in (("single", [sys.executable], _env(tmp_path, sharded=False)),
-                                ("sharded", sharded, _env(tmp_path, sharded=True))):
-        overrides = tiny_overrides(tmp_path / "runs", teacher, student, run_name=name, **{
-            "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **SAMPLES})
-        _launch([*launcher, str(WRAPPER), *overrides], env, f"{name} run")
-        run_dir = tmp_path / "runs" / name
-        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), read_teacher_samples(run_dir / "teacher_samples"))
-    (ref, ref_state, ref_samples), (got, state, samples) = runs["single"], runs["sharded"]
+    (ref, ref_state, ref_samples), (got, state, samples) = _single_and_sharded(
+        tiny_folders, tmp_path, config, SAMPLES, lambda run_dir: read_teacher_samples(run_dir / "teacher_samples"))
     assert len(ref_samples["input_ids"]) == 8 and samples["input_ids"] == ref_samples["input_ids"]
     assert ref[0]["loss"] != ref[-1]["loss"]
     for a, b in zip(ref, got, strict=True):
