@@ -58,9 +58,15 @@ def test_saved_model_reloads_with_the_logged_perplexity(tiny_dirs, tmp_path):
 @pytest.mark.slow
 def test_bf16_run_reports_what_the_saved_checkpoint_scores_in_float32(tiny_dirs, tmp_path):
     """Under bf16 autocast the log's held-out numbers are bf16 ones; the report re-measures the checkpoint in float32."""
+    from accelerate.state import AcceleratorState
+
     teacher, student = tiny_dirs
     cfg = load_recipe_config(None, tiny_overrides(tmp_path, teacher, student, **{"train.mixed_precision": "bf16", "report": "true"}))
-    result = run_prune_distill(cfg)
+    AcceleratorState._reset_state(True)  # earlier in-process runs set up accelerate's state in float32
+    try:
+        result = run_prune_distill(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
     metrics = json.loads((cfg.run_dir / "metrics.json").read_text())
     logged = [json.loads(l) for l in (cfg.run_dir / "log.jsonl").read_text().splitlines()][-1]
     model = AutoModelForCausalLM.from_pretrained(result.model_dir, dtype=torch.float32)
