@@ -70,13 +70,18 @@ class DataConfig(ConfigBase):
     num_proc: int | None = None
     """Worker processes for tokenization."""
     streaming: bool = False
-    """Read local files lazily and tokenize on the fly (:mod:`minidistill.streaming`): ``source`` and ``mix`` may
-    also be folders or glob patterns; training blocks keep document boundaries. False: everything in memory."""
+    """Read the sources lazily and tokenize on the fly (:mod:`minidistill.streaming`): ``source`` and ``mix`` may
+    also be folders or glob patterns, and a Hub dataset is streamed by shard; training blocks keep document
+    boundaries. False: everything in memory."""
     mix_weights: list[float] | None = None
     """Streaming only: probabilities (any positive scale) of drawing the next document from ``source`` and each
     ``mix`` source, in that order; None: equal weights."""
     heldout_documents: int = 100
     """Streaming only: the first N documents of each source form its in-memory held-out set and are never trained on."""
+    shuffle_documents: int = 1024
+    """Streaming only: each source is read this many documents at a time (a window) and a window's documents are
+    packed in a seeded random order (a new order for every window and pass), so that neighbouring blocks do not come
+    from neighbouring documents of one file; resume stays exact. 0: file order."""
     sample_blocks: int = 128
     """Streaming only: the stream's first N blocks are also kept in memory as ``TextData.train`` (calibration, and
     the budget search's scoring blocks at the end: at least ``prune.calib_blocks + prune.search.score_blocks``)."""
@@ -103,8 +108,9 @@ class DataConfig(ConfigBase):
         if self.max_documents is not None:
             raise ConfigError("data.max_documents is not used with data.streaming=true; unset it (the stream has no end)")
         for name in (self.source, *self.mix):
-            if is_bundled(name) or name == TEACHER_SAMPLES:
-                raise ConfigError(f"data.streaming reads local files, not {name!r}; give a file, folder or glob pattern")
+            if name == TEACHER_SAMPLES:
+                raise ConfigError(f"data.streaming reads files, bundled corpora and Hub datasets, not {name!r} (written in the "
+                                  "run, it is small: keep it in memory with data.streaming=false)")
         if self.mix_weights is not None:
             n = 1 + len(self.mix)
             if len(self.mix_weights) != n:
@@ -116,6 +122,8 @@ class DataConfig(ConfigBase):
                 raise ConfigError(f"data.mix_weights={self.mix_weights}: need non-negative weights with a positive sum")
         if self.heldout_documents < 1:
             raise ConfigError(f"data.heldout_documents={self.heldout_documents}: need at least 1 held-out document")
+        if self.shuffle_documents < 0:
+            raise ConfigError(f"data.shuffle_documents={self.shuffle_documents}: must be >= 0 (0 reads the files in order)")
         if self.sample_blocks < 1:
             raise ConfigError(f"data.sample_blocks={self.sample_blocks}: need at least 1 in-memory block")
 

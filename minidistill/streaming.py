@@ -1,10 +1,13 @@
-"""Streaming text data: local files read lazily, tokenized on the fly, packed into blocks that keep document boundaries.
+"""Streaming text data: sources read lazily, tokenized on the fly, packed into blocks that keep document boundaries.
 
 Opt in with ``data.streaming: true``. Each source (``data.source`` and every ``data.mix`` entry) is a local
-.txt (one document per line), .json / .jsonl or .parquet file, a folder of such files, or a glob pattern;
-files are read one after the other with ``datasets.load_dataset(..., streaming=True)``, so memory does not
-grow with the corpus. Documents of the sources are interleaved at random with the probabilities
-``data.mix_weights`` (seeded by ``data.seed``), each source restarting when it runs out, so the stream never ends.
+.txt (one document per line), .json / .jsonl or .parquet file, a folder of such files, a glob pattern, a bundled
+corpus (``bundled:news``, ``bundled:wiki``) or a Hub dataset name (``data.hub_config`` / ``data.hub_split``, opened
+with ``load_dataset(..., streaming=True)``; its shards stand in for files). Files are read one after the other with
+``datasets.load_dataset(..., streaming=True)``, so memory does not grow with the corpus. Documents of the sources are
+interleaved at random with the probabilities ``data.mix_weights`` (seeded by ``data.seed``), each source restarting
+when it runs out, so the stream never ends. With ``data.shuffle_documents: N`` (default 1024) each source is read N
+documents at a time and a window's documents are taken in a seeded random order, new for every window and pass.
 
 Documents (each followed by EOS) are packed into blocks of ``data.seq_len`` tokens. A block carries
 ``position_ids`` that restart at 0 where a document starts and at the start of the block: transformers
@@ -21,28 +24,33 @@ non-streaming path: ``data.source``'s is ``TextData.heldout``, each ``data.mix``
 ``TextData.extra_heldout``, so the report scores every domain the student trains on.
 
 Resuming: :meth:`TokenStream.resumable_blocks` gives each block with a :class:`StreamCursor` (per source the
-file and document reached, the mixer's draws, the blocks packed, and the document the block split with the
+file and document reached (with shuffling: the window's first document, how many of the window were taken and
+how many windows were finished), the mixer's draws, the blocks packed, and the document the block split with the
 tokens of it already packed). Continuing from a cursor yields exactly the blocks that followed it; files
-before the cursor are not opened and no consumed document is tokenized again.
+before the cursor are not opened and no consumed document is tokenized again (a resumed window is read again,
+and only its untaken documents are tokenized).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
+from datasets import IterableDataset, load_dataset
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .config import ConfigError
-from .data import _LOCAL_BUILDERS, DataConfig, DataError, TextData, TokenBlocks
+from .corpora import NEWS_FILE, WIKI_FILE, bundled_documents, gensim_test_data
+from .data import _LOCAL_BUILDERS, BUNDLED, DataConfig, DataError, TextData, TokenBlocks, _looks_like_path, bundled_name, is_bundled
 from .distill.objective import unwrap_module
 
 logger = logging.getLogger(__name__)
@@ -53,16 +61,25 @@ _MIX_DRAWS = 1024  # source choices drawn per generator call
 
 @dataclass(frozen=True)
 class StreamSource:
-    """One source of the stream: its files (sorted), the datasets builder that reads them, its mixing weight."""
+    """One source of the stream: its files (sorted; a Hub dataset's shards), how they are read, its mixing weight."""
 
     name: str
-    files: tuple[Path, ...]
+    files: tuple[Path | str, ...]
+    """Local files; for a Hub dataset, a label per shard of its streaming dataset; for a bundled corpus, its file."""
     builder: str
+    """The datasets builder of local files (``text``, ``json``, ``parquet``), ``hub`` or ``bundled``."""
     weight: float
+    hub_config: str | None = None
+    hub_split: str = "train"
+
+    @property
+    def column_fixed(self) -> bool:
+        """True when the text column is always ``text`` (plain text files, bundled corpora)."""
+        return self.builder in ("text", BUNDLED)
 
 
 def resolve_files(source: str) -> list[Path]:
-    """The files a streaming source names: one file, the supported files of a folder, or a glob pattern (sorted)."""
+    """The files a local streaming source names: one file, the supported files of a folder, or a glob pattern (sorted)."""
     path = Path(source).expanduser()
     if any(c in source for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
@@ -75,8 +92,8 @@ def resolve_files(source: str) -> list[Path]:
         what = ""
     else:
         raise DataError(
-            f"data source {source!r}: no such file or folder; data.streaming reads local files "
-            "(a .txt/.json/.jsonl/.parquet file, a folder of them or a glob pattern)"
+            f"data source {source!r}: no such file or folder; data.streaming reads a local .txt/.json/.jsonl/.parquet "
+            "file, a folder of them, a glob pattern, a bundled corpus or a Hub dataset name"
         )
     if not files:
         raise DataError(f"data source {what}; give at least one .txt/.json/.jsonl/.parquet file")
@@ -89,31 +106,76 @@ def resolve_files(source: str) -> list[Path]:
     return files
 
 
+def is_hub_name(source: str) -> bool:
+    """True for a source that is no bundled corpus, no existing path and does not look like one: a Hub dataset name."""
+    return not (is_bundled(source) or Path(source).expanduser().exists() or _looks_like_path(source)
+                or any(c in source for c in "*?["))
+
+
+@functools.lru_cache(maxsize=8)
+def hub_dataset(name: str, config: str | None, split: str) -> IterableDataset:
+    """The Hub dataset ``name`` opened for streaming (its files are listed, not downloaded); DataError offline."""
+    if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        raise DataError(
+            f"data source {name!r} is no local file, and offline mode (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE) forbids "
+            "streaming it from the Hub; give a local file, folder or glob pattern, or a bundled corpus"
+        )
+    try:
+        return load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # datasets raises its own error types for a missing dataset, config or split
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"data source {name!r} cannot be streamed from the Hub: {detail}") from e
+
+
 def stream_sources(cfg: DataConfig) -> list[StreamSource]:
-    """``data.source`` then every ``data.mix`` source, with their files and weights (``data.mix_weights``)."""
+    """``data.source`` then every ``data.mix`` source, with their files and weights (``data.mix_weights``).
+
+    A Hub dataset's shards stand in for files (so sources with at least as many shards as processes are split
+    by shard); a bundled corpus is one file."""
     names = [cfg.source, *cfg.mix]
     weights = cfg.mix_weights if cfg.mix_weights is not None else [1.0] * len(names)
     out = []
     for name, weight in zip(names, weights):
-        files = resolve_files(name)
-        out.append(StreamSource(name, tuple(files), _LOCAL_BUILDERS[files[0].suffix.lower()], float(weight)))
+        if is_bundled(name):
+            corpus = bundled_name(name)
+            try:
+                path = gensim_test_data(NEWS_FILE if corpus == "news" else WIKI_FILE)
+            except FileNotFoundError as e:
+                raise DataError(str(e)) from None
+            out.append(StreamSource(name, (path,), BUNDLED, float(weight)))
+        elif is_hub_name(name):
+            shards = hub_dataset(name, cfg.hub_config, cfg.hub_split).n_shards
+            labels = tuple(f"{name}:{cfg.hub_split} shard {k} of {shards}" for k in range(shards))
+            out.append(StreamSource(name, labels, "hub", float(weight), cfg.hub_config, cfg.hub_split))
+        else:
+            files = resolve_files(name)
+            out.append(StreamSource(name, tuple(files), _LOCAL_BUILDERS[files[0].suffix.lower()], float(weight)))
     return out
 
 
-def iter_documents(path: Path, builder: str, column: str, *, skip: int = 0) -> Iterator[str]:
-    """The non-empty documents of one file, read lazily, after the first ``skip`` of them."""
+def _rows(source: StreamSource, file: int) -> Iterable[dict]:
+    """The rows of file (or shard) ``file`` of ``source``, read lazily (a bundled corpus is small and read whole)."""
+    if source.builder == BUNDLED:
+        return ({"text": text} for text in bundled_documents(bundled_name(source.name)))
+    if source.builder == "hub":
+        return hub_dataset(source.name, source.hub_config, source.hub_split).shard(num_shards=len(source.files), index=file)
+    return load_dataset(source.builder, data_files=str(Path(source.files[file]).resolve()), split="train", streaming=True)
+
+
+def iter_documents(source: StreamSource, file: int, column: str, *, skip: int = 0) -> Iterator[str]:
+    """The non-empty documents of file (or shard) ``file`` of ``source``, read lazily, after the first ``skip`` of them."""
+    where = source.files[file]
     try:
-        rows = load_dataset(builder, data_files=str(path.resolve()), split="train", streaming=True)
         seen = 0
-        for row in rows:
+        for row in _rows(source, file):
             if column not in row:
-                raise DataError(f"{path}: no column {column!r}; columns are {sorted(row)}. Set data.text_column (--text_column).")
+                raise DataError(f"{where}: no column {column!r}; columns are {sorted(row)}. Set data.text_column (--text_column).")
             text = row[column]
             if text is None:
                 continue
             if not isinstance(text, str):
                 raise DataError(
-                    f"{path}: column {column!r} holds {type(text).__name__} values, not text; point data.text_column at a text column"
+                    f"{where}: column {column!r} holds {type(text).__name__} values, not text; point data.text_column at a text column"
                 )
             if not text.strip():
                 continue
@@ -125,7 +187,7 @@ def iter_documents(path: Path, builder: str, column: str, *, skip: int = 0) -> I
     except Exception as e:  # datasets wraps every parse problem in its own error types
         cause = e.__cause__ or e
         detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise DataError(f"data file {path} cannot be read as {builder}: {detail}") from e
+        raise DataError(f"data file {where} cannot be read as {source.builder}: {detail}") from e
 
 
 def pack_documents(docs: Iterable[Sequence[int]], seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -204,15 +266,15 @@ class TokenStream:
         (passes restart at the first file); ``file`` indexes the rank's files, ``doc`` counts training documents."""
         src = self.sources[index]
         files = self._files(index, rank, world)
-        column = "text" if src.builder == "text" else self.cfg.text_column
+        column = "text" if src.column_fixed else self.cfg.text_column
         fresh = file == 0 and doc == 0
         while True:
             count = 0
             for f in range(file, len(files)):
-                file_index, path = files[f]
+                file_index, _ = files[f]
                 first = doc if f == file else 0
                 skip = self.heldout_cuts[index].get(file_index, 0)
-                for j, text in enumerate(iter_documents(path, src.builder, column, skip=skip + first)):
+                for j, text in enumerate(iter_documents(src, file_index, column, skip=skip + first)):
                     count += 1
                     yield f, first + j, text
             if count == 0 and fresh:
@@ -244,16 +306,56 @@ class TokenStream:
 
     def _drawn(self, rank: int, world: int, cursor: StreamCursor) -> Iterator[tuple[int, int, int, list[int]]]:
         """``(source, file, doc, token ids)`` from ``cursor`` on; ``cursor`` is advanced past each document as it is given."""
-        streams = [self._tokenized(self._texts(i, rank, world, cursor.files[i], cursor.docs[i])) for i in range(len(self.sources))]
+        streams = [self._source_documents(i, rank, world, cursor) for i in range(len(self.sources))]
         if len(streams) == 1:
             choices: Iterator[int] = itertools.repeat(0)
         else:
             choices = self._choices(rank, world, cursor.draws)
         for choice in choices:
             f, d, ids = next(streams[choice])
-            cursor.files[choice], cursor.docs[choice] = f, d + 1
             cursor.draws += len(streams) > 1
             yield choice, f, d, ids
+
+    def _source_documents(self, index: int, rank: int, world: int, cursor: StreamCursor) -> Iterator[tuple[int, int, list[int]]]:
+        """``(file, doc, token ids)`` of source ``index`` from ``cursor`` on, in file order or shuffled by windows;
+        ``cursor`` is advanced past each document as it is given."""
+        if self.cfg.shuffle_documents == 0:
+            for f, d, ids in self._tokenized(self._texts(index, rank, world, cursor.files[index], cursor.docs[index])):
+                cursor.files[index], cursor.docs[index] = f, d + 1
+                yield f, d, ids
+            return
+        texts = self._texts(index, rank, world, cursor.files[index], cursor.docs[index])
+        pending: tuple[int, int, str] | None = None
+        while True:
+            window, pending = self._window(texts, pending)
+            seed = self.cfg.seed + 7919 * (index + 1) + 104729 * cursor.windows[index]
+            if self.sharding(world) == "files":
+                seed += 15485863 * (rank + 1)
+            order = torch.randperm(len(window), generator=torch.Generator().manual_seed(seed)).tolist()
+            rest = order[cursor.taken[index]:]
+            for start in range(0, len(rest), _TOKENIZE_BATCH):
+                batch = rest[start : start + _TOKENIZE_BATCH]
+                for j, ids in zip(batch, self._encode([window[j][2] for j in batch])):
+                    cursor.taken[index] += 1
+                    yield window[j][0], window[j][1], ids
+            last_file, last_doc, _ = window[-1]
+            cursor.files[index], cursor.docs[index] = last_file, last_doc + 1
+            cursor.taken[index] = 0
+            cursor.windows[index] += 1
+
+    def _window(self, texts: Iterator[tuple[int, int, str]], first: tuple[int, int, str] | None
+                ) -> tuple[list[tuple[int, int, str]], tuple[int, int, str] | None]:
+        """The next window: up to ``data.shuffle_documents`` documents ``(file, doc, text)`` of ``texts`` (after ``first``,
+        a document already read), in file order, ending early where a pass over the files ends so that a window never
+        holds a document twice; and the document read past its end (None: none)."""
+        window = [] if first is None else [first]
+        for item in texts:
+            if window and item[:2] <= window[-1][:2]:  # the pass ended and restarted at the first file
+                return window, item
+            window.append(item)
+            if len(window) == self.cfg.shuffle_documents:
+                break
+        return window, None
 
     def _choices(self, rank: int, world: int, skip: int) -> Iterator[int]:
         """The seeded source draws after the first ``skip`` (drawn again, without reading any data)."""
@@ -331,23 +433,35 @@ class StreamCursor:
     """Blocks packed so far (every rank's, under block sharding)."""
     rest: list[int] | None = None
     """``[source, file, doc, offset]``: the document split by the last block and the tokens of it already packed."""
+    taken: list[int] = field(default_factory=list)
+    """Per source, with ``data.shuffle_documents``: documents of the current window already given (the window starts
+    at ``files`` / ``docs``)."""
+    windows: list[int] = field(default_factory=list)
+    """Per source, with ``data.shuffle_documents``: windows finished (it seeds the next window's order)."""
+
+    def __post_init__(self) -> None:
+        self.taken = list(self.taken) or [0] * len(self.files)
+        self.windows = list(self.windows) or [0] * len(self.files)
 
     @classmethod
     def start(cls, num_sources: int) -> StreamCursor:
         return cls(files=[0] * num_sources, docs=[0] * num_sources)
 
     def copy(self) -> StreamCursor:
-        return StreamCursor(list(self.files), list(self.docs), self.draws, self.packed, None if self.rest is None else list(self.rest))
+        return StreamCursor(list(self.files), list(self.docs), self.draws, self.packed, None if self.rest is None else list(self.rest),
+                            list(self.taken), list(self.windows))
 
     def to_dict(self) -> dict:
-        return {"files": list(self.files), "docs": list(self.docs), "draws": self.draws, "packed": self.packed, "rest": self.rest}
+        return {"files": list(self.files), "docs": list(self.docs), "draws": self.draws, "packed": self.packed, "rest": self.rest,
+                "taken": list(self.taken), "windows": list(self.windows)}
 
     @classmethod
     def from_dict(cls, state: dict) -> StreamCursor:
         try:
             rest = state["rest"]
             return cls([int(x) for x in state["files"]], [int(x) for x in state["docs"]], int(state["draws"]),
-                       int(state["packed"]), None if rest is None else [int(x) for x in rest])
+                       int(state["packed"]), None if rest is None else [int(x) for x in rest],
+                       [int(x) for x in state.get("taken", [])], [int(x) for x in state.get("windows", [])])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"the checkpoint's stream cursor is malformed ({e}); resume from another checkpoint") from None
 
@@ -355,10 +469,10 @@ class StreamCursor:
 def _heldout(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, source: StreamSource) -> tuple[TokenBlocks, dict[int, int]]:
     """The first ``data.heldout_documents`` documents of ``source`` packed like the in-memory path, and how
     many documents each file gives to them."""
-    column = "text" if source.builder == "text" else cfg.text_column
+    column = "text" if source.column_fixed else cfg.text_column
     docs, cut = [], {}
-    for file_index, path in enumerate(source.files):
-        for text in iter_documents(path, source.builder, column):
+    for file_index in range(len(source.files)):
+        for text in iter_documents(source, file_index, column):
             if len(docs) == cfg.heldout_documents:
                 break
             docs.append(text)

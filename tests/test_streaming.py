@@ -97,7 +97,8 @@ def test_stream_blocks_are_the_concatenated_training_documents_of_every_file_for
     n = len(ref) // 16
     out = {}
     for name, column in (("d.txt", "text"), ("d.jsonl", "body"), ("d.parquet", "text")):
-        cfg = DataConfig(source=str(tmp_path / name), text_column=column, seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4)
+        cfg = DataConfig(source=str(tmp_path / name), text_column=column, seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4,
+                         shuffle_documents=0)
         data = build_text_data(cfg, TOK)
         blocks = _take(data.stream.blocks(), n)
         out[name] = torch.stack([ids for ids, _ in blocks])
@@ -107,7 +108,8 @@ def test_stream_blocks_are_the_concatenated_training_documents_of_every_file_for
     assert torch.equal(out["d.txt"].flatten(), torch.tensor(ref[: n * 16]))
     assert torch.equal(out["d.jsonl"], out["d.txt"]) and torch.equal(out["d.parquet"], out["d.txt"])
     # The stream restarts at the first training document after a pass (the held-out ones stay out).
-    more = _take(_stream(DataConfig(source=str(tmp_path / "d.txt"), seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4)).blocks(), 2 * n + 2)
+    more = _take(_stream(DataConfig(source=str(tmp_path / "d.txt"), seq_len=16, streaming=True, heldout_documents=10, sample_blocks=4,
+                                    shuffle_documents=0)).blocks(), 2 * n + 2)
     flat = torch.stack([ids for ids, _ in more]).flatten().tolist()
     assert flat == (ref + ref + ref)[: len(flat)]
 
@@ -134,7 +136,8 @@ def test_file_sharding_gives_each_rank_its_own_files(tmp_path):
     files = {f"part-{i}.txt": _docs(f"f{i}-", 30, seed=i) for i in range(4)}
     for name, docs in files.items():
         _write_txt(tmp_path / name, docs)
-    cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=4, sample_blocks=1)
+    cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=4, sample_blocks=1,
+                     shuffle_documents=0)
     stream = _stream(cfg)
     assert stream.sharding(2) == "files" and stream.sharding(5) == "blocks"
     ordered = [files[f"part-{i}.txt"] for i in range(4)]
@@ -168,11 +171,31 @@ def test_weighted_mixing_is_seeded_and_follows_the_weights(tmp_path):
     assert abs(a.count("A") / len(a) - 0.75) < 0.04
 
 
+def test_shuffle_windows_permute_the_documents_of_each_window_anew_every_pass(tmp_path):
+    docs = _docs("d", 40)
+    _write_txt(tmp_path / "d.txt", docs)
+    train = [tuple(_flat([d])) for d in docs[4:]]  # 36 training documents: windows of 10, 10, 10 and 6 per pass
+    cfg = DataConfig(source=str(tmp_path / "d.txt"), seq_len=16, streaming=True, heldout_documents=4, sample_blocks=1,
+                     shuffle_documents=10)
+    got = [tuple(d) for d in _take(_stream(cfg)._mixed(0, 1), 3 * len(train))]
+    windows = [(0, 10), (10, 20), (20, 30), (30, 36)]
+    passes = [got[i * len(train) : (i + 1) * len(train)] for i in range(3)]
+    for seen in passes:
+        for lo, hi in windows:  # every window holds exactly its documents of the file, in another order
+            assert sorted(seen[lo:hi]) == sorted(train[lo:hi])
+        assert seen != train
+    assert passes[0] != passes[1] != passes[2]  # every window of every pass has its own order
+    assert got == [tuple(d) for d in _take(_stream(cfg)._mixed(0, 1), 3 * len(train))]  # seeded
+    assert got != [tuple(d) for d in _take(_stream(DataConfig(**{**cfg.to_dict(), "seed": 1}))._mixed(0, 1), 3 * len(train))]
+    with pytest.raises(ConfigError, match="data.shuffle_documents=-1"):
+        DataConfig(source=str(tmp_path / "d.txt"), streaming=True, shuffle_documents=-1).validate()
+
+
 def test_every_mixed_source_has_its_own_held_out_documents_that_training_skips(tmp_path):
     a_docs, b_docs = _docs("a", 40), _docs("b", 40, seed=3)
     a, b = _write_txt(tmp_path / "a.txt", a_docs), _write_txt(tmp_path / "b.txt", b_docs)
     data = build_text_data(DataConfig(source=str(a), mix=[str(b)], seq_len=16, streaming=True, heldout_documents=6,
-                                      sample_blocks=1), TOK)
+                                      sample_blocks=1, shuffle_documents=0), TOK)
     for blocks, docs in ((data.heldout, a_docs), (data.extra_heldout[str(b)], b_docs)):
         want = _flat(docs[:6])
         assert blocks.input_ids.flatten().tolist() == want[: len(want) // 16 * 16]
@@ -202,6 +225,66 @@ def test_budget_search_runs_on_streaming_data_with_the_default_block_counts(tmp_
     assert res.prune_map.notes["search"]["scored_on"] == f"train_tail ({score} blocks)"
 
 
+# ---------------------------------------------------------------------------------------------- bundled and Hub sources
+
+
+def test_a_bundled_corpus_streams_its_in_memory_documents():
+    from minidistill.corpora import bundled_documents
+
+    for name in ("news", "wiki"):
+        docs = bundled_documents(name)
+        cfg = DataConfig(source=f"bundled:{name}", seq_len=32, streaming=True, heldout_documents=5, sample_blocks=1,
+                         shuffle_documents=0)
+        data = build_text_data(cfg, TOK)
+        held = _flat(docs[:5])
+        assert data.heldout.input_ids.flatten().tolist() == held[: len(held) // 32 * 32]
+        assert _take(data.stream._mixed(0, 1), 8) == [_flat([d]) for d in docs[5:13]]
+
+
+def test_a_hub_dataset_streams_by_shard_with_the_resume_of_local_files(tmp_path, monkeypatch):
+    """A Hub name opens ``load_dataset(name, config, split=..., streaming=True)``; its shards stand in for files.
+    Offline here, the Hub's loader is replaced by the same call on three local JSON-lines shards."""
+    import minidistill.streaming as streaming
+
+    shards = {i: _docs(f"s{i}-", 20, seed=i) for i in range(3)}
+    files = []
+    for i, docs in shards.items():
+        files.append(str(tmp_path / f"shard-{i}.jsonl"))
+        Path(files[-1]).write_text("\n".join(json.dumps({"content": d}) for d in docs))
+    real = datasets.load_dataset
+    opened = []
+
+    def hub_load(name, *args, **kwargs):
+        if name != "org/corpus":
+            return real(name, *args, **kwargs)
+        opened.append((name, args, kwargs))
+        return real("json", data_files=files, split=kwargs["split"], streaming=kwargs["streaming"])
+
+    monkeypatch.setattr(streaming, "load_dataset", hub_load)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    streaming.hub_dataset.cache_clear()
+    cfg = DataConfig(source="org/corpus", hub_config="en", hub_split="train", text_column="content", seq_len=16,
+                     streaming=True, heldout_documents=3, sample_blocks=1, shuffle_documents=0)
+    stream = _stream(cfg)
+    assert opened[0] == ("org/corpus", ("en",), {"split": "train", "streaming": True})
+    assert len(stream.sources[0].files) == 3 and stream.sharding(3) == "files" and stream.sharding(4) == "blocks"
+    # Held out: the first 3 documents (all in shard 0); each of 3 processes reads its own shard.
+    for rank in range(3):
+        own = shards[rank][3:] if rank == 0 else shards[rank]
+        assert _take(stream._mixed(rank, 3), len(own)) == [_flat([d]) for d in own]
+    # Shuffled, a cursor taken mid-stream continues exactly (as for local files).
+    stream = _stream(DataConfig(**{**cfg.to_dict(), "shuffle_documents": 4}))
+    full = _take(stream.resumable_blocks(1, 3), 60)
+    resumed = _take(stream.resumable_blocks(1, 3, StreamCursor.from_dict(full[17][2].to_dict())), 42)
+    assert all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(full[18:], resumed, strict=True))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    streaming.hub_dataset.cache_clear()
+    with pytest.raises(DataError, match="offline mode .* forbids streaming it from the Hub"):
+        check_data_source(cfg)
+    streaming.hub_dataset.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -214,8 +297,6 @@ def test_bad_streaming_input_fails_early_with_one_clear_message(tmp_path):
         DataConfig(source=src, streaming=True, mix_weights=[1.0, 1.0]).validate()
     with pytest.raises(ConfigError, match="data.mix_weights applies to data.streaming"):
         DataConfig(source=src, mix_weights=[1.0]).validate()
-    with pytest.raises(ConfigError, match="local files, not 'bundled'"):
-        DataConfig(streaming=True).validate()
     with pytest.raises(DataError, match="no such file or folder"):
         check_data_source(DataConfig(source=str(tmp_path / "nope.txt"), streaming=True))
     with pytest.raises(DataError, match="matches no file"):
@@ -283,17 +364,21 @@ class CountingTokenizer(ByteTokenizer):
         return super().__call__(texts, add_special_tokens)
 
 
+@pytest.mark.parametrize("shuffle", [0, 7])
 @pytest.mark.parametrize("layout", ["mix", "block_sharding", "file_sharding"])
-def test_stream_cursor_continues_exactly_without_tokenizing_the_consumed_documents(tmp_path, layout):
+def test_stream_cursor_continues_exactly_without_tokenizing_the_consumed_documents(tmp_path, layout, shuffle):
+    """Also in the middle of a shuffle window (7 documents: windows end inside files and at pass ends)."""
     if layout == "file_sharding":
         for i in range(4):
             _write_txt(tmp_path / f"part-{i}.txt", _docs(f"f{i}-", 25, seed=i))
-        cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=3, sample_blocks=1)
+        cfg = DataConfig(source=str(tmp_path / "part-*.txt"), seq_len=16, streaming=True, heldout_documents=3, sample_blocks=1,
+                         shuffle_documents=shuffle)
     else:
         _write_txt(tmp_path / "a.txt", _docs("a", 60))
         _write_txt(tmp_path / "b.txt", _docs("b", 40, seed=3))
         mix = {"mix": [str(tmp_path / "b.txt")], "mix_weights": [2.0, 1.0]} if layout == "mix" else {}
-        cfg = DataConfig(source=str(tmp_path / "a.txt"), seq_len=16, streaming=True, heldout_documents=5, sample_blocks=1, **mix)
+        cfg = DataConfig(source=str(tmp_path / "a.txt"), seq_len=16, streaming=True, heldout_documents=5, sample_blocks=1,
+                         shuffle_documents=shuffle, **mix)
     rank, world = (0, 1) if layout == "mix" else (1, 2)
     stream = build_streaming_data(cfg, TOK).stream
     assert stream.sharding(world) == {"mix": "blocks", "block_sharding": "blocks", "file_sharding": "files"}[layout]
@@ -342,6 +427,9 @@ def test_streaming_sampler_resumes_from_its_cursor_and_from_a_cursorless_checkpo
                                             heldout_documents=5, sample_blocks=1), TOK).stream
     with pytest.raises(ConfigError, match="same data.source / data.mix files"):
         StreamingBlockSampler(moved, 3).load_state_dict(state)
+    reordered = build_streaming_data(DataConfig(**{**cfg.to_dict(), "shuffle_documents": 0}), TOK).stream
+    with pytest.raises(ConfigError, match="resume with data.shuffle_documents=1024"):
+        StreamingBlockSampler(reordered, 3).load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- memory

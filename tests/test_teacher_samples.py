@@ -199,7 +199,7 @@ def test_recipe_config_checks(teacher_dir, tmp_path):
         load_recipe_config(None, ["data.source=teacher_samples"])
     assert load_recipe_config(None, ["data.source=teacher_samples", "teacher_samples.prompts=none"]).samples.prompts == "none"
     assert load_recipe_config(None, ["data.mix=[teacher_samples]"]).samples == TeacherSamplesConfig()
-    with pytest.raises(ConfigError, match=r"data\.streaming reads local files, not 'teacher_samples'"):
+    with pytest.raises(ConfigError, match=r"data\.streaming reads files, bundled corpora and Hub datasets, not 'teacher_samples'"):
         load_recipe_config(None, ["data.streaming=true", "data.source=/x.txt", "data.mix=[teacher_samples]", "data.mix_ratio=null"])
     with pytest.raises(ConfigError, match=r"teacher_samples\.prompts=.*nope\.txt.*does not exist"):
         load_recipe_config(None, ["data.mix=[teacher_samples]", f"teacher_samples.prompts={tmp_path / 'nope.txt'}"])

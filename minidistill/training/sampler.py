@@ -121,7 +121,8 @@ class StreamingBlockSampler:
 
     def state_dict(self) -> dict:
         state = {STREAM_KEY: self.blocks_taken, "num_replicas": self.num_replicas, "sharding": self.stream.sharding(self.num_replicas),
-                 "files": [[str(p) for p in s.files] for s in self.stream.sources]}
+                 "files": [[str(p) for p in s.files] for s in self.stream.sources],
+                 "shuffle_documents": self.stream.cfg.shuffle_documents}
         cursors = [None if self.cursor is None else self.cursor.to_dict()]
         if self.num_replicas > 1 and dist.is_available() and dist.is_initialized():  # every rank calls this (checkpoints are collective)
             cursors = [None] * self.num_replicas
@@ -143,6 +144,12 @@ class StreamingBlockSampler:
             raise ConfigError(
                 f"the checkpoint's stream read the files {state['files']}, this run reads {files}; resume with the "
                 "same data.source / data.mix files (or start a new run)"
+            )
+        shuffled = int(state.get("shuffle_documents", 0))
+        if shuffled != self.stream.cfg.shuffle_documents:
+            raise ConfigError(
+                f"the checkpoint's stream was shuffled in windows of data.shuffle_documents={shuffled}, this run sets "
+                f"{self.stream.cfg.shuffle_documents}; resume with data.shuffle_documents={shuffled}"
             )
         self.blocks_taken = int(state[STREAM_KEY])
         cursors = state.get(CURSOR_KEY)
