@@ -216,7 +216,7 @@ def _load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator
         prune_cfg = cfg.prune.replace(output_dir=str(init_dir), overwrite=True)
         result = prune_model(teacher, tokenizer, data, prune_cfg, teacher_source=cfg.teacher.source,
                              shard=CalibrationShard.from_accelerator(accelerator), device=accelerator.device,
-                             teacher_cache=teacher_cache)
+                             teacher_cache=teacher_cache, collective_timeout_s=cfg.train.process_group_timeout_minutes * 60)
         if accelerator.is_main_process:
             logger.info(
                 "pruned %s -> %s parameters; student saved to %s", result.params_before, result.params_after, init_dir

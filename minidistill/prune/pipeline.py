@@ -10,7 +10,9 @@ layer-similarity statistics, the o_proj / down_proj Gram matrices of teacher-mod
 gradients) is split: each rank runs its blocks ``rank::world`` and the sums are all-reduced, so every
 rank holds the one-process statistics and derives the same student from them. The later steps (layer
 loss scores, budget search, sequential re-fits) run whole on every rank, without collectives. Only
-rank 0 writes files (the student folder and the importance cache).
+rank 0 writes files (the student folder and the importance cache). The later steps' time is estimated
+after the calibration from its measured speed (:mod:`.estimate`), and a distributed prune warns when the
+estimate exceeds the process group's timeout (``collective_timeout_s``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from ..errors import OutputError
 from ..models import state_dict_sha256
 from .distill_rank import check_distill_data, distill_rank
 from .distributed import SINGLE, CalibrationShard
+from .estimate import LayerPasses, PruneEstimate, count_layer_passes, passes_after_calibration, report_estimate
 from .importance import ImportanceConfig, compute_importance, importance_batches
 from .layer_importance import LAYER_METHODS, LOSS_METHODS, SIMILARITY_METHODS, LayerSimilarity, layer_loss_scores, layer_scores
 from .prune_map import PruneMap
 from .reconstruct import ReconstructionConfig, reconstruct
-from .sensitivity import SENSITIVITY_MD, SENSITIVITY_PNG, measure_sensitivity
+from .sensitivity import SENSITIVITY_MD, SENSITIVITY_PNG, measure_sensitivity, sensitivity_shapes
 from .targets import (
     SHAPE_TARGET_KEYS,
     ParamCounter,
@@ -149,6 +152,8 @@ class PruneResult:
     non_embedding_params_after: int
     target_params: int | None = None
     output_dir: Path | None = None
+    estimate: PruneEstimate | None = None
+    """The steps after calibration, counted and priced at the calibration's speed (:mod:`.estimate`)."""
 
 
 def check_output_dir(
@@ -250,6 +255,7 @@ def prune_model(
     shard: CalibrationShard = SINGLE,
     device: torch.device | str | None = None,
     teacher_cache: TeacherCache | None = None,
+    collective_timeout_s: float | None = None,
 ) -> PruneResult:
     """Prune ``teacher`` to ``cfg.target`` (a shape, or the best searched shape within a budget).
 
@@ -258,18 +264,20 @@ def prune_model(
     accelerator device; None: CUDA when available, else CPU). Pruning runs on ``prune.device``; the
     teacher is moved back afterwards and the student is returned on the teacher's device.
     ``teacher_cache``: the teacher's top-k over ``data.train``, read by the short-distillation ranking
-    (``search.distill_steps``) instead of teacher forwards.
+    (``search.distill_steps``) instead of teacher forwards. ``collective_timeout_s``: the process group's
+    timeout; a distributed prune whose steps after calibration are estimated to take longer logs a warning.
     """
     cfg.validate()
     target = resolve_prune_device(cfg.device, device)
     home = next(teacher.parameters()).device
     if target == home:
-        return _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard, teacher_cache=teacher_cache)
+        return _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard, teacher_cache=teacher_cache,
+                            collective_timeout_s=collective_timeout_s)
     logger.info("pruning on %s (the teacher is on %s)", target, home)
     teacher.to(target)
     try:
         result = _prune_model(teacher, tokenizer, data, cfg, teacher_source=teacher_source, shard=shard,
-                              teacher_cache=teacher_cache)
+                              teacher_cache=teacher_cache, collective_timeout_s=collective_timeout_s)
     finally:
         teacher.to(home)
     result.student.to(home)
@@ -285,6 +293,7 @@ def _prune_model(
     teacher_source: str,
     shard: CalibrationShard,
     teacher_cache: TeacherCache | None = None,
+    collective_timeout_s: float | None = None,
 ) -> PruneResult:
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
@@ -300,6 +309,7 @@ def _prune_model(
 
     space = None
     budget = None
+    shape = None
     if cfg.target.is_budget:
         counter = ParamCounter(teacher.config, non_embedding=cfg.target.non_embedding)
         full = ne_before if cfg.target.non_embedding else params_before
@@ -321,13 +331,23 @@ def _prune_model(
     t0 = time.perf_counter()
     calibration = data.train.input_ids[: cfg.calib_blocks]
     teacher_grams: dict = {}  # o_proj / down_proj input Grams: teacher-mode re-fits of every candidate without a forward
-    units, similarity = compute_importance(
-        teacher, calibration, cfg.importance, layer_stats=cfg.layer_method in SIMILARITY_METHODS,
-        progress=_progress(cfg.show_progress, "calibration"),
-        gram_out=teacher_grams if cfg.reconstruction.enabled and cfg.reconstruction.mode != "sequential" else None,
-        shard=shard,
-    )
+    with count_layer_passes(teacher) as calibration_passes:
+        units, similarity = compute_importance(
+            teacher, calibration, cfg.importance, layer_stats=cfg.layer_method in SIMILARITY_METHODS,
+            progress=_progress(cfg.show_progress, "calibration"),
+            gram_out=teacher_grams if cfg.reconstruction.enabled and cfg.reconstruction.mode != "sequential" else None,
+            shard=shard,
+        )
     timings["importance_s"] = time.perf_counter() - t0
+    t_after = time.perf_counter()
+    estimate = PruneEstimate(
+        _passes_after_calibration(cfg, data, teacher_shape, space, budget, shape,
+                                  calib_blocks=int(calibration.shape[0]), max_drop=max(layer_drops),
+                                  teacher_grams=bool(teacher_grams), teacher_cache=teacher_cache is not None),
+        calibration_passes, timings["importance_s"])
+    report_estimate(estimate, distributed=shard.distributed, timeout_s=collective_timeout_s)
+    if estimate.seconds is not None:
+        timings["estimate_after_calibration_s"] = estimate.seconds
     loss_increase, layer_record = None, {}
     drops = layer_drops
     if cfg.layer_method in LOSS_METHODS and any(drops):
@@ -364,6 +384,10 @@ def _prune_model(
     else:
         student, pmap = build(shape, True)
     timings["prune_s"] = time.perf_counter() - t0
+    timings["after_calibration_s"] = time.perf_counter() - t_after
+    if estimate.seconds is not None:
+        logger.info("pruning steps after calibration: %.1f s (estimated %.1f s)", timings["after_calibration_s"],
+                    estimate.seconds)
     student.eval()
 
     out_path = None
@@ -379,12 +403,40 @@ def _prune_model(
         student=student, prune_map=pmap, candidates=rows, timings=timings,
         params_before=params_before, params_after=count_parameters(student),
         non_embedding_params_before=ne_before, non_embedding_params_after=count_parameters(student, non_embedding=True),
-        target_params=budget, output_dir=out_path,
+        target_params=budget, output_dir=out_path, estimate=estimate,
     )
     logger.info("pruned %s -> %s: %s -> %s parameters (%s -> %s non-embedding)",
                 _shape_str(teacher_shape), _shape_str(pmap.student_shape), f"{res.params_before:,}",
                 f"{res.params_after:,}", f"{ne_before:,}", f"{res.non_embedding_params_after:,}")
     return res
+
+
+def _passes_after_calibration(
+    cfg: PruneConfig,
+    data: TextData,
+    teacher_shape: dict[str, int],
+    space: ShapeSpace | None,
+    budget: int | None,
+    shape: dict[str, int] | None,
+    *,
+    calib_blocks: int,
+    max_drop: int,
+    teacher_grams: bool,
+    teacher_cache: bool,
+) -> LayerPasses:
+    """:func:`~.estimate.passes_after_calibration` for an explicit ``shape`` or a search of ``space`` within
+    ``budget``; the candidates are those the balance pre-score picks (no forward: a sensitivity pre-score
+    may pick others)."""
+    counts = {"calib_blocks": calib_blocks, "max_drop": max_drop, "teacher_grams": teacher_grams,
+              "teacher_cache": teacher_cache}
+    if space is None:
+        return passes_after_calibration(cfg, teacher_shape, target=shape, **counts)
+    search = cfg.search
+    candidates = select_candidates(ShapeSpace(space.counter, search), budget, log=False).candidates
+    sensitivity = [s for _, _, s in sensitivity_shapes(teacher_shape, search.sensitivity_ratios, search.multiple_of,
+                                                        min_layers=space.min_layers)] if search.sensitivity else []
+    return passes_after_calibration(cfg, teacher_shape, candidates=candidates, sensitivity=sensitivity,
+                                    score_blocks=len(scoring_blocks(data, search)), **counts)
 
 
 def _search(

@@ -589,10 +589,12 @@ def select_candidates(
     space: ShapeSpace,
     budget: int,
     prescore: PreScore | None = None,
+    *,
+    log: bool = True,
 ) -> CandidateSet:
     """Candidates to score: the ``max_candidates`` best pre-scored shapes in the band, plus the best of
     every axis family (so that no axis is left out), plus, for a single axis with no shape in the band,
-    its nearest shape on each side of the band (``in_band=False``).
+    its nearest shape on each side of the band (``in_band=False``). ``log``: log the enumeration's summary.
 
     Memory stays bounded: the enumeration is consumed lazily into a heap of ``max_candidates`` and one
     best shape per family. Raises TargetError (see :func:`check_budget`) when nothing can be scored.
@@ -637,9 +639,10 @@ def select_candidates(
                               eligible=wlow <= near[1] <= whigh)
                 chosen[id(c)] = c
     cands = sorted(chosen.values(), key=lambda c: (c.cost, -c.params))
-    logger.info("budget search: %d shape(s) in the band (%s), %d built of a %d-shape product, %d to score (%.2f s)",
-                total, ", ".join(f"{k} {v}" for k, v in per_family.items()), space.shapes_built, space.product_size,
-                len(cands), time.perf_counter() - t0)
+    if log:
+        logger.info("budget search: %d shape(s) in the band (%s), %d built of a %d-shape product, %d to score (%.2f s)",
+                    total, ", ".join(f"{k} {v}" for k, v in per_family.items()), space.shapes_built, space.product_size,
+                    len(cands), time.perf_counter() - t0)
     return CandidateSet(cands, total, per_family, space.shapes_built, space.product_size, time.perf_counter() - t0)
 
 
