@@ -341,3 +341,33 @@ def test_recipe_refuses_non_empty_output_before_loading(tmp_path, capsys):
     rc = _recipe().main(["--model", str(tmp_path / "does-not-exist"), "--output", str(out), "--target_params", "0.5"])
     assert rc == 11 and "not empty" in capsys.readouterr().err
     assert (out / "model.safetensors").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------- layer methods and the winner's re-fit
+@pytest.mark.parametrize("method", ["lm_loss", "iterative"])
+def test_loss_layer_methods_with_every_layer_kept_prune_like_any_other_method(method):
+    """No layer is dropped, so no layer score is read: the student equals the block-influence one."""
+    teacher = tiny_model("llama", num_layers=3, num_heads=4, num_kv_heads=2)
+    target = {"num_layers": 3, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 64}
+    got = prune_model(teacher, None, tiny_data(), prune_cfg(target=target, layer_method=method), teacher_source="tiny")
+    want = prune_model(teacher, None, tiny_data(), prune_cfg(target=target), teacher_source="tiny")
+    for name, value in want.student.state_dict().items():
+        assert torch.equal(got.student.state_dict()[name], value), name
+
+
+def test_the_winners_teacher_mode_refit_from_the_calibration_grams_equals_the_refit_by_forwards():
+    """search.reconstruct=false: the winner alone is re-fitted after the search, from the calibration's Gram matrices."""
+    from minidistill.prune.prune_map import PruneMap
+    from minidistill.prune.reconstruct import ReconstructionConfig, reconstruct
+
+    teacher = tiny_model("llama", num_layers=3, num_heads=4, num_kv_heads=2, dtype=torch.float64)
+    data = tiny_data()
+    cfg = prune_cfg(target={"params": 0.6}, reconstruction={"enabled": True, "mode": "teacher"}, search={"reconstruct": False})
+    res = prune_model(teacher, None, data, cfg, teacher_source="tiny")
+    assert res.prune_map.refit
+    ref_map = PruneMap.from_dict({**res.prune_map.to_dict(), "refit": []})
+    ref = apply_prune_map(teacher, ref_map)
+    reconstruct(ref, teacher, ref_map, [data.train.input_ids[0:4], data.train.input_ids[4:8]], ReconstructionConfig(mode="teacher"))
+    assert sorted(ref_map.refit) == sorted(res.prune_map.refit)
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(res.student.state_dict()[name], value, rtol=1e-9, atol=1e-10)

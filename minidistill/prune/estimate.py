@@ -152,8 +152,8 @@ def passes_after_calibration(
         return passes
     search = cfg.search
 
-    def refit(shape: dict[str, int], grams: bool = teacher_grams) -> int:
-        return refit_passes(teacher_shape, shape, rcfg, teacher_grams=grams) * calib_blocks
+    def refit(shape: dict[str, int]) -> int:
+        return refit_passes(teacher_shape, shape, rcfg, teacher_grams=teacher_grams) * calib_blocks
 
     def score(shape: dict[str, int]) -> int:
         return shape["num_layers"] * score_blocks
@@ -179,8 +179,8 @@ def passes_after_calibration(
             passes.add("distill_rank", refit(shape) + score(shape))
             passes.add("distill_rank", shape["num_layers"] * blocks, backward=True)
         passes.add("winner_reconstruction", max((refit(s) for s in top[: search.distill_candidates]), default=0))
-    elif not search.reconstruct:  # the winner's re-fit runs its own forwards (no Gram matrices)
-        passes.add("winner_reconstruction", max((refit(s, False) for s in eligible), default=0))
+    elif not search.reconstruct:  # the winner's re-fit (teacher mode: from the calibration's Gram matrices)
+        passes.add("winner_reconstruction", max((refit(s) for s in eligible), default=0))
     return passes
 
 

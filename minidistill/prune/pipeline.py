@@ -379,7 +379,7 @@ def _prune_model(
     if space is not None:
         student, pmap, rows, extra_files = _search(teacher, data, cfg, space, budget, build, calib_batches, timings,
                                                    full_params=ne_before if cfg.target.non_embedding else params_before,
-                                                   teacher_cache=teacher_cache)
+                                                   teacher_cache=teacher_cache, teacher_grams=teacher_grams)
         t0 = time.perf_counter() - timings["winner_reconstruction_s"]
     else:
         student, pmap = build(shape, True)
@@ -451,8 +451,10 @@ def _search(
     *,
     full_params: int,
     teacher_cache: TeacherCache | None = None,
+    teacher_grams: dict | None = None,
 ) -> tuple[nn.Module, PruneMap, list[dict[str, Any]], dict[str, str | bytes]]:
-    """Sensitivity, enumeration, zero-shot scoring, optional short-distillation ranking, winner's reconstruction."""
+    """Sensitivity, enumeration, zero-shot scoring, optional short-distillation ranking, winner's reconstruction
+    (teacher mode: from the calibration's ``teacher_grams`` where they hold its inputs, without a forward)."""
     search = cfg.search
     teacher_shape = space.teacher_shape
     t0 = time.perf_counter()
@@ -491,7 +493,7 @@ def _search(
         timings["distill_rank_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if cfg.reconstruction.enabled and not reconstructed:
-        reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction)
+        reconstruct(student, teacher, pmap, calib_batches, cfg.reconstruction, teacher_grams=teacher_grams)
     timings["winner_reconstruction_s"] = time.perf_counter() - t0
     pmap.notes["search"] = {
         "budget": budget, "non_embedding": cfg.target.non_embedding, "score": search.score,
@@ -522,9 +524,9 @@ def units_for_shape(
     ``iterative`` from ``loss_increase`` (:func:`~.layer_importance.layer_loss_scores`); ``unit`` keeps ``units.layers``
     (block influence for activation importance, the baseline's own layer score otherwise).
     """
-    if layer_method == "unit":
-        return units
     num_drop = teacher_shape["num_layers"] - shape["num_layers"]
+    if layer_method == "unit" or num_drop == 0:  # every layer is kept: no layer score is read
+        return units
     layers = layer_scores(layer_method, num_drop=num_drop, similarity=similarity, loss_increase=loss_increase)
     return dataclasses.replace(units, layers=layers)
 
