@@ -146,7 +146,7 @@ def test_search_scores_on_the_chosen_blocks_and_picks_the_naive_argmin(monkeypat
 
     scored = []
     real = pipeline.make_score_fn
-    monkeypatch.setattr(pipeline, "make_score_fn", lambda t, batches, s: (scored.append(torch.cat(batches)), real(t, batches, s))[1])
+    monkeypatch.setattr(pipeline, "make_score_fn", lambda t, batches, s, **kw: (scored.append(torch.cat(batches)), real(t, batches, s, **kw))[1])
     teacher = tiny_model("llama", num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=128)
     data = tiny_data(train=12)
     cfg = prune_cfg(target={"params": 0.6}, search={"score_on": score_on, "score_blocks": 3})

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from minidistill import train
 from minidistill.prune import pipeline
 from minidistill.prune.distributed import CalibrationShard
-from minidistill.prune.estimate import LayerPasses, PruneEstimate, report_estimate
+from minidistill.prune.estimate import BACKWARD_COST, LayerPasses, PruneEstimate, report_estimate
 from minidistill.recipe_config import PruneDistillConfig
 
 ESTIMATE_LOGGER = "minidistill.prune.estimate"
@@ -99,31 +99,42 @@ def _records(caplog, level: int) -> list[logging.LogRecord]:
 
 def test_distributed_prune_longer_than_the_timeout_warns_once_with_the_fix(caplog, measured):
     caplog.set_level(logging.INFO, logger=ESTIMATE_LOGGER)
-    timeout = measured.seconds / 2
+    wait = measured.longest_wait_seconds
+    assert 0 < wait < measured.seconds  # the search's scores end stretches
+    timeout = wait / 2
     assert report_estimate(measured, distributed=True, timeout_s=timeout)
     (warning,) = _records(caplog, logging.WARNING)
     text = warning.getMessage()
     assert "train.process_group_timeout_minutes" in text
-    assert f"estimated at {measured.seconds:.0f} s ({measured.seconds / 60:.1f} min)" in text
+    assert f"estimated at {wait:.0f} s ({wait / 60:.1f} min)" in text
     assert f"timeout of {timeout:.0f} s" in text
-    assert f"at least {math.ceil(1.5 * measured.seconds / 60)}," in text
+    assert f"at least {math.ceil(1.5 * wait / 60)}," in text
     assert "student.source" in text
     (info,) = _records(caplog, logging.INFO)
-    assert f"{measured.seconds:.0f} s" in info.getMessage()
+    assert f"{measured.seconds:.0f} s" in info.getMessage() and f"collective {wait:.0f} s" in info.getMessage()
 
 
 @pytest.mark.parametrize("distributed,factor", [(True, 2.0), (False, 0.5)])
 def test_no_warning_with_a_long_timeout_or_one_process(caplog, measured, distributed, factor):
     caplog.set_level(logging.INFO, logger=ESTIMATE_LOGGER)
-    assert not report_estimate(measured, distributed=distributed, timeout_s=factor * measured.seconds)
+    assert not report_estimate(measured, distributed=distributed, timeout_s=factor * measured.longest_wait_seconds)
     assert not _records(caplog, logging.WARNING)
     assert len(_records(caplog, logging.INFO)) == 1  # the estimate is always logged
 
 
 def test_the_minutes_asked_for_follow_the_estimate(caplog):
     calibration = LayerPasses({"calibration": 10})
-    est = PruneEstimate(LayerPasses({"candidates": 1000}, {"distill_rank": 100}), calibration, calibration_s=60.0)
-    assert est.seconds == pytest.approx(6.0 * (1000 + 2 * 100))  # a backward costs two forwards
+    passes = LayerPasses()
+    passes.add("candidates", 500)
+    passes.collective()
+    passes.add("candidates", 500)
+    passes.add("distill_rank", 100, backward=True)
+    passes.collective()
+    est = PruneEstimate(passes, calibration, calibration_s=60.0)
+    assert est.seconds == pytest.approx(6.0 * (1100 + 2 * 100))  # a backward costs two forwards
+    assert est.longest_wait_seconds == pytest.approx(6.0 * (600 + 2 * 100))
+    assert passes.forward == {"candidates": 1000, "distill_rank": 100}
+    est = PruneEstimate(LayerPasses({"candidates": 500}, longest_stretch=1200.0), calibration, calibration_s=60.0)
     caplog.set_level(logging.INFO, logger=ESTIMATE_LOGGER)
     assert report_estimate(est, distributed=True, timeout_s=3600.0)
     assert "at least 180," in _records(caplog, logging.WARNING)[0].getMessage()  # 1.5 x 7200 s = 180 min
@@ -144,6 +155,41 @@ class _LoneRankShard(CalibrationShard):
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * self.world
+
+
+@pytest.mark.parametrize("name", ["search: kl, every candidate re-fitted", "search: iterative, sensitivity, short distillation",
+                                  "sequential re-fit"])
+def test_the_longest_stretch_is_the_most_passes_run_between_two_collectives(monkeypatch, name):
+    """On a distributed shard (scores all-reduced), the layer passes run between successive collectives after the
+    calibration, counted, match the estimate's longest stretch."""
+    counts = _count_layer_runs(monkeypatch)
+    stretches, mark = [], {}
+
+    class CountingShard(_LoneRankShard):
+        def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+            if "calibration_forward" in mark:  # after the calibration: a score's all-reduce
+                stretches.append(_cost(counts) - mark["at"])
+                mark["at"] = _cost(counts)
+            return super().sum(tensor)
+
+    compute_importance = pipeline.compute_importance
+
+    def calibration(*args, **kwargs):
+        out = compute_importance(*args, **kwargs)
+        mark["calibration_forward"], mark["at"] = True, _cost(counts)
+        return out
+
+    monkeypatch.setattr(pipeline, "compute_importance", calibration)
+    teacher = tiny_model("llama", num_layers=4)
+    res = pipeline.prune_model(teacher, None, tiny_data(train=16), prune_cfg(**CONFIGS[name]), teacher_source="tiny",
+                               shard=CountingShard(rank=0, world=2))
+    stretches.append(_cost(counts) - mark["at"])  # up to the barrier after the save
+    assert res.estimate.passes.longest_stretch == max(stretches), stretches
+    assert res.estimate.passes.cost == sum(stretches)
+
+
+def _cost(counts: dict[str, int]) -> float:
+    return counts["forward"] + BACKWARD_COST * counts["grad"]
 
 
 @pytest.mark.parametrize("timeout_s,warns", [(1e-6, True), (1e6, False)])

@@ -38,6 +38,23 @@ def heldout_loss(
     Runs the backbone once per batch and projects hidden states to the vocabulary ``chunk_tokens``
     positions at a time, so at most ``chunk_tokens x vocab`` logits exist at once.
     """
+    total, count = heldout_nll_sum(model, batches, chunk_tokens=chunk_tokens, device=device)
+    if count == 0:
+        raise ValueError("no tokens to evaluate")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+@torch.no_grad()
+def heldout_nll_sum(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    chunk_tokens: int = 2048,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
+    """The summed next-token NLL (nats) and the token count over batches of ``input_ids`` (``(0.0, 0)`` for none);
+    computed as :func:`heldout_loss` computes it, so that sums over shards of the batches add up to it."""
     adapter = get_adapter(model)
     backbone = model.get_submodule(adapter.backbone)
     head = model.get_submodule(adapter.lm_head)
@@ -54,10 +71,7 @@ def heldout_loss(
             total += F.cross_entropy(logits, y, reduction="sum").item()
             count += y.numel()
     model.train(was_training)
-    if count == 0:
-        raise ValueError("no tokens to evaluate")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    return total, count
 
 
 # ---------------------------------------------------------------------------------------------

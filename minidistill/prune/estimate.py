@@ -1,8 +1,10 @@
 """Prune time estimate: the decoder-layer passes of the steps after the calibration pass, priced at its speed.
 
 Under a multi-process launch the steps after calibration (layer loss scores, budget search: sensitivity,
-candidate scoring, short-distillation ranking, re-fits) run whole on every rank with no collective between
-them (:mod:`.pipeline`), so the ranks' next collective can wait about as long as they take. The unit of work
+candidate scoring, short-distillation ranking, re-fits) run on every rank (:mod:`.pipeline`); the only
+collectives among them are the all-reduces that end each distributed score and the barrier after rank 0's
+save, so a rank's next collective can wait as long as the longest stretch between them
+(:attr:`LayerPasses.longest_stretch`). The unit of work
 is one decoder layer run over one block (a sequence): :func:`count_layer_passes` counts the calibration's own,
 :func:`passes_after_calibration` counts the later steps' from the config, and the calibration's seconds per
 pass prices them. A pass followed by a backward costs ``1 + BACKWARD_COST`` passes. Not counted: LM-head
@@ -44,6 +46,9 @@ class LayerPasses:
 
     forward: dict[str, int] = field(default_factory=dict)
     backward: dict[str, int] = field(default_factory=dict)
+    longest_stretch: float = 0.0
+    """The cost (as :attr:`cost`) of the longest run of passes between two collectives (see :meth:`collective`)."""
+    _stretch: float = field(default=0.0, repr=False)
 
     def add(self, step: str, passes: int, *, backward: bool = False) -> None:
         """Add ``passes`` forward passes of ``step`` (each followed by a backward when ``backward``)."""
@@ -52,6 +57,12 @@ class LayerPasses:
         self.forward[step] = self.forward.get(step, 0) + passes
         if backward:
             self.backward[step] = self.backward.get(step, 0) + passes
+        self._stretch += passes * (1 + (BACKWARD_COST if backward else 0))
+
+    def collective(self) -> None:
+        """Mark a collective after the passes added so far (a distributed score's all-reduce, the final barrier)."""
+        self.longest_stretch = max(self.longest_stretch, self._stretch)
+        self._stretch = 0.0
 
     @property
     def forwards(self) -> int:
@@ -149,6 +160,7 @@ def passes_after_calibration(
                    * min(cfg.layer_loss_blocks, calib_blocks))
     if target is not None:
         passes.add("reconstruction", refit_passes(teacher_shape, target, rcfg, teacher_grams=teacher_grams) * calib_blocks)
+        passes.collective()  # the barrier after rank 0's save
         return passes
     search = cfg.search
 
@@ -163,11 +175,14 @@ def passes_after_calibration(
     if search.sensitivity:
         if search.score != "kl":  # the teacher's own loss
             passes.add("search_teacher", layers * score_blocks)
+            passes.collective()
         refits = search.reconstruct if search.sensitivity_reconstruct is None else search.sensitivity_reconstruct
         for shape in sensitivity:
             passes.add("sensitivity", (refit(shape) if refits else 0) + score(shape))
+            passes.collective()
     for cand in candidates:
         passes.add("candidates", (refit(cand.shape) if search.reconstruct and cand.eligible else 0) + score(cand.shape))
+        passes.collective()
     eligible = [c.shape for c in candidates if c.eligible]
     if search.distill_steps > 0:
         blocks = search.distill_steps * search.distill_batch_size
@@ -178,9 +193,11 @@ def passes_after_calibration(
         for shape in top[: search.distill_candidates]:
             passes.add("distill_rank", refit(shape) + score(shape))
             passes.add("distill_rank", shape["num_layers"] * blocks, backward=True)
+            passes.collective()
         passes.add("winner_reconstruction", max((refit(s) for s in top[: search.distill_candidates]), default=0))
     elif not search.reconstruct:  # the winner's re-fit (teacher mode: from the calibration's Gram matrices)
         passes.add("winner_reconstruction", max((refit(s) for s in eligible), default=0))
+    passes.collective()  # the barrier after rank 0's save
     return passes
 
 
@@ -204,6 +221,12 @@ class PruneEstimate:
         speed = self.seconds_per_pass
         return None if speed is None else self.passes.cost * speed
 
+    @property
+    def longest_wait_seconds(self) -> float | None:
+        """Estimated seconds of the longest stretch without a collective (what a rank's next collective may wait)."""
+        speed = self.seconds_per_pass
+        return None if speed is None else self.passes.longest_stretch * speed
+
 
 def report_estimate(estimate: PruneEstimate, *, distributed: bool, timeout_s: float | None) -> bool:
     """Log the estimate (info) and, for a distributed prune whose estimate exceeds the process group's
@@ -214,19 +237,20 @@ def report_estimate(estimate: PruneEstimate, *, distributed: bool, timeout_s: fl
                     "statistics came from the importance cache)")
         return False
     steps = ", ".join(f"{k} {v:,}" for k, v in estimate.passes.forward.items()) or "none"
-    logger.info("prune time estimate after calibration: %.0f s (%.1f min): %s decoder-layer passes over a block "
-                "(%s) at %.3g s each, measured by the calibration", seconds, seconds / 60, f"{estimate.passes.cost:,.0f}",
-                steps, estimate.seconds_per_pass)
-    if not distributed or timeout_s is None or seconds <= timeout_s:
+    wait = estimate.longest_wait_seconds
+    logger.info("prune time estimate after calibration: %.0f s (%.1f min), the longest without a collective %.0f s: "
+                "%s decoder-layer passes over a block (%s) at %.3g s each, measured by the calibration", seconds,
+                seconds / 60, wait, f"{estimate.passes.cost:,.0f}", steps, estimate.seconds_per_pass)
+    if not distributed or timeout_s is None or wait <= timeout_s:
         return False
-    minutes = math.ceil(TIMEOUT_MARGIN * seconds / 60)
+    minutes = math.ceil(TIMEOUT_MARGIN * wait / 60)
     logger.warning(
-        "the pruning steps after calibration (layer loss scores, budget search, re-fits) run on every rank with no "
-        "collective and are estimated at %.0f s (%.1f min) from the calibration's speed, longer than the process "
-        "group's timeout of %.0f s (%.1f min): a rank's next collective may wait that long (and for rank 0's save) "
-        "and time out, which kills the run. Raise train.process_group_timeout_minutes to at least %d, or prune once "
-        "in a single process (minidistill prune with prune.output_dir) and start the run from the saved student "
-        "(student.source=DIR)", seconds, seconds / 60, timeout_s, timeout_s / 60, minutes)
+        "the longest stretch of the pruning steps after calibration without a collective (layer loss scores, one "
+        "candidate's re-fit and scoring, the winner's re-fit and rank 0's save) is estimated at %.0f s (%.1f min) from "
+        "the calibration's speed, longer than the process group's timeout of %.0f s (%.1f min): a rank's next "
+        "collective may wait that long and time out, which kills the run. Raise train.process_group_timeout_minutes "
+        "to at least %d, or prune once in a single process (minidistill prune with prune.output_dir) and start the "
+        "run from the saved student (student.source=DIR)", wait, wait / 60, timeout_s, timeout_s / 60, minutes)
     return True
 
 

@@ -8,11 +8,13 @@ Several processes (``shard``, :class:`~.distributed.CalibrationShard`): every ra
 :func:`prune_model` with the same teacher, data and config. The calibration pass (unit importance,
 layer-similarity statistics, the o_proj / down_proj Gram matrices of teacher-mode re-fits, Taylor
 gradients) is split: each rank runs its blocks ``rank::world`` and the sums are all-reduced, so every
-rank holds the one-process statistics and derives the same student from them. The later steps (layer
-loss scores, budget search, sequential re-fits) run whole on every rank, without collectives. Only
-rank 0 writes files (the student folder and the importance cache). The later steps' time is estimated
-after the calibration from its measured speed (:mod:`.estimate`), and a distributed prune warns when the
-estimate exceeds the process group's timeout (``collective_timeout_s``).
+rank holds the one-process statistics and derives the same student from them. The budget search's
+scores are split the same way (:func:`~.targets.make_score_fn`: each rank scores its share of the scoring
+batches, the sums are all-reduced); the other later steps (layer loss scores, re-fits, the short
+distillation) run whole on every rank. Only rank 0 writes files (the student folder and the importance
+cache). The later steps' time is estimated after the calibration from its measured speed (:mod:`.estimate`),
+and a distributed prune warns when their longest stretch without a collective exceeds the process group's
+timeout (``collective_timeout_s``).
 """
 
 from __future__ import annotations
@@ -343,7 +345,7 @@ def _prune_model(
     estimate = PruneEstimate(
         _passes_after_calibration(cfg, data, teacher_shape, space, budget, shape,
                                   calib_blocks=int(calibration.shape[0]), max_drop=max(layer_drops),
-                                  teacher_grams=bool(teacher_grams), teacher_cache=teacher_cache is not None),
+                                  teacher_grams=bool(teacher_grams), teacher_cache=teacher_cache is not None, shard=shard),
         calibration_passes, timings["importance_s"])
     report_estimate(estimate, distributed=shard.distributed, timeout_s=collective_timeout_s)
     if estimate.seconds is not None:
@@ -379,7 +381,7 @@ def _prune_model(
     if space is not None:
         student, pmap, rows, extra_files = _search(teacher, data, cfg, space, budget, build, calib_batches, timings,
                                                    full_params=ne_before if cfg.target.non_embedding else params_before,
-                                                   teacher_cache=teacher_cache, teacher_grams=teacher_grams)
+                                                   teacher_cache=teacher_cache, teacher_grams=teacher_grams, shard=shard)
         t0 = time.perf_counter() - timings["winner_reconstruction_s"]
     else:
         student, pmap = build(shape, True)
@@ -423,10 +425,11 @@ def _passes_after_calibration(
     max_drop: int,
     teacher_grams: bool,
     teacher_cache: bool,
+    shard: CalibrationShard = SINGLE,
 ) -> LayerPasses:
     """:func:`~.estimate.passes_after_calibration` for an explicit ``shape`` or a search of ``space`` within
     ``budget``; the candidates are those the balance pre-score picks (no forward: a sensitivity pre-score
-    may pick others)."""
+    may pick others). The scoring blocks are this rank's share (:func:`~.targets.make_score_fn`)."""
     counts = {"calib_blocks": calib_blocks, "max_drop": max_drop, "teacher_grams": teacher_grams,
               "teacher_cache": teacher_cache}
     if space is None:
@@ -436,7 +439,13 @@ def _passes_after_calibration(
     sensitivity = [s for _, _, s in sensitivity_shapes(teacher_shape, search.sensitivity_ratios, search.multiple_of,
                                                         min_layers=space.min_layers)] if search.sensitivity else []
     return passes_after_calibration(cfg, teacher_shape, candidates=candidates, sensitivity=sensitivity,
-                                    score_blocks=len(scoring_blocks(data, search)), **counts)
+                                    score_blocks=_rank_scoring_blocks(data, search, shard), **counts)
+
+
+def _rank_scoring_blocks(data: TextData, search: SearchConfig, shard: CalibrationShard) -> int:
+    """The scoring blocks in this rank's batches (batches ``rank::world`` of ``search.batch_size`` blocks)."""
+    batches = list(scoring_blocks(data, search).batches(search.batch_size))
+    return sum(int(b.shape[0]) for b in batches[shard.rank :: shard.world])
 
 
 def _search(
@@ -452,6 +461,7 @@ def _search(
     full_params: int,
     teacher_cache: TeacherCache | None = None,
     teacher_grams: dict | None = None,
+    shard: CalibrationShard = SINGLE,
 ) -> tuple[nn.Module, PruneMap, list[dict[str, Any]], dict[str, str | bytes]]:
     """Sensitivity, enumeration, zero-shot scoring, optional short-distillation ranking, winner's reconstruction
     (teacher mode: from the calibration's ``teacher_grams`` where they hold its inputs, without a forward)."""
@@ -459,7 +469,7 @@ def _search(
     teacher_shape = space.teacher_shape
     t0 = time.perf_counter()
     scoring = list(scoring_blocks(data, search).batches(search.batch_size))
-    score_fn = make_score_fn(teacher, scoring, search)
+    score_fn = make_score_fn(teacher, scoring, search, shard=shard)  # the scoring batches split over the ranks
     sens, prescore, files = None, None, {}
     if search.sensitivity:
         base = 0.0 if search.score == "kl" else score_fn(teacher)

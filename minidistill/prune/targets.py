@@ -33,7 +33,8 @@ from torch import nn
 from ..adapters import count_parameters, count_parameters_for_shape, get_adapter
 from ..config import ConfigBase, ConfigError
 from ..errors import MinidistillError
-from ..evaluation.perplexity import heldout_loss, iter_token_chunks
+from ..evaluation.perplexity import heldout_nll_sum, iter_token_chunks
+from .distributed import SINGLE, CalibrationShard
 from .prune_map import PRUNABLE_SHAPE_KEYS
 
 logger = logging.getLogger(__name__)
@@ -710,6 +711,20 @@ def kl_to_teacher(
     chunk_tokens: int = 2048,
 ) -> float:
     """Mean per-token KL(teacher || student) in nats, projecting ``chunk_tokens`` positions at a time."""
+    total, count = kl_sum_to_teacher(student, teacher, teacher_hidden, batches, chunk_tokens=chunk_tokens)
+    return total / count
+
+
+@torch.no_grad()
+def kl_sum_to_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    teacher_hidden: Sequence[torch.Tensor],
+    batches: Sequence[torch.Tensor],
+    *,
+    chunk_tokens: int = 2048,
+) -> tuple[float, int]:
+    """The summed per-token KL(teacher || student) in nats and the token count (``(0.0, 0)`` for no batch)."""
     s_adapter, t_adapter = get_adapter(student), get_adapter(teacher)
     s_backbone = student.get_submodule(s_adapter.backbone)
     s_head, t_head = student.get_submodule(s_adapter.lm_head), teacher.get_submodule(t_adapter.lm_head)
@@ -726,7 +741,7 @@ def kl_to_teacher(
             t_logp = F.log_softmax(t_logits.to(dtype), dim=-1)
             total += F.kl_div(s_logp, t_logp, log_target=True, reduction="sum").item()
             count += sh.shape[0]
-    return total / count
+    return total, count
 
 
 @dataclass
@@ -746,12 +761,33 @@ ScoreFn = Callable[[nn.Module], float]
 """``student -> score`` on the search's scoring blocks (lower is better)."""
 
 
-def make_score_fn(teacher: nn.Module, heldout: Sequence[torch.Tensor], search: SearchConfig) -> ScoreFn:
-    """The search's score: LM loss on the scoring blocks, or KL to the teacher (its hidden states computed once)."""
+def make_score_fn(teacher: nn.Module, heldout: Sequence[torch.Tensor], search: SearchConfig, *,
+                  shard: CalibrationShard = SINGLE) -> ScoreFn:
+    """The search's score: LM loss on the scoring batches, or KL to the teacher (its hidden states computed once).
+
+    With a distributed ``shard`` each rank runs its batches ``rank::world`` and the sums are all-reduced, so every
+    rank gets the score of all batches (every rank must call the score function for the same models, in order).
+    """
+    mine = list(heldout)[shard.rank :: shard.world] if shard.distributed else list(heldout)
     if search.score == "kl":
-        teacher_hidden = teacher_hidden_states(teacher, heldout)
-        return lambda student: kl_to_teacher(student, teacher, teacher_hidden, heldout, chunk_tokens=search.chunk_tokens)
-    return lambda student: heldout_loss(student, heldout, chunk_tokens=search.chunk_tokens)["loss"]
+        teacher_hidden = teacher_hidden_states(teacher, mine)
+
+        def sums(student: nn.Module) -> tuple[float, int]:
+            return kl_sum_to_teacher(student, teacher, teacher_hidden, mine, chunk_tokens=search.chunk_tokens)
+    else:
+
+        def sums(student: nn.Module) -> tuple[float, int]:
+            return heldout_nll_sum(student, mine, chunk_tokens=search.chunk_tokens)
+
+    def score(student: nn.Module) -> float:
+        total, count = sums(student)
+        if shard.distributed:
+            total, count = shard.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        if count == 0:
+            raise ValueError("no scoring tokens")
+        return total / count
+
+    return score
 
 
 def score_candidates(

@@ -7,6 +7,9 @@ seeded calibration blocks of 48 tokens; every rank passes its :class:`Calibratio
   teacher-mode Gram matrices, and again with ``taylor`` importance;
 * ``prune_model`` to an explicit shape (one layer dropped by the ``contiguous`` method, heads and
   neurons cut, teacher-mode re-fit from the calibration Grams), saving to ``OUT_DIR/student``.
+* ``prune_model`` to a budget, once scoring by LM loss and once by KL (sensitivity, candidates and a
+  short-distillation ranking, each rank scoring its share of the scoring batches), counting the decoder-layer
+  rows the rank runs.
 
 Rank 0 writes ``OUT_DIR/stats.safetensors`` (every importance tensor, layer statistic and Gram matrix);
 every rank writes ``OUT_DIR/rank<r>.json`` (its prune map and the sha256 of its student's weights).
@@ -26,6 +29,7 @@ from minidistill.models import state_dict_sha256
 from minidistill.prune.distributed import CalibrationShard
 from minidistill.prune.importance import ImportanceConfig, compute_importance
 from minidistill.prune.pipeline import PruneConfig, prune_model
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 VOCAB = 128
 
@@ -86,6 +90,30 @@ def main() -> None:
     result = prune_model(teacher, tokenizer, data, cfg, teacher_source="tiny", shard=shard)
     record = {"world": shard.world, "prune_map": result.prune_map.to_dict(),
               "student_sha256": state_dict_sha256(result.student), "saved": result.output_dir is not None}
+    # A budget search (sensitivity, candidates, short-distillation ranking) for each score; the decoder-layer
+    # rows this rank runs are counted.
+    rows = {"n": 0}
+    layer_forward = LlamaDecoderLayer.forward
+
+    def counted(self, hidden_states, *args, **kwargs):
+        rows["n"] += hidden_states.shape[0]
+        return layer_forward(self, hidden_states, *args, **kwargs)
+
+    LlamaDecoderLayer.forward = counted
+    for score in ("loss", "kl"):
+        search_cfg = PruneConfig.from_dict({
+            "importance": {"cache": False}, "calib_blocks": 8, "show_progress": False, "target": {"params": 0.6},
+            "search": {"score": score, "multiple_of": 8, "max_candidates": 3, "score_blocks": 2, "batch_size": 1,
+                       "sensitivity": True, "distill_steps": 2, "distill_candidates": 2, "distill_batch_size": 2},
+        })
+        rows["n"] = 0
+        searched = prune_model(teacher, tokenizer, data, search_cfg, teacher_source="tiny", shard=shard)
+        record[f"search_{score}"] = {
+            "prune_map": {k: v for k, v in searched.prune_map.to_dict().items() if k != "notes"},
+            "candidates": [{k: v for k, v in r.items() if not k.endswith("_s")} for r in searched.candidates],
+            "layer_rows": rows["n"], "student_sha256": state_dict_sha256(searched.student),
+        }
+    LlamaDecoderLayer.forward = layer_forward
     (out / f"rank{shard.rank}.json").write_text(json.dumps(record, default=str))
     if shard.is_main:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "stats.safetensors"))
