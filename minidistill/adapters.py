@@ -84,6 +84,21 @@ class ArchAdapter:
         """A layer's part by adapter field name, e.g. ``layer_part(layer, "o_proj")``."""
         return self.get(layer, getattr(self, name))
 
+    def group_prefixes(self, model: nn.Module, group: str) -> list[str]:
+        """Parameter-name prefixes of a parameter group of ``model``: ``embeddings`` (token embeddings and output
+        head), ``attention`` (each layer's attention, its per-head norms included), ``mlp`` or ``norms`` (the
+        layers' hidden-size norms and the final norm)."""
+        layers = range(len(self.decoder_layers(model)))
+        if group == "embeddings":
+            return [self.embed_tokens + ".", self.lm_head + "."]
+        if group == "attention":
+            return [f"{self.layers}.{i}.{self.self_attn}." for i in layers]
+        if group == "mlp":
+            return [f"{self.layers}.{i}.{self.mlp}." for i in layers]
+        if group == "norms":
+            return [f"{self.layers}.{i}.{n}." for i in layers for n in self.layer_hidden_norms] + [self.final_norm + "."]
+        raise ValueError(f"unknown parameter group {group!r}")
+
     # ------------------------------------------------------------------ config access
     def head_dim(self, config) -> int:
         hd = getattr(config, self.head_dim_field, None)

@@ -1,4 +1,4 @@
-"""Early exits, network augmentation and teacher samples under 2-process DDP: the recipe's losses and model (and the
+"""Early exits, network augmentation, teacher samples and frozen parameter groups under 2-process DDP: the recipe's losses and model (and the
 samples, written half by each process) equal one process's."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from train_scripts.tiny_setup import tiny_overrides
 
 
@@ -104,3 +105,22 @@ def test_teacher_samples_under_sharded_launches_equal_one_process(tiny_folders, 
         assert b["loss"] == pytest.approx(a["loss"], rel=tolerance["loss"], abs=1e-8), a["step"]
     for k, v in ref_state.items():
         assert (state[k] - v).abs().max().item() <= tolerance["weight"], k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp2.yaml", "zero3.yaml"], ids=["ddp", "fsdp2", "zero3"])
+def test_frozen_groups_under_parallel_launches_equal_one_process(tiny_folders, tmp_path, config):
+    """train.freeze under DDP, FSDP2 and ZeRO-3: losses and the saved model equal one process's, and the frozen
+    weights (embeddings and attention) are the initial student's."""
+    (ref, ref_state, _), (got, state, _) = _single_and_sharded(
+        tiny_folders, tmp_path, config, {"train.freeze": "[embeddings,attention]"}, lambda run_dir: None)
+    from test_distributed import _state
+
+    initial = _state(tiny_folders[2])
+    assert ref[0]["loss"] != ref[-1]["loss"]
+    for a, b in zip(ref, got, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-4, abs=1e-8), a["step"]
+    for k, v in ref_state.items():
+        assert (state[k] - v).abs().max().item() <= 1e-4, k
+        frozen = k.startswith(("model.embed_tokens.", "lm_head.")) or ".self_attn." in k
+        assert torch.equal(v, initial[k]) == frozen, k

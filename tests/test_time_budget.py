@@ -1,5 +1,6 @@
 """train.max_minutes: the steps that fit are planned from measured step times, the schedule decays over
-them, the run ends on time with a final checkpoint, and a resume keeps the plan."""
+them (planned again while a machine speeds up or slows down in the run's first half), the run ends on time
+with a final checkpoint, and a resume keeps the plan."""
 
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def test_guard_stops_a_run_whose_steps_slow_down(tmp_path):
     class SlowingClock(FakeClock):
         def __call__(self):
             self.now += self.seconds_per_call
-            self.seconds_per_call *= 1.15  # the machine gets slower than the plan assumed
+            self.readings = getattr(self, "readings", 0) + 1
+            if self.readings > 60:  # past the half of the plan, where the run no longer plans again
+                self.seconds_per_call *= 1.15  # the machine gets slower than the plan assumed
             return self.now
 
     d = make_distiller(tmp_path / "run", train={"max_steps": 40, "max_minutes": 0.5})
@@ -115,3 +118,29 @@ def test_resume_keeps_the_planned_horizon(tmp_path):
     assert out.planned_steps == ref.planned_steps
     assert out.steps == ref.steps
     assert _train_lrs(tmp_path / "full") == pytest.approx(lrs_before)
+
+
+def test_a_run_plans_again_when_its_steps_speed_up_and_still_ends_on_time(tmp_path, caplog):
+    """The first steps run at 1 s a clock reading, then 0.4 s: the first plan is too short, the run plans again
+    every time_probe_steps steps during its first half, fills the budget and still decays to the floor."""
+
+    class SpeedingClock(FakeClock):
+        def __call__(self):
+            self.readings = getattr(self, "readings", 0) + 1
+            if self.readings == 25:
+                self.seconds_per_call = 0.4
+            return super().__call__()
+
+    caplog.set_level("INFO", logger="minidistill.training.loop")
+    train = {"max_steps": 400, "max_minutes": 3.0, "time_probe_steps": 3, "warmup_steps": 1, "min_lr_ratio": 0.1,
+             "lr": 1e-3}
+    d = make_distiller(tmp_path / "run", train=train, eval={"every": 0})
+    d.clock = SpeedingClock(1.0)
+    result = d.run()
+    plans = [int(r.getMessage().split(" step(s) fit")[0].rsplit(" ", 1)[1]) for r in caplog.records if "step(s) fit" in r.getMessage()]
+    assert len(plans) >= 2 and plans[-1] > 1.3 * plans[0], plans
+    assert result.planned_steps == plans[-1] and result.steps >= 0.95 * plans[-1]
+    assert 0.85 * 180.0 <= result.seconds <= 180.0
+    lrs = _train_lrs(tmp_path / "run")
+    assert lrs[-1] == pytest.approx(1e-3 * lr_factor(result.steps, max_steps=result.planned_steps, warmup_steps=1))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)  # decayed to (about) the floor over the final plan

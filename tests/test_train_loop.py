@@ -235,3 +235,51 @@ def test_auto_bf16_follows_the_cpu(tmp_path, monkeypatch, amx):
     assert steps["auto_bf16"] == steps[expected]
     other = steps["no" if amx else "bf16"]
     assert steps["auto_bf16"][1] != other[1]  # bf16 autocast really changes the arithmetic
+
+
+# ---------------------------------------------------------------------------------------------- train.freeze
+
+
+def test_the_freeze_groups_partition_every_student_parameter(model_type):
+    from minidistill.adapters import get_adapter
+
+    model = tiny_model(model_type, num_layers=2)
+    adapter = get_adapter(model)
+    groups = {g: tuple(adapter.group_prefixes(model, g)) for g in ("embeddings", "attention", "mlp", "norms")}
+    for name, _ in model.named_parameters():
+        assert len([g for g, prefixes in groups.items() if name.startswith(prefixes)]) == 1, name
+
+
+def test_frozen_groups_keep_their_values_and_the_rest_trains_as_without_freezing(tmp_path):
+    """Without clipping, AdamW's first step of a parameter depends on its own gradient only, and freezing other
+    weights does not change the forward: after one step the trained weights equal those of a run that freezes
+    nothing, and the frozen ones their initial values."""
+    kw = dict(loss={"logits": {"weight": 1.0}}, eval={"every": 0})
+    train = {"max_steps": 1, "max_grad_norm": 0.0}
+    full = make_distiller(tmp_path / "full", train=train, **kw)
+    initial = {k: v.clone() for k, v in full.student.state_dict().items()}
+    full.run()
+    frozen = make_distiller(tmp_path / "frozen", train={**train, "freeze": ["embeddings", "attention"]}, **kw)
+    frozen.run()
+    want, got = full.student.state_dict(), frozen.student.state_dict()
+    kept = [k for k in got if k.startswith(("model.embed_tokens.", "lm_head.")) or ".self_attn." in k]
+    trained = [k for k in got if k not in kept]
+    assert kept and trained
+    for k in kept:
+        assert torch.equal(got[k], initial[k]), k
+        assert not torch.equal(want[k], initial[k]), k  # the unfrozen run moved it
+    for k in trained:
+        assert not torch.equal(got[k], initial[k]), k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
+    assert len(frozen.optimizer.state) < len(full.optimizer.state)
+
+
+def test_bad_freeze_settings_fail_with_the_key():
+    from minidistill.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"freeze\[0\]='embedding': choose one of"):
+        TrainConfig.from_dict({"freeze": ["embedding"]})
+    with pytest.raises(ConfigError, match="freezes every student weight"):
+        TrainConfig.from_dict({"freeze": ["embeddings", "attention", "mlp", "norms"]}).validate()
+    with pytest.raises(ConfigError, match="LoRA already keeps every base weight frozen"):
+        TrainConfig.from_dict({"freeze": ["mlp"], "lora": {}}).validate()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from ..config import ConfigBase, ConfigError
 from ..evaluation.lm_eval_runner import LmEvalConfig
@@ -34,6 +34,9 @@ class LoraSettings(ConfigBase):
             raise ConfigError("train.lora.target_parts is empty: name at least one layer part, e.g. q_proj")
 
 
+FrozenGroup = Literal["embeddings", "attention", "mlp", "norms"]
+
+
 @dataclass
 class TrainConfig(ConfigBase):
     """Optimisation, schedule, precision, checkpoints and logging of the distillation loop."""
@@ -45,7 +48,8 @@ class TrainConfig(ConfigBase):
     ``time_probe_steps`` steps the run estimates how many steps fit, fits the learning-rate schedule to
     them, and ends with its final evaluation and checkpoint on time. None: ``max_steps`` alone."""
     time_probe_steps: int = 2
-    """Steps timed before the step count for ``max_minutes`` is planned from their median (the first is not counted)."""
+    """Steps timed before the step count for ``max_minutes`` is planned from their median (the first is not counted);
+    until half of the planned steps are done, the run plans again every this many steps from the latest ones."""
     batch_size: int = 8
     """Sequences per optimizer step over all processes and accumulation steps."""
     grad_accum_steps: int = 1
@@ -90,12 +94,21 @@ class TrainConfig(ConfigBase):
     """tqdm bar with ETA on the main process."""
     lora: LoraSettings | None = None
     """Train LoRA adapters instead of all student weights (None: full training)."""
+    freeze: list[FrozenGroup] = field(default_factory=list)
+    """Student parameter groups kept at their initial (pruned) values: ``embeddings`` (the token embeddings and the
+    output head, one tensor when tied), ``attention``, ``mlp``, ``norms``. A frozen group gets no gradient and no
+    optimizer state (the backward skips its weight gradients). Empty: every student weight trains."""
     process_group_timeout_minutes: float = 120.0
     """Timeout of the process group's collectives and barriers in a multi-process run (torch's own default
     is 10 minutes under NCCL): long enough for a rank waiting at a barrier while another loads, prunes on
     CPU or saves a large model."""
 
     def validate(self) -> None:
+        if self.freeze and self.lora is not None:
+            raise ConfigError(f"train.freeze={self.freeze} with train.lora: LoRA already keeps every base weight frozen; "
+                              "set train.freeze=[] or train.lora=null")
+        if set(self.freeze) >= set(get_args(FrozenGroup)):
+            raise ConfigError(f"train.freeze={self.freeze} freezes every student weight: leave at least one group to train")
         for key in ("max_steps", "batch_size", "grad_accum_steps", "keep_last", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be at least 1")

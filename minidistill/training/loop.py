@@ -239,6 +239,7 @@ class Distiller:
             self.peft_model, student = _apply_lora(student, train)
         for model in (student, *peers):
             _ready_for_training(model, train)
+            freeze_groups(model, train.freeze)
         freeze(teacher)
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
         self.student = student
@@ -442,6 +443,7 @@ class Distiller:
         else:
             self.planned_steps = tc.max_steps
         replan = budget is not None and planned is None
+        plan_step = step if planned is not None else None  # the step of the last plan (None: not planned yet)
         if tc.log_with:
             acc.init_trackers(self.run_name, config=_flat_numbers(self.config_dict))
         log = RunLog(acc, self.run_dir, total_steps=self.planned_steps, initial_step=step, progress_bar=tc.progress_bar)
@@ -466,14 +468,18 @@ class Distiller:
                     # The whole previous iteration (logging included), less its evaluation and checkpoint.
                     budget.record_step(self._agreed_seconds(now - iteration_start - side_seconds))
                     spent = self._agreed_seconds(elapsed_before + now - t_start)
-                    if replan and budget.ready:
-                        replan = False
-                        self._set_horizon(budget.plan(step=step, elapsed=spent, max_steps=tc.max_steps,
-                                                      eval_every=self.eval_cfg.every, save_every=tc.save_every),
-                                          planned=True)
-                        log.set_total(self.planned_steps)
-                        logger.info("train.max_minutes=%g: %.1f s a step, %d step(s) fit; the schedule decays over them",
-                                    tc.max_minutes, budget.step_seconds, self.planned_steps)
+                    again = (plan_step is not None and step - plan_step >= tc.time_probe_steps
+                             and 2 * step < self.planned_steps)  # plan again while the decay has not gone far
+                    if budget.ready and (replan or again):
+                        fitted = budget.plan(step=step, elapsed=spent, max_steps=tc.max_steps,
+                                             eval_every=self.eval_cfg.every, save_every=tc.save_every)
+                        if replan or budget.adopt(fitted, self.planned_steps):
+                            logger.info("train.max_minutes=%g: %.1f s a step, %d step(s) fit%s; the schedule decays over them",
+                                        tc.max_minutes, budget.step_seconds, fitted,
+                                        "" if replan else f" (at step {step}; {self.planned_steps} were planned)")
+                            self._set_horizon(fitted, planned=True)
+                            log.set_total(self.planned_steps)
+                        replan, plan_step = False, step
                     if budget.ready and budget.next_step_overruns(spent) and step < self.planned_steps:
                         stopped_by = "max_minutes"
                         logger.warning("train.max_minutes=%g: stopping after step %d of %d planned", tc.max_minutes,
@@ -612,6 +618,22 @@ def _ready_for_training(model: nn.Module, train: TrainConfig) -> None:
         for layer in get_adapter(model).decoder_layers(model):
             layer.compile()
     model.train()
+
+
+def freeze_groups(model: nn.Module, groups: list[str]) -> int:
+    """Stop gradients to the parameters of ``groups`` (``train.freeze``); the number of parameters frozen."""
+    if not groups:
+        return 0
+    adapter = get_adapter(model)
+    prefixes = tuple(prefix for group in groups for prefix in adapter.group_prefixes(model, group))
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    logger.info("train.freeze=%s: %s of %s student parameters frozen", groups, f"{frozen:,}",
+                f"{sum(p.numel() for p in model.parameters()):,}")
+    return frozen
 
 
 def _teacher_sharded(accelerator) -> bool:
