@@ -10,13 +10,14 @@ import torch
 from train_scripts.tiny_setup import tiny_overrides
 
 
+FREEZE = {"train.freeze": "[embeddings,attention]"}
 SAMPLES = {"data.mix": "[teacher_samples]", "teacher_samples.num_samples": 8, "teacher_samples.samples_per_shard": 2,
            "teacher_samples.batch_size": 2, "teacher_samples.max_new_tokens": 48}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}, SAMPLES],
-                         ids=["netaug", "exits", "teacher_samples"])
+@pytest.mark.parametrize("mode", [{"netaug.alpha": 0.5, "netaug.width_ratios": "[0.5,1.0]"}, {"exits.layers": "[0]"}, SAMPLES,
+                                  FREEZE], ids=["netaug", "exits", "teacher_samples", "freeze"])
 def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
     from test_distributed import WRAPPER, _accelerate, _env, _free_port, _launch, _state, _train_records
 
@@ -42,6 +43,8 @@ def test_two_process_ddp_matches_one_process(tiny_folders, tmp_path, mode):
             assert b[key] == pytest.approx(a[key], rel=5e-5, abs=1e-8), (a["step"], key)
     for k, v in ref_state.items():
         assert (state[k] - v).abs().max().item() <= 2e-5, k
+    if mode is FREEZE:
+        _assert_frozen_groups_kept(ref_state, student)
 
 
 def _single_and_sharded(tiny_folders, tmp_path, config: str, mode: dict, read_extra):
@@ -107,20 +110,25 @@ def test_teacher_samples_under_sharded_launches_equal_one_process(tiny_folders, 
         assert (state[k] - v).abs().max().item() <= tolerance["weight"], k
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["ddp.yaml", "fsdp2.yaml", "zero3.yaml"], ids=["ddp", "fsdp2", "zero3"])
-def test_frozen_groups_under_parallel_launches_equal_one_process(tiny_folders, tmp_path, config):
-    """train.freeze under DDP, FSDP2 and ZeRO-3: losses and the saved model equal one process's, and the frozen
-    weights (embeddings and attention) are the initial student's."""
-    (ref, ref_state, _), (got, state, _) = _single_and_sharded(
-        tiny_folders, tmp_path, config, {"train.freeze": "[embeddings,attention]"}, lambda run_dir: None)
+def _assert_frozen_groups_kept(state: dict, student_dir) -> None:
+    """The embeddings and attention weights of ``state`` are the initial student's; every other weight moved."""
     from test_distributed import _state
 
-    initial = _state(tiny_folders[2])
+    initial = _state(student_dir)
+    for k, v in state.items():
+        frozen = k.startswith(("model.embed_tokens.", "lm_head.")) or ".self_attn." in k
+        assert torch.equal(v, initial[k]) == frozen, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"], ids=["fsdp2", "zero3"])
+def test_frozen_groups_under_sharded_launches_equal_one_process(tiny_folders, tmp_path, config):
+    """train.freeze under FSDP2 and ZeRO-3 (DDP: the test above): losses and the saved model equal one process's,
+    and the frozen weights (embeddings and attention) are the initial student's."""
+    (ref, ref_state, _), (got, state, _) = _single_and_sharded(tiny_folders, tmp_path, config, FREEZE, lambda run_dir: None)
     assert ref[0]["loss"] != ref[-1]["loss"]
     for a, b in zip(ref, got, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-4, abs=1e-8), a["step"]
     for k, v in ref_state.items():
         assert (state[k] - v).abs().max().item() <= 1e-4, k
-        frozen = k.startswith(("model.embed_tokens.", "lm_head.")) or ".self_attn." in k
-        assert torch.equal(v, initial[k]) == frozen, k
+    _assert_frozen_groups_kept(ref_state, tiny_folders[2])
