@@ -2,7 +2,7 @@
 
 A step is the demo's: bundled teacher forward, forward + backward of a ~50% MLP-pruned student (30 layers,
 MLP 512), the fused logit KD loss with half next-token cross-entropy, fused AdamW. Three variants: float32,
-bf16 autocast with the fused loss's head in float32 (``loss.logits.head_precision: float32``), and with the
+bf16 autocast with the fused loss's head in float32 (``loss.terms.logits.head_precision: float32``), and with the
 head in bf16 too (``autocast``). They alternate step by step after a warm-up step each, so that a busy
 machine slows all alike; the ratios to float32 are what ``train.mixed_precision: auto_bf16`` buys on this
 CPU. It also prints the teacher's loss on one batch in both precisions.
@@ -33,7 +33,7 @@ from minidistill.training.loop import cpu_has_amx_bf16  # noqa: E402
 DEMO_STUDENT = dict(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=512)
 
 
-VARIANTS = {  # name: (autocast to bf16, loss.logits.head_precision)
+VARIANTS = {  # name: (autocast to bf16, loss.terms.logits.head_precision)
     "float32": (False, "float32"),
     "bf16 autocast": (True, "float32"),
     "bf16 autocast + bf16 head": (True, "autocast"),

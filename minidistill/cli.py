@@ -80,7 +80,8 @@ def config_reference(cls: type, prefix: str = "", width: int = 100) -> list[str]
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         nested = _config_class(hints[f.name])
-        default = _default(f)
+        entries = cls.entry_classes(f.name) if hasattr(cls, "entry_classes") else {}
+        default = "{...}" if entries else _default(f)
         choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else ()
         head = f"  {key}" + ("" if nested and default is not None else f" = {_shown(default)}")
         if choices:
@@ -90,6 +91,8 @@ def config_reference(cls: type, prefix: str = "", width: int = 100) -> list[str]
             lines += textwrap.wrap(_text(docs[f.name]), width, initial_indent="      ", subsequent_indent="      ")
         if nested:
             lines += config_reference(nested, f"{key}.", width)
+        for name, entry in entries.items():
+            lines += config_reference(entry, f"{key}.{name}.", width)
     return lines
 
 

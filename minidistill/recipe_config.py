@@ -17,7 +17,7 @@ from .distill.born_again import BornAgainConfig, check_born_again
 from .distill.exits import ExitConfig, check_exits
 from .distill.mutual import MutualConfig, check_mutual
 from .distill.netaug import NetAugConfig, check_netaug_combination
-from .distill.objective import DistillLossConfig, check_cache_compatible, feature_terms
+from .distill.objective import STUDENT, TEACHER, DistillLossConfig, check_cache_compatible, check_term_roles, feature_terms
 from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.teacher_cache import TeacherCacheConfig
 from .distill.teacher_samples import CORPUS, TeacherSamplesConfig
@@ -113,6 +113,7 @@ class PruneDistillConfig(ConfigBase):
                 f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
                 "or set student=null to prune the teacher"
             )
+        check_term_roles(self.loss, roles=[STUDENT, TEACHER], trainable=[STUDENT])
         self._check_teacher_samples()
         if self.teacher_cache is not None and self.teacher_cache.enabled:
             check_cache_compatible(self.loss)

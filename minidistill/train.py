@@ -24,7 +24,6 @@ from .adapters import get_adapter
 from .data import TEACHER_SAMPLES, build_text_data
 from .distill.born_again import generation_dir
 from .distill.mutual import peer_name
-from .distill.loss_config import FEATURE_SECTIONS
 from .distill.objective import DistillLossConfig, DistillObjective
 from .distill.teacher_cache import TeacherCache, build_teacher_cache
 from .distill.teacher_samples import (finish_samples_folder, open_samples_folder, prompts_for, read_teacher_samples,
@@ -105,19 +104,16 @@ def check_same_vocabulary(teacher, teacher_tok, student, student_tok):
 
 
 def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) -> None:
-    """ConfigError when a feature loss (``loss.<name>`` or ``loss.extra.<name>`` with a ``pairing``) pairs
-    layers by prune map but the student has none."""
+    """ConfigError when a feature term with a ``pairing`` pairs layers by prune map but the student has none."""
     if prune_map is not None:
         return
-    sections = [(name, getattr(loss, name), f"loss.{name}.weight=0") for name in FEATURE_SECTIONS]
-    sections += [(f"extra.{name}", loss.extra_settings(name), f"loss.extra.{name}=0") for name in loss.extra]
-    for name, section, off in sections:
-        pairing = getattr(section, "pairing", None)
-        if section.weight > 0 and pairing is not None and pairing.strategy == "prune_map":
+    for section in loss.features().values():
+        pairing, key = getattr(section, "pairing", None), section.key
+        if pairing is not None and pairing.strategy == "prune_map":
             raise ConfigError(
-                f"loss.{name} pairs layers by the prune map, but the student has no {PRUNE_MAP_FILENAME} from this "
-                f"teacher; set loss.{name}.pairing.strategy=explicit with loss.{name}.pairing.explicit=[[s, t], ...] "
-                f"(or uniform / last_k), or {off}"
+                f"{key} pairs layers by the prune map, but the student has no {PRUNE_MAP_FILENAME} from this "
+                f"teacher; set {key}.pairing.strategy=explicit with {key}.pairing.explicit=[[s, t], ...] "
+                f"(or uniform / last_k), or {key}.weight=0"
             )
 
 

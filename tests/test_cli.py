@@ -58,12 +58,17 @@ def _flat(text: str) -> str:
 
 def _keys(cls, prefix: str = "") -> list[str]:
     """Every dotted key of a config dataclass, walked here independently of the help generator."""
+    from minidistill.distill.objective import TERM_SETTINGS, DistillLossConfig
+
     out = []
     for f in dataclasses.fields(cls):
         out.append(prefix + f.name)
         nested = _config_class(get_type_hints(cls)[f.name])
         if nested is not None:
             out += _keys(nested, f"{prefix}{f.name}.")
+        if cls is DistillLossConfig and f.name == "terms":  # each registered term's settings
+            for name, settings in TERM_SETTINGS.items():
+                out += _keys(settings, f"{prefix}terms.{name}.")
     return out
 
 

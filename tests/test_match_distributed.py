@@ -91,4 +91,4 @@ def test_gradient_token_attention_ddp_equals_one_and_fsdp2_refuses_it(single):
         capture_output=True, text=True, timeout=TIMEOUT_S,
     )
     assert proc.returncode != 0
-    assert "source=gradient runs in one process or under DDP" in proc.stdout + proc.stderr
+    assert "signal=gradient runs in one process or under DDP" in proc.stdout + proc.stderr

@@ -167,7 +167,7 @@ def _saliency_ref(model, layers, ids=IDS, create_graph=False):
 def test_gradient_token_attention_matches_reference_and_backpropagates():
     teacher, student, pmap = _pruned_pair()
     cfg = {"extra": {"token_attention": {"source": "gradient"}}}
-    with pytest.raises(ConfigError, match=r"source=gradient .* 'sdpa' attention kernels do not support; set student\.attn_implementation=eager"):
+    with pytest.raises(ConfigError, match=r"signal=gradient .* 'sdpa' attention kernels do not support; set student\.attn_implementation=eager"):
         DistillObjective(DistillLossConfig.from_dict(cfg), teacher=teacher, student=student, prune_map=pmap)
     student.set_attn_implementation("eager")
     out, objective = _step(teacher, student, DistillLossConfig.from_dict(cfg), pmap, IDS)
@@ -248,7 +248,7 @@ def test_all_terms_configured_from_yaml_train_one_step():
     cfg = DistillLossConfig.from_dict(yaml.safe_load(YAML))
     assert cfg.weights() == {"logits": 1.0, "weights": 0.5, "nst": 2.0, "mmd": 1.0, "token_attention": 1.0,
                              "activation_boundary": 1.0, "fsp": 1.0, "rkd": 3.0}
-    assert cfg.extra_settings("mmd").degree == 3 and cfg.extra_settings("fsp").student_pairs == [[1, 0]]
+    assert cfg.terms["mmd"].degree == 3 and cfg.terms["fsp"].student_pairs == [[1, 0]]
     objective = DistillObjective(cfg, teacher=teacher, student=student, prune_map=pmap)
     assert objective.terms["mmd"].pairs == [(1, 2)] and objective.terms["token_attention"].pairs == [(1, 2)]
     assert objective.terms["activation_boundary"].pairs == [(1, 2)] and objective.terms["fsp"].pairs == [((1, 0), (2, 0))]
@@ -288,8 +288,8 @@ def test_terms_on_layers_the_models_do_not_have(extra, pattern):
         ({"mmd": {"kernel": "laplace"}}, r"loss\.extra\.mmd\.kernel='laplace': choose one of \['linear', 'polynomial', 'gaussian'\]"),
         ({"nst": {"kernal": "linear"}}, r"unknown config key 'loss\.extra\.nst\.kernal'; did you mean 'loss\.extra\.nst\.kernel'"),
         ({"mmd": {"sigma": 0}}, r"loss\.extra\.mmd\.sigma=0\.0: must be positive"),
-        ({"rkd": {"weight": -1}}, r"loss\.extra\.rkd=-1\.0: must be >= 0"),
-        ({"token_attention": {"source": "hessian"}}, r"loss\.extra\.token_attention\.source='hessian': choose one of \['activation', 'gradient'\]"),
+        ({"rkd": {"weight": -1}}, r"loss\.extra\.rkd\.weight=-1\.0: must be >= 0"),
+        ({"token_attention": {"source": "hessian"}}, r"loss\.extra\.token_attention\.signal='hessian': choose one of \['activation', 'gradient'\]"),
     ],
 )
 def test_bad_term_settings_name_the_key(extra, pattern):
@@ -323,9 +323,9 @@ def test_recipe_yaml_and_overrides_reach_the_term_settings(tmp_path):
     path.write_text("loss:\n  extra:\n    nst: 0.5\n    rkd: {weight: 2.0, angle_weight: 1.0}\n")
     cfg = load_config(PruneDistillConfig, path, ["loss.extra.rkd.distance_weight=0.25", "loss.extra.mmd.kernel=linear"])
     assert cfg.loss.weights() == {"logits": 1.0, "nst": 0.5, "rkd": 2.0, "mmd": 1.0}
-    rkd = cfg.loss.extra_settings("rkd")
+    rkd = cfg.loss.terms["rkd"]
     assert (rkd.weight, rkd.distance_weight, rkd.angle_weight) == (2.0, 0.25, 1.0)
-    assert cfg.loss.extra_settings("mmd").kernel == "linear"
+    assert cfg.loss.terms["mmd"].kernel == "linear"
     with pytest.raises(ConfigError, match=r"loss\.extra\.mmd\.kernel='rbf': choose one of"):
         load_config(PruneDistillConfig, path, ["loss.extra.mmd.kernel=rbf"])
 

@@ -154,3 +154,59 @@ def test_registered_extra_term_is_built_and_weighted():
             DistillObjective(DistillLossConfig.from_dict({"extra": {"nope": 1.0}}), teacher=teacher, student=student)
     finally:
         LOSS_TERMS.pop("final_hidden_l2", None)
+
+
+# ---------------------------------------------------------------------------------------------- loss.terms
+
+
+def test_terms_form_equals_the_earlier_sections():
+    """``loss.terms`` and the earlier ``loss.<section>`` / ``loss.extra`` form parse to the same settings and loss."""
+    earlier = DistillLossConfig.from_dict({"logits": {"temperature": 2.0}, "hidden": {"weight": 0.5, "kind": "mse"},
+                                           "extra": {"mmd": {"weight": 0.25, "kernel": "linear"}}})
+    terms = DistillLossConfig.from_dict({"terms": {"logits": {"temperature": 2.0}, "hidden": {"weight": 0.5, "kind": "mse"},
+                                                   "mmd": {"weight": 0.25, "kernel": "linear"}}})
+    assert terms == earlier and terms.weights() == {"logits": 1.0, "hidden": 0.5, "mmd": 0.25}
+    assert [s.key for s in earlier.terms.values()] == ["loss.logits", "loss.hidden", "loss.extra.mmd"]
+    assert [s.key for s in terms.terms.values()] == ["loss.terms.logits", "loss.terms.hidden", "loss.terms.mmd"]
+    assert DistillLossConfig.from_dict(terms.to_dict()) == terms  # what a run saves reads back the same
+    teacher, student, pmap = _pruned_pair()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    a, _ = _step(teacher, student, earlier, pmap, ids)
+    b, _ = _step(teacher, student, terms, pmap, ids)
+    assert a["loss"].item() == b["loss"].item() > 0
+
+
+def test_a_term_twice_adds_its_weighted_values():
+    """A second logit term (``term: logits``) at another temperature adds weight x the value a lone term of that
+    temperature computes."""
+    teacher, student, pmap = _pruned_pair()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    cfg = DistillLossConfig.from_dict({"terms": {"logits": {}, "soft": {"term": "logits", "temperature": 3.0, "weight": 0.5}}})
+    out, objective = _step(teacher, student, cfg, pmap, ids)
+    alone, _ = _step(teacher, student, DistillLossConfig.from_dict({"terms": {"logits": {"temperature": 3.0}}}), pmap, ids)
+    plain, _ = _step(teacher, student, DistillLossConfig(), pmap, ids)
+    c = out["components"]
+    assert c["loss/soft"].item() == pytest.approx(alone["loss"].item(), rel=1e-6)
+    assert c["loss/logits"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+    assert out["loss"].item() == pytest.approx(plain["loss"].item() + 0.5 * alone["loss"].item(), rel=1e-6)
+    assert c["loss/soft"].item() != pytest.approx(c["loss/logits"].item(), rel=1e-3)
+    assert isinstance(objective.terms["soft"], type(objective.terms["logits"]))
+
+
+@pytest.mark.parametrize("loss, match", [
+    ({"terms": {"kd": {"term": "logits", "target": "peer"}}}, r"loss\.terms\.kd\.target='peer': no role of that name \(the roles: student, teacher\)"),
+    ({"terms": {"hidden": {"source": "teacher", "target": "student"}}}, r"loss\.terms\.hidden\.source='teacher' is frozen"),
+    ({"terms": {"hidden": {"source": "teacher"}}}, r"loss\.terms\.hidden: source and target are both 'teacher'"),
+    ({"terms": {"hiden": 1.0}}, r"loss\.terms\.hiden: no loss term of that name is registered \('hiden'; known: .*hidden"),
+    ({"terms": {"logits": {"temperature": 2.0}}, "logits": {"ce_weight": 0.5}},
+     r"loss\.logits and loss\.terms\.logits both configure the term 'logits'; write every setting under loss\.terms\.logits"),
+    ({"terms": {"logits": {"weight": 0}}}, r"loss\.terms\.logits\.weight=0\.0: must be positive"),
+    ({"terms": {"logits": {"term": "hidden"}}}, r"loss\.terms\.logits must be a logits term"),
+    ({"terms": {"logits": {"divergence": "kl"}}}, r"loss\.terms\.logits\.divergence='kl': choose one of"),
+    ({"terms": {"relations": {"relations": ["qx"]}}}, r"loss\.terms\.relations\.relations has \['qx'\]"),
+])
+def test_bad_terms_are_refused_naming_the_key(loss, match):
+    from minidistill.recipe_config import PruneDistillConfig
+
+    with pytest.raises(ConfigError, match=match):
+        PruneDistillConfig.from_dict({"loss": loss})

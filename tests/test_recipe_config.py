@@ -70,7 +70,7 @@ def test_nested_overrides_reach_every_level():
         ["train.lr=1e-4", "loss.hidden.pairing.strategy=uniform", "loss.logits.top_k=20", "student.source=/tmp/s", "train.lora.r=4"],
     )
     assert cfg.train.lr == 1e-4
-    assert cfg.loss.hidden.pairing.strategy == "uniform"
+    assert cfg.loss.terms["hidden"].pairing.strategy == "uniform"
     assert cfg.loss.logits.top_k == 20
     assert cfg.student.source == "/tmp/s"
     assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 32.0
@@ -119,4 +119,4 @@ def test_micro_batch_must_split_over_processes():
 def test_resume_compatibility_names_changed_fields_only():
     a = PruneDistillConfig().to_dict()
     b = load_recipe_config(None, ["train.max_steps=500", "eval.every=3", "loss.logits.temperature=2", "data.seq_len=64"]).to_dict()
-    assert incompatible_fields(a, b) == ["data.seq_len", "loss.logits.temperature"]
+    assert incompatible_fields(a, b) == ["data.seq_len", "loss.terms.logits.temperature"]

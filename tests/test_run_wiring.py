@@ -17,7 +17,7 @@ from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_ov
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minidistill.config import ConfigError, field_docs
-from minidistill.distill.objective import EXTRA_SETTINGS, DistillLossConfig
+from minidistill.distill.objective import TERM_SETTINGS, DistillLossConfig
 from minidistill.evaluation.lm_eval_runner import LmEvalConfig
 from minidistill.evaluation.tasks import LOCAL_TASKS, TASK_FORMAT_VERSION
 from minidistill.models import BUNDLED, load_tokenizer
@@ -130,28 +130,34 @@ def test_eval_help_comes_from_the_lm_eval_config():
         assert " ".join(field_docs(LmEvalConfig)[name].replace("``", "`").split()) in flat, name
 
 
-# Terms under loss.extra whose settings pair layers, and the pairing each one defaults to.
-PAIRED = {name: cls().pairing.strategy for name, cls in EXTRA_SETTINGS.items() if hasattr(cls(), "pairing")}
+# Registered terms whose settings pair layers, and the pairing each one defaults to.
+PAIRED = {name: cls().pairing.strategy for name, cls in TERM_SETTINGS.items() if hasattr(cls(), "pairing")}
 
 
-def test_every_paired_extra_term_is_checked():
-    assert {"mmd", "nst", "token_attention", "fsp", "weights"} <= set(PAIRED)
+def test_every_paired_term_is_checked():
+    assert {"hidden", "attention", "relations", "mmd", "nst", "token_attention", "fsp", "weights"} <= set(PAIRED)
 
 
 @pytest.mark.parametrize("name", sorted(PAIRED))
-def test_extra_term_paired_by_a_missing_prune_map_is_refused(name):
-    loss = DistillLossConfig(extra={name: 0.5})
+@pytest.mark.parametrize("form", ["terms", "extra"])
+def test_term_paired_by_a_missing_prune_map_is_refused(name, form):
+    """Both config forms: ``loss.terms.<name>`` and the earlier ``loss.extra.<name>`` (``loss.<name>`` for the sections)."""
+    section = form if name not in ("hidden", "attention", "relations") or form == "terms" else None
+    key = f"loss\\.{section}\\.{name}" if section else f"loss\\.{name}"
+
+    def loss(value):
+        return DistillLossConfig.from_dict({section: {name: value}} if section else {name: value})
+
     if PAIRED[name] == "prune_map":
-        with pytest.raises(ConfigError, match=rf"loss\.extra\.{name} pairs layers by the prune map.*loss\.extra\.{name}=0"):
-            check_pairing_possible(loss, None)
+        with pytest.raises(ConfigError, match=rf"{key} pairs layers by the prune map.*{key}\.weight=0"):
+            check_pairing_possible(loss({"weight": 0.5}), None)
     else:
-        check_pairing_possible(loss, None)
-    explicit = DistillLossConfig(extra={name: {"weight": 0.5, "pairing": {"strategy": "explicit", "explicit": [[0, 0]]}}})
-    check_pairing_possible(explicit, None)
-    by_map = DistillLossConfig(extra={name: {"weight": 0.5, "pairing": {"strategy": "prune_map"}}})
-    with pytest.raises(ConfigError, match=rf"loss\.extra\.{name} pairs"):
+        check_pairing_possible(loss({"weight": 0.5}), None)
+    check_pairing_possible(loss({"weight": 0.5, "pairing": {"strategy": "explicit", "explicit": [[0, 0]]}}), None)
+    by_map = loss({"weight": 0.5, "pairing": {"strategy": "prune_map"}})
+    with pytest.raises(ConfigError, match=rf"{key} pairs"):
         check_pairing_possible(by_map, None)
-    check_pairing_possible(DistillLossConfig(extra={name: {"weight": 0.0, "pairing": {"strategy": "prune_map"}}}), None)
+    check_pairing_possible(loss({"weight": 0.0, "pairing": {"strategy": "prune_map"}}), None)
     check_pairing_possible(by_map, PruneMap.identity({"num_layers": 2, "hidden_size": 8, "num_heads": 2,
                                                        "num_kv_heads": 1, "intermediate_size": 8, "head_dim": 4}))
 

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from minidistill.adapters import get_adapter
+from minidistill.distill.features import unwrap_module
 
 WRAPPER_PREFIX = "minidistill_capture:"
 
@@ -154,18 +155,6 @@ def _uses_reentrant_checkpointing(layer: nn.Module) -> bool:
     return fn.keywords.get("use_reentrant", True) is not False
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The causal LM inside DDP / DeepSpeed engines (``.module``) and PEFT wrappers (``get_base_model()``)."""
-    for _ in range(8):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        else:
-            break
-    return model
-
-
 class FeatureCapture:
     """Context manager recording the features in ``spec`` during forwards of ``model``.
 
@@ -175,7 +164,7 @@ class FeatureCapture:
     """
 
     def __init__(self, model: nn.Module, spec: CaptureSpec):
-        model = unwrap_model(model)
+        model = unwrap_module(model)
         self.model = model
         self.spec = spec
         self.adapter = get_adapter(model)

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from ..adapters import get_adapter
-
-STUDENT, TEACHER = "student", "teacher"
+from .roles import STUDENT, TEACHER
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -97,8 +96,12 @@ class CachedTeacher:
 
 
 def unwrap_module(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DeepSpeed / compile wrappers (those expose it as ``.module`` or ``._orig_mod``)."""
+    """The model inside DDP / DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT
+    (``get_base_model()``, the model with the adapters injected) wrappers."""
     while True:
+        if callable(getattr(model, "get_base_model", None)):
+            model = model.get_base_model()
+            continue
         inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             inner = getattr(model, "_orig_mod", None)

@@ -1,10 +1,10 @@
 """The distillation objective: one step's loss from one forward of each model.
 
 A :class:`DistillObjective` owns named loss terms (:mod:`.terms`, a registry: logits, hidden, attention, relations,
-the knowledge-matching terms under ``loss.extra`` -- weights, mmd, nst, token_attention, activation_boundary, fsp,
-rkd -- and any term added with :func:`register_loss_term`), their learnable parts (hidden-state channel projections,
-weight maps) and the loss balancer; its config is :mod:`.loss_config`. Each term says which features it needs from
-which model role (:mod:`.features`: ``student``, ``teacher``); the features are captured during the single forward
+weights, mmd, nst, token_attention, activation_boundary, fsp, rkd, and any term added with
+:func:`register_loss_term`), their learnable parts (hidden-state channel projections, weight maps) and the loss
+balancer; its config is :mod:`.loss_config` (``loss.terms``). Each term compares a trained ``source`` role with a
+``target`` role (:mod:`.roles`: ``student``, ``teacher``) and says which features it needs from each; the features are captured during the single forward
 of each model (:func:`model_features`), and the logit term works from final hidden states and the output-head
 weight so that no tokens x vocabulary logits exist.
 
@@ -35,15 +35,17 @@ from .features import (
     unwrap_module,
 )
 from .loss_config import (
-    EXTRA_SETTINGS,
+    LOGITS,
+    TERM_SETTINGS,
     AttentionLossSettings,
     DistillLossConfig,
-    ExtraTermSettings,
     HiddenLossSettings,
     LayerPairing,
     LogitLossSettings,
     RelationLossSettings,
+    TermSettings,
     check_cache_compatible,
+    check_term_roles,
     feature_terms,
 )
 from .terms import (
@@ -79,15 +81,19 @@ class DistillObjective(nn.Module):
 
         self.config = cfg
         self.vocab_size = vocab_size
-        ctx = ObjectiveContext(models={STUDENT: student, TEACHER: teacher}, prune_map=prune_map, config=cfg, vocab_size=vocab_size)
-        weights = cfg.weights()
-        unknown = [n for n in weights if n not in LOSS_TERMS]
-        if unknown:
-            raise ConfigError(
-                f"loss.extra.{unknown[0]}: no loss term of that name is registered (known: {', '.join(sorted(LOSS_TERMS))})"
-            )
-        self.terms = nn.ModuleDict({name: LOSS_TERMS[name](ctx) for name in weights})
-        self.balancer = LossBalancer(weights, mode=cfg.balance, anchor="logits")
+        models = {STUDENT: student, TEACHER: teacher}
+        check_term_roles(cfg, roles=list(models), trainable=[STUDENT])
+        terms = {}
+        for name, settings in cfg.terms.items():
+            if settings.weight <= 0:
+                continue
+            if settings.term not in LOSS_TERMS:
+                raise ConfigError(f"{settings.key}: no loss term of that name is registered (known: {', '.join(sorted(LOSS_TERMS))})")
+            related = (settings.source, settings.target) == (STUDENT, TEACHER)
+            ctx = ObjectiveContext(models=models, prune_map=prune_map if related else None, settings=settings, vocab_size=vocab_size)
+            terms[name] = LOSS_TERMS[settings.term](ctx)
+        self.terms = nn.ModuleDict(terms)
+        self.balancer = LossBalancer(cfg.weights(), mode=cfg.balance, anchor=LOGITS)
 
     def requests(self) -> dict[str, CaptureRequest]:
         """Merged feature requests of all terms, by role."""
@@ -245,10 +251,13 @@ def teacher_features(teacher: nn.Module, input_ids: torch.Tensor, objective: Dis
 
 
 __all__ = [
-    "EXTRA_SETTINGS",
+    "LOGITS",
+    "TERM_SETTINGS",
+    "TermSettings",
+    "check_term_roles",
+    "feature_terms",
     "ActivationBoundarySettings",
     "AttentionLossSettings",
-    "ExtraTermSettings",
     "FeatureMMDSettings",
     "FlowSettings",
     "NSTSettings",
@@ -258,7 +267,6 @@ __all__ = [
     "CachedTeacher",
     "CaptureRequest",
     "check_cache_compatible",
-    "feature_terms",
     "DistillLossConfig",
     "DistillObjective",
     "DistillationModule",

@@ -1,7 +1,8 @@
 """The registered loss terms: each says which features it needs from which role and computes its value.
 
-Adding a term is one class and one :func:`register_loss_term` call (its settings class, when it has options, is
-parsed from ``loss.extra.<name>``).
+Adding a term is one class and one :func:`register_loss_term` call with its settings class (a
+:class:`~minidistill.distill.loss_config.TermSettings`, parsed from ``loss.terms.<name>``). A term compares its
+settings' ``source`` role (trained) with its ``target`` role (detached).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,17 @@ from torch import nn
 from ..adapters import get_adapter
 from ..config import ConfigError
 from ..prune.prune_map import PruneMap
-from .features import STUDENT, TEACHER, CachedTeacher, CaptureRequest, EnsembleFeatures, ModelFeatures, unwrap_module
-from .loss_config import EXTRA_SETTINGS, DistillLossConfig, ExtraTermSettings, LayerPairing, LogitLossSettings
+from .features import CachedTeacher, CaptureRequest, EnsembleFeatures, ModelFeatures, unwrap_module
+from .loss_config import (
+    TERM_SETTINGS,
+    AttentionLossSettings,
+    HiddenLossSettings,
+    LayerPairing,
+    LogitLossSettings,
+    RelationLossSettings,
+    TermSettings,
+)
+from .roles import STUDENT, TEACHER
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +39,14 @@ def _attention_scaling(model: nn.Module, layer: int) -> float:
     adapter = get_adapter(model)
     attn = adapter.layer_part(adapter.decoder_layers(model)[layer], "self_attn")
     return float(getattr(attn, "scaling", adapter.head_dim(model.config) ** -0.5))
+
+
+def _layer_count(model: nn.Module) -> int:
+    return get_adapter(model).shape(model.config)["num_layers"]
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return get_adapter(model).shape(model.config)["hidden_size"]
 
 
 def _sliding_window(model: nn.Module, layer: int) -> int | None:
@@ -43,20 +61,50 @@ def _sliding_window(model: nn.Module, layer: int) -> int | None:
 
 @dataclass
 class ObjectiveContext:
-    """What loss-term builders may look at: the models by role, the prune map, the config."""
+    """What a loss-term builder may look at: its settings, the models by role, the prune map.
+
+    The prune map relates the ``student`` role to the ``teacher`` role; pairings ``prune_map`` need those two.
+    """
 
     models: dict[str, nn.Module]
     prune_map: PruneMap | None
-    config: DistillLossConfig
+    settings: TermSettings
     vocab_size: int | None = None
     """Token ids of the shared tokenizer when the two heads differ by padding rows (those rows are masked)."""
 
+    @property
+    def source(self) -> nn.Module:
+        """The model of the term's source role (the one trained)."""
+        return self.models[self.settings.source]
+
+    @property
+    def target(self) -> nn.Module:
+        """The model of the term's target role."""
+        return self.models[self.settings.target]
+
+    @property
+    def key(self) -> str:
+        """Where the term is configured (for messages)."""
+        return self.settings.key
+
 
 class LossTerm(nn.Module):
-    """One named loss term: which features it needs per role, and its value from them."""
+    """One named loss term: which features it needs per role, and its value from the source's and target's features."""
+
+    def __init__(self, ctx: ObjectiveContext | None = None):
+        super().__init__()
+        self.source, self.target = (ctx.settings.source, ctx.settings.target) if ctx is not None else (STUDENT, TEACHER)
 
     def requests(self) -> dict[str, CaptureRequest]:
         return {}
+
+    def request(self, source: CaptureRequest, target: CaptureRequest) -> dict[str, CaptureRequest]:
+        """``requests()`` for features of the source and the target role."""
+        return {self.source: source, self.target: target}
+
+    def pair(self, features: dict[str, ModelFeatures]) -> tuple[ModelFeatures, ModelFeatures]:
+        """The source's and the target's features."""
+        return features[self.source], features[self.target]
 
     def forward(self, features: dict[str, ModelFeatures], input_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -66,53 +114,51 @@ LossTermBuilder = Callable[[ObjectiveContext], LossTerm]
 LOSS_TERMS: dict[str, LossTermBuilder] = {}
 
 
-def register_loss_term(name: str, settings: type[ExtraTermSettings] | None = None) -> Callable[[LossTermBuilder], LossTermBuilder]:
-    """Register a builder for the loss term ``name`` (its weight is read from the balancer weights).
-
-    ``settings``: the term's options class, parsed from a mapping under ``loss.extra.<name>``
-    (builders read it with ``ctx.config.extra_settings(name)``).
-    """
+def register_loss_term(name: str, settings: type[TermSettings] = TermSettings) -> Callable[[LossTermBuilder], LossTermBuilder]:
+    """Register a builder for the loss term ``name`` with its settings class (parsed from ``loss.terms.<name>``,
+    or from an entry whose ``term`` is ``name``; the builder reads it as ``ctx.settings``)."""
 
     def deco(builder: LossTermBuilder) -> LossTermBuilder:
         LOSS_TERMS[name] = builder
-        if settings is not None:
-            EXTRA_SETTINGS[name] = settings
+        TERM_SETTINGS[name] = settings
         return builder
 
     return deco
 
 
-def _pairs(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> list[tuple[int, int]]:
-    """Student/teacher layer pairs for ``term``; ConfigError when none can be formed."""
+def _pairs(ctx: ObjectiveContext, pairing: LayerPairing) -> list[tuple[int, int]]:
+    """Source/target layer pairs of the term; ConfigError when none can be formed."""
     from .pairing import PairingError, pair_layers
 
-    student, teacher = ctx.models[STUDENT], ctx.models[TEACHER]
-    ns = get_adapter(student).shape(student.config)["num_layers"]
-    nt = get_adapter(teacher).shape(teacher.config)["num_layers"]
-    if pairing.strategy == "prune_map" and ctx.prune_map is None:
+    key = ctx.key
+    ns, nt = _layer_count(ctx.source), _layer_count(ctx.target)
+    prune_map = ctx.prune_map
+    if pairing.strategy == "prune_map" and prune_map is None:
         raise ConfigError(
-            f"loss.{term}.pairing.strategy=prune_map but the student has no prune map (it was not pruned "
-            f"from this teacher); set loss.{term}.pairing.strategy=explicit with loss.{term}.pairing.explicit, "
-            f"or set loss.{term}.weight=0"
+            f"{key}.pairing.strategy=prune_map but the {ctx.settings.source} has no prune map from the "
+            f"{ctx.settings.target} (it was not pruned from it); set {key}.pairing.strategy=explicit with "
+            f"{key}.pairing.explicit, or set {key}.weight=0"
         )
     explicit = [tuple(p) for p in pairing.explicit] if pairing.explicit is not None else None
     try:
-        pairs = pair_layers(ns, nt, strategy=pairing.strategy, prune_map=ctx.prune_map, k=pairing.k, explicit=explicit)
+        pairs = pair_layers(ns, nt, strategy=pairing.strategy, prune_map=prune_map, k=pairing.k, explicit=explicit)
     except PairingError as e:
-        raise ConfigError(f"loss.{term}.pairing: {e}") from None
+        raise ConfigError(f"{key}.pairing: {e}") from None
     if pairing.student_layers is not None:
         pairs = [p for p in pairs if p[0] in set(pairing.student_layers)]
     if not pairs:
-        raise ConfigError(f"loss.{term}.pairing selects no layer pair; check loss.{term}.pairing.student_layers")
+        raise ConfigError(f"{key}.pairing selects no layer pair; check {key}.pairing.student_layers")
     return [(int(s), int(t)) for s, t in pairs]
 
 
 class LogitTerm(LossTerm):
     """Fused (chunked) logit distillation from final hidden states and the lm_head weights."""
 
-    def __init__(self, cfg: LogitLossSettings, vocab_size: int | None = None):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.fused import FusedLogitKDLoss
+
+        cfg, vocab_size = ctx.settings, ctx.vocab_size
 
         self.loss = FusedLogitKDLoss(
             cfg.divergence,
@@ -134,7 +180,7 @@ class LogitTerm(LossTerm):
 
     def forward(self, features, input_ids, target_mask: torch.Tensor | None = None):
         """``target_mask`` [batch, seq] (bool): only positions predicting a True token count (None: all)."""
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         extra = None
         if isinstance(t, EnsembleFeatures):
             t, extra = t.members[0], [(m.final_hidden[:, :-1], m.head_weight, m.head_bias) for m in t.members[1:]]
@@ -156,43 +202,43 @@ class LogitTerm(LossTerm):
         )
 
 
-@register_loss_term("logits")
+@register_loss_term("logits", LogitLossSettings)
 def _build_logits(ctx: ObjectiveContext) -> LossTerm:
-    rows = {role: unwrap_module(m).get_output_embeddings().weight.shape[0] for role, m in ctx.models.items()}
-    if ctx.vocab_size is None and len(set(rows.values())) > 1:
+    source, target = ctx.settings.source, ctx.settings.target
+    rows = {role: unwrap_module(ctx.models[role]).get_output_embeddings().weight.shape[0] for role in (source, target)}
+    if ctx.vocab_size is None and rows[source] != rows[target]:
         raise ConfigError(
-            f"the teacher's lm_head has {rows[TEACHER]} rows and the student's {rows[STUDENT]}: pass vocab_size (the shared "
+            f"the {target}'s lm_head has {rows[target]} rows and the {source}'s {rows[source]}: pass vocab_size (the shared "
             "tokenizer's ids, see minidistill.distill.pairing.align_vocabularies) so that the padding rows are masked"
         )
-    return LogitTerm(ctx.config.logits, ctx.vocab_size)
+    return LogitTerm(ctx)
 
 
 class HiddenTerm(LossTerm):
     """Mean over layer pairs of the distance between projected student and teacher layer outputs."""
 
     def __init__(self, ctx: ObjectiveContext):
-        super().__init__()
+        super().__init__(ctx)
         from .losses.hidden import ChannelProjection, HiddenStateLoss
 
-        cfg = ctx.config.hidden
-        self.pairs = _pairs(ctx, cfg.pairing, "hidden")
-        s_dim = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["hidden_size"]
-        t_dim = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["hidden_size"]
+        cfg = ctx.settings
+        self.pairs = _pairs(ctx, cfg.pairing)
+        s_dim, t_dim = _hidden_size(ctx.source), _hidden_size(ctx.target)
         # Without a prune map, student channel i starts mapped onto teacher channel i.
         kept = list(ctx.prune_map.kept_hidden) if ctx.prune_map is not None else list(range(min(s_dim, t_dim)))
         self.projection = ChannelProjection(s_dim, t_dim, kept_channels=kept)
         self.loss = HiddenStateLoss(kind=cfg.kind)
 
     def requests(self):
-        return {STUDENT: CaptureRequest(hidden={s for s, _ in self.pairs}), TEACHER: CaptureRequest(hidden={t for _, t in self.pairs})}
+        return self.request(CaptureRequest(hidden={s for s, _ in self.pairs}), CaptureRequest(hidden={t for _, t in self.pairs}))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         losses = [self.loss(self.projection(s.hidden[i]), t.hidden[j]) for i, j in self.pairs]
         return torch.stack(losses).mean()
 
 
-@register_loss_term("hidden")
+@register_loss_term("hidden", HiddenLossSettings)
 def _build_hidden(ctx: ObjectiveContext) -> LossTerm:
     return HiddenTerm(ctx)
 
@@ -201,13 +247,13 @@ class AttentionTerm(LossTerm):
     """Mean over layer pairs of the attention-map transfer loss (student heads against their teacher heads)."""
 
     def __init__(self, ctx: ObjectiveContext):
-        super().__init__()
+        super().__init__(ctx)
         from .losses.attention import AttentionTransferLoss
         from .pairing import pair_heads
 
-        cfg = ctx.config.attention
-        self.pairs = _pairs(ctx, cfg.pairing, "attention")
-        student, teacher = ctx.models[STUDENT], ctx.models[TEACHER]
+        cfg = ctx.settings
+        self.pairs = _pairs(ctx, cfg.pairing)
+        student, teacher = ctx.source, ctx.target
         self.loss = AttentionTransferLoss(chunk_queries=cfg.chunk_queries)
         self.scaling = {(i, j): (_attention_scaling(student, i), _attention_scaling(teacher, j)) for i, j in self.pairs}
         self.sliding_window = {i: _sliding_window(student, i) for i, _ in self.pairs}
@@ -219,10 +265,10 @@ class AttentionTerm(LossTerm):
                 self.teacher_heads[i] = None
 
     def requests(self):
-        return {STUDENT: CaptureRequest(qk={s for s, _ in self.pairs}), TEACHER: CaptureRequest(qk={t for _, t in self.pairs})}
+        return self.request(CaptureRequest(qk={s for s, _ in self.pairs}), CaptureRequest(qk={t for _, t in self.pairs}))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         losses = []
         for i, j in self.pairs:
             s_scale, t_scale = self.scaling[(i, j)]
@@ -236,7 +282,7 @@ class AttentionTerm(LossTerm):
         return torch.stack(losses).mean()
 
 
-@register_loss_term("attention")
+@register_loss_term("attention", AttentionLossSettings)
 def _build_attention(ctx: ObjectiveContext) -> LossTerm:
     return AttentionTerm(ctx)
 
@@ -245,19 +291,19 @@ class RelationTerm(LossTerm):
     """Mean over layer pairs of the q/k/v self-relation loss."""
 
     def __init__(self, ctx: ObjectiveContext):
-        super().__init__()
+        super().__init__(ctx)
         from .losses.relations import RelationLoss
 
-        cfg = ctx.config.relations
-        self.pairs = _pairs(ctx, cfg.pairing, "relations")
+        cfg = ctx.settings
+        self.pairs = _pairs(ctx, cfg.pairing)
         self.loss = RelationLoss(cfg.num_relation_heads, relations=tuple(cfg.relations))
 
     def requests(self):
         s_layers, t_layers = {s for s, _ in self.pairs}, {t for _, t in self.pairs}
-        return {STUDENT: CaptureRequest(qk=s_layers, values=s_layers), TEACHER: CaptureRequest(qk=t_layers, values=t_layers)}
+        return self.request(CaptureRequest(qk=s_layers, values=s_layers), CaptureRequest(qk=t_layers, values=t_layers))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         losses = [
             self.loss(
                 {"q": s.queries[i], "k": s.keys[i], "v": s.values[i]},
@@ -268,40 +314,36 @@ class RelationTerm(LossTerm):
         return torch.stack(losses).mean()
 
 
-@register_loss_term("relations")
+@register_loss_term("relations", RelationLossSettings)
 def _build_relations(ctx: ObjectiveContext) -> LossTerm:
     return RelationTerm(ctx)
 
 
 # ---------------------------------------------------------------------------------------------- knowledge-matching terms
-# Terms under ``loss.extra.<name>`` with their settings (a mapping: ``weight`` plus options).
 
 
-def _layer_count(model: nn.Module) -> int:
-    return get_adapter(model).shape(model.config)["num_layers"]
-
-
-def _check_student_layers(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> None:
-    """ConfigError when ``pairing.student_layers`` names a layer the student does not have."""
-    n = _layer_count(ctx.models[STUDENT])
+def _check_student_layers(ctx: ObjectiveContext, pairing: LayerPairing) -> None:
+    """ConfigError when ``pairing.student_layers`` names a layer the source does not have."""
+    n = _layer_count(ctx.source)
     bad = [i for i in pairing.student_layers or [] if not 0 <= i < n]
     if bad:
-        raise ConfigError(f"loss.{term}.pairing.student_layers has {bad}: the student has layers 0..{n - 1}")
+        raise ConfigError(f"{ctx.key}.pairing.student_layers has {bad}: the {ctx.settings.source} has layers 0..{n - 1}")
 
 
-def _feature_pairs(ctx: ObjectiveContext, pairing: LayerPairing, term: str) -> list[tuple[int, int]]:
-    _check_student_layers(ctx, pairing, term)
-    return _pairs(ctx, pairing, term)
+def _feature_pairs(ctx: ObjectiveContext, pairing: LayerPairing) -> list[tuple[int, int]]:
+    _check_student_layers(ctx, pairing)
+    return _pairs(ctx, pairing)
 
 
-def _kept_hidden(ctx: ObjectiveContext, term: str, why: str) -> list[int] | None:
-    """Teacher channels compared with the student's (the prune map's kept channels; None for equal widths)."""
+def _kept_hidden(ctx: ObjectiveContext, why: str) -> list[int] | None:
+    """Target channels compared with the source's (the prune map's kept channels; None for equal widths)."""
     if ctx.prune_map is not None:
         return list(ctx.prune_map.kept_hidden)
-    s_dim = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["hidden_size"]
-    t_dim = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["hidden_size"]
+    s_dim, t_dim = _hidden_size(ctx.source), _hidden_size(ctx.target)
     if s_dim != t_dim:
-        raise ConfigError(f"loss.{term}: {why} needs equal hidden widths or a prune map (student {s_dim}, teacher {t_dim})")
+        raise ConfigError(
+            f"{ctx.key}: {why} needs equal hidden widths or a prune map ({ctx.settings.source} {s_dim}, {ctx.settings.target} {t_dim})"
+        )
     return None
 
 
@@ -317,8 +359,8 @@ def _select(x: torch.Tensor, index: list[int] | None) -> torch.Tensor:
 
 
 @dataclass
-class WeightMatchSettings(ExtraTermSettings):
-    """``loss.extra.weights``: L2 between student weights and the teacher's (through the prune map, else learned maps)."""
+class WeightMatchSettings(TermSettings):
+    """``weights``: L2 between source weights and the target's (through the prune map, else learned maps)."""
 
     pairing: LayerPairing = field(default_factory=lambda: LayerPairing(strategy="uniform"))
     """Without a prune map: which teacher layer's weights each student layer is compared with."""
@@ -331,11 +373,12 @@ class WeightMatchTerm(LossTerm):
     The targets are plain tensors (not buffers: they are neither checkpointed nor broadcast by DDP).
     """
 
-    def __init__(self, ctx: ObjectiveContext, cfg: WeightMatchSettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.weights import LinearWeightMap, WeightMatchLoss
 
-        student, teacher = ctx.models[STUDENT], ctx.models[TEACHER]
+        cfg, student, teacher = ctx.settings, ctx.source, ctx.target
+        self.key = ctx.key
         self._student = (student,)  # a reference, not a submodule: the student's parameters belong to the student
         s_params = dict(student.named_parameters())
         if ctx.prune_map is not None:
@@ -345,7 +388,7 @@ class WeightMatchTerm(LossTerm):
             self.targets = {n: mapped[n].detach() for n, p in s_params.items() if n in mapped and mapped[n].shape == p.shape}
             self.map = None
         else:
-            pairs = dict(_pairs(ctx, cfg.pairing, "extra.weights"))
+            pairs = dict(_pairs(ctx, cfg.pairing))
             t_params = dict(teacher.named_parameters())
             prefix = get_adapter(student).layers + "."
             self.targets = {}
@@ -364,14 +407,14 @@ class WeightMatchTerm(LossTerm):
             }
             self.map = LinearWeightMap(size_pairs)
         if not self.targets:
-            raise ConfigError("loss.extra.weights: no student parameter has a teacher counterpart")
+            raise ConfigError(f"{ctx.key}: no {ctx.settings.source} parameter has a {ctx.settings.target} counterpart")
         self.loss = WeightMatchLoss()
 
     def forward(self, features, input_ids):
         if _is_sharded(self._student[0]):
             raise ConfigError(
-                "loss.extra.weights reads whole student parameters: use it in one process or under DDP, "
-                "not FSDP2 / DeepSpeed ZeRO-3 (set loss.extra.weights to 0 there)"
+                f"{self.key} reads whole student parameters: use it in one process or under DDP, "
+                f"not FSDP2 / DeepSpeed ZeRO-3 (set {self.key} to 0 there)"
             )
         params = dict(self._student[0].named_parameters())
         student, targets = {}, {}
@@ -385,10 +428,9 @@ class WeightMatchTerm(LossTerm):
 
 
 @dataclass
-class FeatureMMDSettings(ExtraTermSettings):
-    """``loss.extra.mmd``: maximum mean discrepancy between student and teacher activations per layer pair."""
+class FeatureMMDSettings(TermSettings):
+    """``mmd``: maximum mean discrepancy between source and target activations per layer pair."""
 
-    KEY: ClassVar[str] = "mmd"
     kernel: Literal["linear", "polynomial", "gaussian"] = "gaussian"
     """Kernel between samples (linear, polynomial, gaussian)."""
     samples: Literal["neurons", "tokens"] = "tokens"
@@ -403,17 +445,16 @@ class FeatureMMDSettings(ExtraTermSettings):
     """Layer pairs compared."""
 
     def validate(self) -> None:
+        super().validate()
         if self.degree < 1:
-            raise ConfigError(f"loss.extra.{self.KEY}.degree={self.degree}: must be >= 1")
+            raise ConfigError(f"{self.key}.degree={self.degree}: must be >= 1")
         if self.sigma <= 0:
-            raise ConfigError(f"loss.extra.{self.KEY}.sigma={self.sigma}: must be positive")
+            raise ConfigError(f"{self.key}.sigma={self.sigma}: must be positive")
 
 
 @dataclass
 class NSTSettings(FeatureMMDSettings):
-    """``loss.extra.nst``: neuron selectivity transfer (MMD over neurons, polynomial kernel of degree 2)."""
-
-    KEY: ClassVar[str] = "nst"
+    """``nst``: neuron selectivity transfer (MMD over neurons, polynomial kernel of degree 2)."""
 
     kernel: Literal["linear", "polynomial", "gaussian"] = "polynomial"
     samples: Literal["neurons", "tokens"] = "neurons"
@@ -422,28 +463,28 @@ class NSTSettings(FeatureMMDSettings):
 class FeatureMMDTerm(LossTerm):
     """Mean over layer pairs of the MMD between student and teacher layer outputs."""
 
-    def __init__(self, ctx: ObjectiveContext, cfg: FeatureMMDSettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.distribution import FeatureMMDLoss
 
-        name = cfg.KEY
-        self.pairs = _feature_pairs(ctx, cfg.pairing, f"extra.{name}")
-        self.kept = _kept_hidden(ctx, f"extra.{name}", "samples=tokens") if cfg.samples == "tokens" else None
+        cfg = ctx.settings
+        self.pairs = _feature_pairs(ctx, cfg.pairing)
+        self.kept = _kept_hidden(ctx, "samples=tokens") if cfg.samples == "tokens" else None
         self.loss = FeatureMMDLoss(cfg.kernel, samples=cfg.samples, degree=cfg.degree, coef=cfg.coef, sigma=cfg.sigma)
 
     def requests(self):
-        return {STUDENT: CaptureRequest(hidden={s for s, _ in self.pairs}), TEACHER: CaptureRequest(hidden={t for _, t in self.pairs})}
+        return self.request(CaptureRequest(hidden={s for s, _ in self.pairs}), CaptureRequest(hidden={t for _, t in self.pairs}))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         return torch.stack([self.loss(s.hidden[i], _select(t.hidden[j], self.kept)) for i, j in self.pairs]).mean()
 
 
 @dataclass
-class TokenAttentionSettings(ExtraTermSettings):
-    """``loss.extra.token_attention``: per-token attention maps (activation norms or saliency) between paired layers."""
+class TokenAttentionSettings(TermSettings):
+    """``token_attention``: per-token attention maps (activation norms or saliency) between paired layers."""
 
-    source: Literal["activation", "gradient"] = "activation"
+    signal: Literal["activation", "gradient"] = "activation"
     """activation: per-token norm of the hidden states; gradient: of |dCE/dh| (one more teacher forward + backward,
     a double backward through the student, B x T x vocab logits of both models, ~2.4x a step; needs eager student
     attention, one process or DDP)."""
@@ -481,37 +522,38 @@ def _model_saliency(model: nn.Module, input_ids: torch.Tensor, layers: list[int]
 class TokenAttentionTerm(LossTerm):
     """Mean over layer pairs of the token-attention transfer loss (activation- or gradient-based)."""
 
-    def __init__(self, ctx: ObjectiveContext, cfg: TokenAttentionSettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.saliency import TokenAttentionLoss
 
-        self.pairs = _feature_pairs(ctx, cfg.pairing, "extra.token_attention")
-        self.source = cfg.source
-        implementation = getattr(unwrap_module(ctx.models[STUDENT]).config, "_attn_implementation", None) or "eager"
-        if cfg.source == "gradient" and implementation != "eager":
+        cfg = ctx.settings
+        self.pairs = _feature_pairs(ctx, cfg.pairing)
+        self.signal, self.key = cfg.signal, ctx.key
+        implementation = getattr(unwrap_module(ctx.source).config, "_attn_implementation", None) or "eager"
+        if cfg.signal == "gradient" and implementation != "eager":
             raise ConfigError(
-                "loss.extra.token_attention.source=gradient backpropagates through the student's saliency (a double "
+                f"{ctx.key}.signal=gradient backpropagates through the {cfg.source}'s saliency (a double "
                 f"backward), which {implementation!r} attention kernels do not support; set student.attn_implementation=eager"
             )
-        self._teacher = (ctx.models[TEACHER],)  # a reference: the frozen teacher is not part of the objective
+        self._teacher = (ctx.target,)  # a reference: the frozen target is not part of the objective
         self.loss = TokenAttentionLoss()
 
     def requests(self):
-        teacher = set() if self.source == "gradient" else {t for _, t in self.pairs}
-        return {STUDENT: CaptureRequest(hidden={s for s, _ in self.pairs}), TEACHER: CaptureRequest(hidden=teacher)}
+        teacher = set() if self.signal == "gradient" else {t for _, t in self.pairs}
+        return self.request(CaptureRequest(hidden={s for s, _ in self.pairs}), CaptureRequest(hidden=teacher))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
-        if self.source == "activation":
+        s, t = self.pair(features)
+        if self.signal == "activation":
             return torch.stack([self.loss(s.hidden[i], t.hidden[j]) for i, j in self.pairs]).mean()
         from .losses.saliency import next_token_ce, saliency
 
         if not torch.is_grad_enabled() or not s.final_hidden.requires_grad:
-            raise ConfigError("loss.extra.token_attention.source=gradient needs the student's forward graph (training only)")
+            raise ConfigError(f"{self.key}.signal=gradient needs the student's forward graph (training only)")
         if _is_sharded(self._teacher[0]):
             raise ConfigError(
-                "loss.extra.token_attention.source=gradient runs in one process or under DDP: FSDP2 / DeepSpeed ZeRO-3 "
-                "do not support its double backward and second teacher pass; use source=activation there"
+                f"{self.key}.signal=gradient runs in one process or under DDP: FSDP2 / DeepSpeed ZeRO-3 "
+                "do not support its double backward and second teacher pass; use signal=activation there"
             )
         logits = F.linear(s.final_hidden, s.head_weight, s.head_bias)
         s_sal = saliency(next_token_ce(logits, input_ids), [s.hidden[i] for i, _ in self.pairs], create_graph=True)
@@ -520,8 +562,8 @@ class TokenAttentionTerm(LossTerm):
 
 
 @dataclass
-class ActivationBoundarySettings(ExtraTermSettings):
-    """``loss.extra.activation_boundary``: hinge making student MLP neurons active where the teacher's are."""
+class ActivationBoundarySettings(TermSettings):
+    """``activation_boundary``: hinge making source MLP neurons active where the target's are."""
 
     margin: float = 0.25
     """How far past zero the student's gate pre-activation must be."""
@@ -529,20 +571,22 @@ class ActivationBoundarySettings(ExtraTermSettings):
     """Layer pairs compared (neurons paired by the prune map's kept neurons)."""
 
     def validate(self) -> None:
+        super().validate()
         if self.margin < 0:
-            raise ConfigError(f"loss.extra.activation_boundary.margin={self.margin}: must be >= 0")
+            raise ConfigError(f"{self.key}.margin={self.margin}: must be >= 0")
 
 
 class ActivationBoundaryTerm(LossTerm):
     """Mean over layer pairs of the activation-boundary hinge on MLP gate pre-activations."""
 
-    def __init__(self, ctx: ObjectiveContext, cfg: ActivationBoundarySettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.boundary import ActivationBoundaryLoss
 
-        self.pairs = _feature_pairs(ctx, cfg.pairing, "extra.activation_boundary")
-        s_size = get_adapter(ctx.models[STUDENT]).shape(ctx.models[STUDENT].config)["intermediate_size"]
-        t_size = get_adapter(ctx.models[TEACHER]).shape(ctx.models[TEACHER].config)["intermediate_size"]
+        cfg = ctx.settings
+        self.pairs = _feature_pairs(ctx, cfg.pairing)
+        s_size = get_adapter(ctx.source).shape(ctx.source.config)["intermediate_size"]
+        t_size = get_adapter(ctx.target).shape(ctx.target.config)["intermediate_size"]
         self.neurons: dict[int, list[int] | None] = {}
         for i, j in self.pairs:
             if ctx.prune_map is not None and ctx.prune_map.teacher_layer_of(i) == j:
@@ -551,22 +595,22 @@ class ActivationBoundaryTerm(LossTerm):
                 self.neurons[i] = None
             else:
                 raise ConfigError(
-                    f"loss.extra.activation_boundary: student layer {i} and teacher layer {j} have {s_size} and {t_size} "
+                    f"{ctx.key}: {cfg.source} layer {i} and {cfg.target} layer {j} have {s_size} and {t_size} "
                     "MLP neurons and no prune map pairs them; pair layers with pairing.strategy=prune_map"
                 )
         self.loss = ActivationBoundaryLoss(cfg.margin)
 
     def requests(self):
-        return {STUDENT: CaptureRequest(gates={s for s, _ in self.pairs}), TEACHER: CaptureRequest(gates={t for _, t in self.pairs})}
+        return self.request(CaptureRequest(gates={s for s, _ in self.pairs}), CaptureRequest(gates={t for _, t in self.pairs}))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         return torch.stack([self.loss(s.gates[i], _select(t.gates[j], self.neurons[i])) for i, j in self.pairs]).mean()
 
 
 @dataclass
-class FlowSettings(ExtraTermSettings):
-    """``loss.extra.fsp``: flow matrices between two layers' features, matched between paired layer pairs."""
+class FlowSettings(TermSettings):
+    """``fsp``: flow matrices between two layers' features, matched between paired layer pairs."""
 
     student_pairs: list[list[int]] | None = None
     """[[first, second], ...] student layers (each with its paired teacher layer); None: consecutive paired layers."""
@@ -578,56 +622,58 @@ class FlowSettings(ExtraTermSettings):
     """Which teacher layer each student layer is paired with."""
 
     def validate(self) -> None:
+        super().validate()
         for k, pair in enumerate(self.student_pairs or []):
             if len(pair) != 2:
-                raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={pair}: must be [first_layer, second_layer]")
+                raise ConfigError(f"{self.key}.student_pairs[{k}]={pair}: must be [first_layer, second_layer]")
             if pair[0] == pair[1]:
                 raise ConfigError(
-                    f"loss.extra.fsp.student_pairs[{k}]={pair} uses layer {pair[0]} twice: a flow matrix relates two different layers"
+                    f"{self.key}.student_pairs[{k}]={pair} uses layer {pair[0]} twice: a flow matrix relates two different layers"
                 )
 
 
 class FlowTerm(LossTerm):
     """Flow (FSP / Gram) matrices of student layer pairs against those of their teacher layer pairs."""
 
-    def __init__(self, ctx: ObjectiveContext, cfg: FlowSettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.flow import FlowLoss
 
-        paired = dict(_feature_pairs(ctx, cfg.pairing, "extra.fsp"))
-        n = _layer_count(ctx.models[STUDENT])
+        cfg, key = ctx.settings, ctx.key
+        paired = dict(_feature_pairs(ctx, cfg.pairing))
+        n = _layer_count(ctx.source)
         if cfg.student_pairs is None:
             layers = sorted(paired)
             pairs = [(a, b) for a, b in zip(layers, layers[1:])]
             if not pairs:
-                raise ConfigError("loss.extra.fsp: the pairing gives one student layer; a flow matrix needs two (set student_pairs)")
+                raise ConfigError(f"{key}: the pairing gives one {cfg.source} layer; a flow matrix needs two (set student_pairs)")
         else:
             pairs = [(int(a), int(b)) for a, b in cfg.student_pairs]
         for k, (a, b) in enumerate(pairs):
             for layer in (a, b):
                 if not 0 <= layer < n:
-                    raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={[a, b]}: the student has layers 0..{n - 1}")
+                    raise ConfigError(f"{key}.student_pairs[{k}]={[a, b]}: the {cfg.source} has layers 0..{n - 1}")
                 if layer not in paired:
-                    raise ConfigError(f"loss.extra.fsp.student_pairs[{k}]={[a, b]}: layer {layer} has no teacher layer in the pairing")
+                    raise ConfigError(f"{key}.student_pairs[{k}]={[a, b]}: layer {layer} has no {cfg.target} layer in the pairing")
         self.pairs = [((a, b), (paired[a], paired[b])) for a, b in pairs]
-        self.kept = _kept_hidden(ctx, "extra.fsp", "matrix=channels") if cfg.matrix == "channels" else None
+        self.kept = _kept_hidden(ctx, "matrix=channels") if cfg.matrix == "channels" else None
         self.loss = FlowLoss(cfg.matrix, normalize=cfg.normalize)
 
     def requests(self):
         s_layers = {x for (a, b), _ in self.pairs for x in (a, b)}
         t_layers = {x for _, (a, b) in self.pairs for x in (a, b)}
-        return {STUDENT: CaptureRequest(hidden=s_layers), TEACHER: CaptureRequest(hidden=t_layers)}
+        return self.request(CaptureRequest(hidden=s_layers), CaptureRequest(hidden=t_layers))
 
     def forward(self, features, input_ids):
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         student = [(s.hidden[a], s.hidden[b]) for (a, b), _ in self.pairs]
         teacher = [(_select(t.hidden[a], self.kept), _select(t.hidden[b], self.kept)) for _, (a, b) in self.pairs]
         return self.loss(student, teacher)
 
 
 @dataclass
-class RelationalKDSettings(ExtraTermSettings):
-    """``loss.extra.rkd``: distance- and angle-wise relations between the batch's pooled sequence features."""
+class RelationalKDSettings(TermSettings):
+    """``rkd``: distance- and angle-wise relations between the batch's pooled sequence features."""
 
     distance_weight: float = 1.0
     """Weight of the distance-wise loss."""
@@ -639,8 +685,9 @@ class RelationalKDSettings(ExtraTermSettings):
     """Teacher layer pooled (None: final hidden states, or the prune map's layer of student_layer)."""
 
     def validate(self) -> None:
+        super().validate()
         if self.distance_weight < 0 or self.angle_weight < 0 or self.distance_weight + self.angle_weight == 0:
-            raise ConfigError("loss.extra.rkd.distance_weight / angle_weight: both >= 0 and not both 0")
+            raise ConfigError(f"{self.key}.distance_weight / angle_weight: both >= 0 and not both 0")
 
 
 class RelationalKDTerm(LossTerm):
@@ -650,39 +697,41 @@ class RelationalKDTerm(LossTerm):
     averaging gives the one-process gradient. Relations span one micro-batch of all ranks, not accumulation steps.
     """
 
-    def __init__(self, ctx: ObjectiveContext, cfg: RelationalKDSettings):
-        super().__init__()
+    def __init__(self, ctx: ObjectiveContext):
+        super().__init__(ctx)
         from .losses.rkd import RelationalKDLoss
 
-        ns, nt = _layer_count(ctx.models[STUDENT]), _layer_count(ctx.models[TEACHER])
+        cfg, key = ctx.settings, ctx.key
+        ns, nt = _layer_count(ctx.source), _layer_count(ctx.target)
         s_layer, t_layer = cfg.student_layer, cfg.teacher_layer
         if s_layer is not None and not 0 <= s_layer < ns:
-            raise ConfigError(f"loss.extra.rkd.student_layer={s_layer}: the student has layers 0..{ns - 1}")
+            raise ConfigError(f"{key}.student_layer={s_layer}: the {cfg.source} has layers 0..{ns - 1}")
         if t_layer is not None and not 0 <= t_layer < nt:
-            raise ConfigError(f"loss.extra.rkd.teacher_layer={t_layer}: the teacher has layers 0..{nt - 1}")
+            raise ConfigError(f"{key}.teacher_layer={t_layer}: the {cfg.target} has layers 0..{nt - 1}")
         if s_layer is not None and t_layer is None:
             if ctx.prune_map is None:
-                raise ConfigError("loss.extra.rkd.student_layer is set but there is no prune map: set loss.extra.rkd.teacher_layer")
+                raise ConfigError(f"{key}.student_layer is set but there is no prune map: set {key}.teacher_layer")
             t_layer = ctx.prune_map.teacher_layer_of(s_layer)
         if (s_layer is None) != (t_layer is None):
-            raise ConfigError("loss.extra.rkd: set both student_layer and teacher_layer, or neither (final hidden states)")
+            raise ConfigError(f"{key}: set both student_layer and teacher_layer, or neither (final hidden states)")
+        self.key = key
         self.student_layer, self.teacher_layer = s_layer, t_layer
         self.loss = RelationalKDLoss(cfg.distance_weight, cfg.angle_weight)
 
     def requests(self):
         if self.student_layer is None:
             return {}
-        return {STUDENT: CaptureRequest(hidden={self.student_layer}), TEACHER: CaptureRequest(hidden={self.teacher_layer})}
+        return self.request(CaptureRequest(hidden={self.student_layer}), CaptureRequest(hidden={self.teacher_layer}))
 
     def forward(self, features, input_ids):
         from .losses.rkd import MIN_SEQUENCES_PER_RANK, gather_rows, scale_gradient
 
-        s, t = features[STUDENT], features[TEACHER]
+        s, t = self.pair(features)
         h_s = s.final_hidden if self.student_layer is None else s.hidden[self.student_layer]
         h_t = t.final_hidden if self.teacher_layer is None else t.hidden[self.teacher_layer]
         if h_s.shape[0] < MIN_SEQUENCES_PER_RANK:
             raise ConfigError(
-                f"loss.extra.rkd needs at least {MIN_SEQUENCES_PER_RANK} sequences per process in each micro-batch, "
+                f"{self.key} needs at least {MIN_SEQUENCES_PER_RANK} sequences per process in each micro-batch, "
                 f"got {h_s.shape[0]}: raise train.batch_size (it is split over processes and accumulation steps)"
             )
         dtype = torch.promote_types(h_s.dtype, torch.float32)
@@ -690,10 +739,6 @@ class RelationalKDTerm(LossTerm):
         with torch.no_grad():
             pooled_t = gather_rows(h_t.to(dtype).mean(1))
         return scale_gradient(self.loss(pooled_s, pooled_t))
-
-
-def _register_extra(name: str, settings: type[ExtraTermSettings], term: Callable[[ObjectiveContext, Any], LossTerm]) -> None:
-    register_loss_term(name, settings)(lambda ctx: term(ctx, ctx.config.extra_settings(name)))
 
 
 for _name, _settings, _term in (
@@ -705,5 +750,5 @@ for _name, _settings, _term in (
     ("fsp", FlowSettings, FlowTerm),
     ("rkd", RelationalKDSettings, RelationalKDTerm),
 ):
-    _register_extra(_name, _settings, _term)
+    register_loss_term(_name, _settings)(_term)
 del _name, _settings, _term
