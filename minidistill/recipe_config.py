@@ -19,6 +19,7 @@ from .distill.mutual import MutualConfig, check_mutual
 from .distill.netaug import NetAugConfig, check_netaug_combination
 from .distill.objective import STUDENT, TEACHER, DistillLossConfig, check_cache_compatible, check_term_roles, feature_terms
 from .distill.on_policy import OnPolicyConfig, check_on_policy
+from .distill.roles import PEER_ROLE, ROLE_NAME
 from .distill.teacher_cache import TeacherCacheConfig
 from .distill.teacher_samples import CORPUS, TeacherSamplesConfig
 from .export_gguf import GGUFExportConfig
@@ -66,6 +67,10 @@ class PruneDistillConfig(ConfigBase):
     """Training and held-out text."""
     teacher_samples: TeacherSamplesConfig | None = None
     """How the teacher writes the text of the data source ``teacher_samples`` (null: the defaults, when the data names it)."""
+    roles: dict[str, ModelConfig] = field(default_factory=dict)
+    """Further frozen models by role name, for loss terms to name as their ``target`` (a second teacher:
+    ``roles.teacher2.source=<folder>`` with ``loss.terms.kd2: {term: logits, target: teacher2}``); each shares the
+    teacher's tokenizer and is placed like the teacher (a replica, or sharded under FSDP2 / ZeRO-3)."""
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     """Distillation objective."""
     teacher_cache: TeacherCacheConfig | None = None
@@ -113,7 +118,7 @@ class PruneDistillConfig(ConfigBase):
                 f"student.source={self.student.source!r} is the teacher itself; give a pruned student folder "
                 "or set student=null to prune the teacher"
             )
-        check_term_roles(self.loss, roles=[STUDENT, TEACHER], trainable=[STUDENT])
+        self._check_roles()
         self._check_teacher_samples()
         if self.teacher_cache is not None and self.teacher_cache.enabled:
             check_cache_compatible(self.loss)
@@ -150,6 +155,33 @@ class PruneDistillConfig(ConfigBase):
                 "teacher in this run, or teacher_correction=null"
             )
 
+
+    def _check_roles(self) -> None:
+        for name in self.roles:
+            if not ROLE_NAME.fullmatch(name) or name in (STUDENT, TEACHER) or PEER_ROLE.fullmatch(name):
+                raise ConfigError(
+                    f"roles.{name}: a role name is letters, digits and _ (starting with a letter), other than student, "
+                    "teacher and peer<i>; rename it"
+                )
+        check_term_roles(self.loss, roles=[STUDENT, TEACHER, *self.roles], trainable=[STUDENT])
+        targets = {s.target for s in self.loss.terms.values() if s.weight > 0}
+        for name in self.roles:
+            if name not in targets:
+                raise ConfigError(
+                    f"roles.{name} is the target of no loss term, so it would be loaded for nothing; add a term such as "
+                    f"loss.terms.{name}_kd: {{term: logits, target: {name}}}, or remove roles.{name}"
+                )
+        if self.roles:
+            used = {"mutual": self.mutual is not None, "born_again": self.born_again is not None,
+                    "exits": self.exits is not None, "netaug": self.netaug is not None,
+                    "on_policy": self.on_policy is not None, "train.lora": self.train.lora is not None,
+                    "teacher_cache.enabled": self.teacher_cache is not None and self.teacher_cache.enabled}
+            for key, on in used.items():
+                if on:
+                    raise ConfigError(
+                        f"roles ({', '.join(self.roles)}) trains the student against further frozen models in a plain run; "
+                        f"{key} is not combined with it: set {key}=null (or roles={{}})"
+                    )
 
     @property
     def samples(self) -> TeacherSamplesConfig | None:
@@ -208,8 +240,24 @@ RESUMABLE_CHANGES = (
 )
 
 
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved or current config dict with its ``loss`` in one form: the enabled terms under ``loss.terms`` (a
+    checkpoint written with the earlier ``loss.logits`` / ``loss.extra`` form compares equal to the same terms)."""
+    loss = config.get("loss")
+    if not isinstance(loss, dict):
+        return config
+    try:
+        parsed = DistillLossConfig.from_dict(loss, prefix="loss.")
+    except ConfigError:
+        return config
+    terms = {name: settings.to_dict() for name, settings in parsed.terms.items() if settings.weight > 0}
+    return {**config, "loss": {**parsed.to_dict(), "terms": terms}}
+
+
 def incompatible_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two config dicts, except those a resume may change."""
+    if not prefix:
+        saved, current = comparable(saved), comparable(current)
     out: list[str] = []
     for key in sorted(set(saved) | set(current)):
         dotted = f"{prefix}{key}"

@@ -366,6 +366,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     timer = StageTimer()
     accelerator = build_accelerator(cfg.train, cfg.run_dir)
     teacher, tokenizer = load_teacher(cfg, accelerator, timer)
+    roles = load_roles(cfg, teacher, tokenizer, accelerator, timer)
     check_student_inputs(cfg, teacher, tokenizer)
     generated = write_samples(cfg, teacher, tokenizer, accelerator, timer)
     with timer.stage("data"):
@@ -384,7 +385,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     for peer_map in peer_maps:
         check_pairing_possible(cfg.loss, peer_map)
     fit = functools.partial(_fit, cfg, data=data, accelerator=accelerator, vocab_size=alignment.mask_from, tokenizer=tokenizer,
-                            timer=timer)
+                            timer=timer, roles=roles)
     if cfg.born_again is None:
         result, metadata = fit(student=student, teacher=teacher, prune_map=prune_map, run_dir=cfg.run_dir, resume=resume_path,
                                cache=cache, peers=peers, peer_maps=peer_maps, export_prune_map=prune_map)
@@ -425,6 +426,8 @@ def check_run(cfg: PruneDistillConfig, resume: str | bool | None) -> tuple[Prune
 
         resolve_prune_device(cfg.prune.device)  # a named device this machine lacks fails before any loading
     check_seq_len(cfg.teacher, cfg.data.seq_len, "teacher")
+    for name, role in cfg.roles.items():
+        check_seq_len(role, cfg.data.seq_len, f"roles.{name}")
     if cfg.student is not None:
         check_seq_len(cfg.student, cfg.data.seq_len, "student")
     if cfg.export.gguf is not None:
@@ -444,6 +447,31 @@ def load_teacher(cfg: PruneDistillConfig, accelerator, timer):
         except ModelError as e:
             raise ModelError(f"export.gguf: {e}; or set export.gguf=null") from None
     return teacher, tokenizer
+
+
+def load_roles(cfg: PruneDistillConfig, teacher, tokenizer, accelerator, timer) -> dict[str, Any]:
+    """The further frozen models of ``cfg.roles`` by name, full weights on every process; ModelError when one does
+    not share the teacher's tokenizer."""
+    roles = {}
+    for name, role in cfg.roles.items():
+        with timer.stage(f"load {name}"), parallel.full_weights_init(accelerator):
+            model, role_tok = load_model_and_tokenizer(role)
+        vocab, role_vocab = tokenizer.get_vocab(), role_tok.get_vocab()
+        if role_vocab != vocab:
+            differing = sum(1 for tok, i in vocab.items() if role_vocab.get(tok) != i)
+            raise ModelError(
+                f"roles.{name}.source={role.source}: its tokenizer differs from the teacher's ({differing} of {len(vocab)} "
+                f"teacher tokens missing or renumbered); a further role must share the teacher's tokenizer (set "
+                f"roles.{name}.tokenizer=<teacher source> when only its tokenizer files are wrong)"
+            )
+        rows = (teacher.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0])
+        if rows[0] != rows[1]:
+            raise ModelError(
+                f"roles.{name}.source={role.source}: its lm_head has {rows[1]} rows and the teacher's {rows[0]}; a further "
+                "role needs the teacher's head size (the same model family and tokenizer)"
+            )
+        roles[name] = model
+    return roles
 
 
 def check_student_inputs(cfg: PruneDistillConfig, teacher, tokenizer) -> None:
@@ -546,8 +574,9 @@ def build_cache(cfg: PruneDistillConfig, teacher, tokenizer, data, accelerator, 
 
 def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | None, run_dir: Path, resume: Path | None, cache,
          peers: list, peer_maps: list, export_prune_map: PruneMap | None, data, accelerator, vocab_size: int | None,
-         tokenizer, timer, generation: int | None = None) -> tuple[TrainResult, dict[str, Any]]:
-    """Distill ``student`` (and any peers) from ``teacher`` in ``run_dir``, export to ``run_dir/model`` (peers next to it)."""
+         tokenizer, timer, generation: int | None = None, roles: dict[str, Any] | None = None) -> tuple[TrainResult, dict[str, Any]]:
+    """Distill ``student`` (and any peers) from ``teacher`` (and any further frozen ``roles``) in ``run_dir``, export to
+    ``run_dir/model`` (peers next to it)."""
     distiller = Distiller(
         student=student,
         teacher=teacher,
@@ -568,12 +597,14 @@ def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | Non
         peer_prune_maps=peer_maps,
         exits=cfg.exits,
         netaug=cfg.netaug,
+        roles=roles,
     )
     stage = "distill" if generation is None else f"distill gen{generation}"
     with timer.stage(stage):
         result = distiller.run(resume=resume)
     metadata = {
         "teacher": cfg.teacher.source,
+        **({"roles": {name: role.source for name, role in cfg.roles.items()}} if cfg.roles else {}),
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": result.seconds,

@@ -135,6 +135,10 @@ GEMMA3_CONFIG = json.dumps({"model_type": "gemma3_text", "architectures": ["Gemm
                             "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
                             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512, "max_position_embeddings": 256})
 
+SHORT_LLAMA_CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                 "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 32})
+
 HUB_ENV = {"HF_TOKEN": None, "HF_HUB_OFFLINE": "0"}  # no token anywhere (HF_HOME is the case's empty folder)
 
 CASES: list[Case] = [
@@ -157,6 +161,17 @@ CASES: list[Case] = [
          r"no such folder: .*gone/student", "model"),
     Case("distill_student_tokenizer_differs", "prune_distill", _distill("student.source={student_tok}"), 8,
          r"tokenizers differ.*student\.tokenizer=", "model"),
+    Case("distill_role_tokenizer_differs", "prune_distill",
+         _distill("roles.teacher2.source={student_tok}", "loss.terms.kd2.term=logits", "loss.terms.kd2.target=teacher2"), 8,
+         r"roles\.teacher2\.source=.*student_tok: its tokenizer differs from the teacher's", "model"),
+    Case("distill_role_missing", "prune_distill",
+         _distill("roles.teacher2.source={case}/gone/t2", "loss.terms.kd2.term=logits", "loss.terms.kd2.target=teacher2"), 8,
+         r"no such folder: .*gone/t2", "model"),
+    Case("distill_role_seq_len_too_long", "prune_distill",
+         _distill("roles.teacher2.source={case}/short", "loss.terms.kd2.term=logits", "loss.terms.kd2.target=teacher2",
+                  "data.seq_len=48"), 2,
+         r"data\.seq_len=48 exceeds the roles\.teacher2's max_position_embeddings=32", "config",
+         files={"short/config.json": SHORT_LLAMA_CONFIG}),
     Case("distill_unsupported_teacher", "prune_distill", _distill(*PRUNE_STUDENT, "teacher.source={gpt2}"), 7,
          r"gpt2", "model"),
     Case("distill_gguf_unsupported_architecture", "prune_distill",

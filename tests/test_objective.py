@@ -210,3 +210,36 @@ def test_bad_terms_are_refused_naming_the_key(loss, match):
 
     with pytest.raises(ConfigError, match=match):
         PruneDistillConfig.from_dict({"loss": loss})
+
+
+def test_attention_term_reads_each_layers_layout_from_the_features():
+    """The features carry each captured layer's attention layout (as its attention function was called); the attention
+    term applies it: on a sliding-window model it equals the transfer loss with the captured window and scaling, and
+    differs from full causal attention."""
+    from minidistill.distill.capture import CaptureSpec, FeatureCapture
+    from minidistill.distill.features import CaptureRequest, model_features
+    from minidistill.distill.losses.attention import AttentionTransferLoss
+
+    teacher = tiny_model("mistral", num_layers=2, sliding_window=3)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pmap = PruneMap.identity(get_adapter(teacher).shape(teacher.config))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    feats = model_features(student, ids, CaptureRequest(qk={0, 1}))
+    with FeatureCapture(student, CaptureSpec(layers=[0, 1], queries=True, keys=True)) as cap, torch.no_grad():
+        student(ids)
+    assert feats.attention == cap.attention and {lay.sliding_window for lay in feats.attention.values()} == {3}
+    out, _ = _step(teacher, student, DistillLossConfig.from_dict({"terms": {"attention": {"pairing": {"strategy": "prune_map"}}}}),
+                   pmap, ids)
+    t = model_features(teacher, ids, CaptureRequest(qk={0, 1}))
+    loss = AttentionTransferLoss()
+
+    def reference(window):
+        return torch.stack([loss(feats.queries[i], feats.keys[i], t.queries[i], t.keys[i],
+                                 student_scaling=feats.attention[i].scaling, teacher_scaling=t.attention[i].scaling,
+                                 sliding_window=window) for i in (0, 1)]).mean().item()
+
+    got = out["components"]["loss/attention"].item()
+    assert got == pytest.approx(reference(3), rel=1e-5) and got != pytest.approx(reference(None), rel=1e-3)

@@ -120,3 +120,15 @@ def test_resume_compatibility_names_changed_fields_only():
     a = PruneDistillConfig().to_dict()
     b = load_recipe_config(None, ["train.max_steps=500", "eval.every=3", "loss.logits.temperature=2", "data.seq_len=64"]).to_dict()
     assert incompatible_fields(a, b) == ["data.seq_len", "loss.terms.logits.temperature"]
+
+
+def test_a_checkpoint_config_in_the_earlier_loss_form_resumes_under_loss_terms():
+    """A run saved with ``loss.logits`` / ``loss.hidden`` (weight 0) / ``loss.extra`` compares equal to the same
+    terms under ``loss.terms``; a real change of a term is still named."""
+    current = load_recipe_config(None, ["loss.terms.logits.ce_weight=0.5", "loss.terms.nst.weight=0.25"]).to_dict()
+    saved = {**current, "loss": {"logits": {**current["loss"]["terms"]["logits"], "term": None},
+                                 "hidden": {"weight": 0.0, "kind": "nmse"}, "attention": {"weight": 0.0},
+                                 "extra": {"nst": {"weight": 0.25}}, "balance": "fixed"}}
+    assert incompatible_fields(saved, current) == []
+    saved["loss"]["extra"]["nst"]["degree"] = 3
+    assert incompatible_fields(saved, current) == ["loss.terms.nst.degree"]

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..adapters import get_adapter
 from .roles import STUDENT, TEACHER
+
+if TYPE_CHECKING:  # capture imports this module
+    from .capture import AttentionLayout
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -54,6 +58,9 @@ class ModelFeatures:
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
     """MLP gate pre-activations [batch, seq, intermediate], by layer."""
+    attention: dict[int, AttentionLayout] = field(default_factory=dict)
+    """How each layer with captured queries / keys / values turned them into attention weights in this forward
+    (scaling, sliding window, causality), as its attention function was called."""
 
 
 @dataclass
@@ -161,6 +168,7 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
         feats.keys = dict(capture.keys)
         feats.values = dict(capture.values)
         feats.gates = dict(capture.gates)
+        feats.attention = dict(capture.attention)
     return feats
 
 

@@ -75,13 +75,14 @@ class DistillObjective(nn.Module):
     """
 
     def __init__(self, cfg: DistillLossConfig, *, teacher: nn.Module, student: nn.Module, prune_map: PruneMap | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, roles: dict[str, nn.Module] | None = None):
+        """``roles``: further frozen models by role name, for terms to name as their target."""
         super().__init__()
         from .balance import LossBalancer
 
         self.config = cfg
         self.vocab_size = vocab_size
-        models = {STUDENT: student, TEACHER: teacher}
+        models = {STUDENT: student, TEACHER: teacher, **(roles or {})}
         check_term_roles(cfg, roles=list(models), trainable=[STUDENT])
         terms = {}
         for name, settings in cfg.terms.items():
@@ -181,8 +182,10 @@ class DistillationModule(nn.Module):
         return generate_continuations(self.student, prefix, uniforms, temperature=temperature, vocab_size=vocab_size)
 
     def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
-                target_mask: torch.Tensor | None = None, peer: int = 0, netaug_ratio: float | None = None) -> dict:
-        """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`). With
+                target_mask: torch.Tensor | None = None, peer: int = 0, netaug_ratio: float | None = None,
+                role_features: dict[str, ModelFeatures] | None = None) -> dict:
+        """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`;
+        ``role_features``: the features of the further frozen roles, by name). With
         ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
         of :func:`minidistill.training.evaluation.heldout_stats` for trainable model ``peer`` (0: the student)."""
         exit_request = CaptureRequest(hidden=set(self.exits.layers)) if self.exits is not None and peer == 0 else CaptureRequest()
@@ -202,7 +205,8 @@ class DistillationModule(nn.Module):
             return out
         if not self.peers:
             student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT).merge(exit_request))
-            total, components = self.objective({STUDENT: student_features, TEACHER: teacher_features}, input_ids, target_mask)
+            features = {STUDENT: student_features, TEACHER: teacher_features, **(role_features or {})}
+            total, components = self.objective(features, input_ids, target_mask)
             if self.exits is not None:
                 exit_total, exit_components = self.exits(student_features.hidden, student_features.final_hidden,
                                                          student_features.head_weight, student_features.head_bias)
@@ -241,13 +245,14 @@ class DistillationModule(nn.Module):
 
 @torch.no_grad()
 def teacher_features(teacher: nn.Module, input_ids: torch.Tensor, objective: DistillObjective, *,
-                     copy_head: bool = False) -> ModelFeatures | EnsembleFeatures:
-    """The frozen teacher's features for one micro-batch (one forward of it, or of each ensemble member; no gradients)."""
+                     copy_head: bool = False, role: str = TEACHER) -> ModelFeatures | EnsembleFeatures:
+    """A frozen role's features for one micro-batch (one forward of it, or of each ensemble member; no gradients);
+    ``role`` names which of the objective's roles ``teacher`` is."""
     inner = unwrap_module(teacher)
     if isinstance(inner, EnsembleTeacher):
-        return EnsembleFeatures([model_features(m, input_ids, objective.request_for(TEACHER), copy_head=copy_head)
+        return EnsembleFeatures([model_features(m, input_ids, objective.request_for(role), copy_head=copy_head)
                                  for m in inner.members])
-    return model_features(teacher, input_ids, objective.request_for(TEACHER), copy_head=copy_head)
+    return model_features(teacher, input_ids, objective.request_for(role), copy_head=copy_head)
 
 
 __all__ = [

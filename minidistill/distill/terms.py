@@ -35,25 +35,12 @@ from .roles import STUDENT, TEACHER
 logger = logging.getLogger(__name__)
 
 
-def _attention_scaling(model: nn.Module, layer: int) -> float:
-    adapter = get_adapter(model)
-    attn = adapter.layer_part(adapter.decoder_layers(model)[layer], "self_attn")
-    return float(getattr(attn, "scaling", adapter.head_dim(model.config) ** -0.5))
-
-
 def _layer_count(model: nn.Module) -> int:
     return get_adapter(model).shape(model.config)["num_layers"]
 
 
 def _hidden_size(model: nn.Module) -> int:
     return get_adapter(model).shape(model.config)["hidden_size"]
-
-
-def _sliding_window(model: nn.Module, layer: int) -> int | None:
-    adapter = get_adapter(model)
-    attn = adapter.layer_part(adapter.decoder_layers(model)[layer], "self_attn")
-    window = getattr(attn, "sliding_window", None)
-    return int(window) if window else None
 
 
 # ---------------------------------------------------------------------------------------------- loss terms
@@ -253,10 +240,7 @@ class AttentionTerm(LossTerm):
 
         cfg = ctx.settings
         self.pairs = _pairs(ctx, cfg.pairing)
-        student, teacher = ctx.source, ctx.target
         self.loss = AttentionTransferLoss(chunk_queries=cfg.chunk_queries)
-        self.scaling = {(i, j): (_attention_scaling(student, i), _attention_scaling(teacher, j)) for i, j in self.pairs}
-        self.sliding_window = {i: _sliding_window(student, i) for i, _ in self.pairs}
         self.teacher_heads: dict[int, list[int] | None] = {}
         for i, j in self.pairs:
             if ctx.prune_map is not None and ctx.prune_map.teacher_layer_of(i) == j:
@@ -270,13 +254,13 @@ class AttentionTerm(LossTerm):
     def forward(self, features, input_ids):
         s, t = self.pair(features)
         losses = []
-        for i, j in self.pairs:
-            s_scale, t_scale = self.scaling[(i, j)]
+        for i, j in self.pairs:  # scaling and sliding window as each layer's attention function was called
+            s_layout, t_layout = s.attention[i], t.attention[j]
             losses.append(
                 self.loss(
                     s.queries[i], s.keys[i], t.queries[j], t.keys[j],
-                    student_scaling=s_scale, teacher_scaling=t_scale, teacher_heads=self.teacher_heads[i],
-                    sliding_window=self.sliding_window[i],
+                    student_scaling=s_layout.scaling, teacher_scaling=t_layout.scaling, teacher_heads=self.teacher_heads[i],
+                    sliding_window=s_layout.sliding_window,
                 )
             )
         return torch.stack(losses).mean()

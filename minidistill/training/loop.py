@@ -32,6 +32,7 @@ from ..distill.objective import (
     DistillLossConfig,
     DistillObjective,
     EnsembleTeacher,
+    ModelFeatures,
     check_cache_compatible,
     feature_terms,
     teacher_features,
@@ -172,8 +173,14 @@ class Distiller:
         peer_prune_maps: list[PruneMap | None] | None = None,
         exits: ExitConfig | None = None,
         netaug: NetAugConfig | None = None,
+        roles: dict[str, nn.Module] | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
+        roles = dict(roles or {})
+        if roles and (mutual is not None or exits is not None or netaug is not None or on_policy is not None
+                      or teacher_cache is not None or train.lora is not None):
+            raise ValueError("further frozen roles train the student alone: no mutual, exits, netaug, on_policy, "
+                             "teacher_cache or LoRA")
         self.mutual = mutual
         """Deep mutual learning settings (None: the student alone); ``peers`` are then the other students."""
         peers = list(peers or [])
@@ -240,8 +247,10 @@ class Distiller:
         for model in (student, *peers):
             _ready_for_training(model, train)
             freeze_groups(model, train.freeze)
-        freeze(teacher)
-        objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size)
+        for frozen in (teacher, *roles.values()):
+            freeze(frozen)
+        objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size,
+                                     roles=roles)
         self.student = student
         if mutual is None:
             module = DistillationModule(
@@ -275,6 +284,8 @@ class Distiller:
         if on_policy is not None and distributed_kind(acc) == "fsdp2":
             register_fsdp_forward_method(acc.unwrap_model(self.module), "generate_student")  # gathers the root's shards
         self.teacher = self._prepare_teacher(teacher)
+        self.roles = {name: self._prepare_teacher(model) for name, model in roles.items()}
+        """Further frozen models by role name (placed like the teacher), for the objective's terms that target them."""
         self.teacher_sharded = _teacher_sharded(acc)
         self.run_name = run_name
         self.planned_steps, self._horizon_planned = train.max_steps, False
@@ -304,6 +315,12 @@ class Distiller:
     def _teacher_features(self, input_ids: torch.Tensor):
         with self.accelerator.autocast():
             return teacher_features(self.teacher, input_ids, self._objective(), copy_head=self.teacher_sharded)
+
+    def _role_features(self, input_ids: torch.Tensor) -> dict[str, ModelFeatures]:
+        """The further frozen roles' features for one micro-batch (one forward of each)."""
+        with self.accelerator.autocast():
+            return {name: teacher_features(model, input_ids, self._objective(), copy_head=self.teacher_sharded, role=name)
+                    for name, model in self.roles.items()}
 
     def _cached_teacher(self, indices: torch.Tensor) -> CachedTeacher:
         from ..parallel import local_rows
@@ -548,7 +565,7 @@ class Distiller:
         for micro in range(tc.grad_accum_steps):
             if isinstance(self.sampler, StreamingBlockSampler):
                 input_ids, position_ids = (t.to(acc.device) for t in self.sampler.next_batch())
-                positions = packed_positions([self.student, *self.peers, self.teacher], position_ids)
+                positions = packed_positions([self.student, *self.peers, self.teacher, *self.roles.values()], position_ids)
             else:
                 indices = self.sampler.next_indices()
                 input_ids, positions = self._global_rows(indices), nullcontext()
@@ -566,6 +583,8 @@ class Distiller:
                     t_feats = None  # peers learn from the data and each other only
                 else:
                     t_feats = self._teacher_features(input_ids)
+                if self.roles:
+                    target["role_features"] = self._role_features(input_ids)
                 with acc.accumulate(self.module):
                     with acc.autocast():
                         out = self.module(input_ids, t_feats, **target)
