@@ -37,10 +37,20 @@ __all__ = [
     "EvalConfig",
     "LoraSettings",
     "PruneDistillConfig",
+    "RoleConfig",
     "TrainConfig",
     "incompatible_fields",
     "load_recipe_config",
 ]
+
+
+@dataclass
+class RoleConfig(ModelConfig):
+    """A further model of the run: where it comes from, and whether it trains."""
+
+    trainable: bool = False
+    """Train it with the student (terms may name it as ``source``; exported to ``<run_dir>/model_<name>/``); false:
+    frozen, placed like the teacher, only a ``target``."""
 
 
 def _default_prune():
@@ -67,10 +77,11 @@ class PruneDistillConfig(ConfigBase):
     """Training and held-out text."""
     teacher_samples: TeacherSamplesConfig | None = None
     """How the teacher writes the text of the data source ``teacher_samples`` (null: the defaults, when the data names it)."""
-    roles: dict[str, ModelConfig] = field(default_factory=dict)
-    """Further frozen models by role name, for loss terms to name as their ``target`` (a second teacher:
-    ``roles.teacher2.source=<folder>`` with ``loss.terms.kd2: {term: logits, target: teacher2}``); each shares the
-    teacher's tokenizer and is placed like the teacher (a replica, or sharded under FSDP2 / ZeRO-3)."""
+    roles: dict[str, RoleConfig] = field(default_factory=dict)
+    """Further models by role name, sharing the teacher's tokenizer, for loss terms to name: frozen ones as a
+    ``target`` (a second teacher: ``roles.teacher2.source=<folder>`` with ``loss.terms.kd2: {term: logits, target:
+    teacher2}``), placed like the teacher; trained ones (``trainable: true``) also as a ``source``, trained with the
+    student and exported to ``<run_dir>/model_<name>/``."""
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
     """Distillation objective."""
     teacher_cache: TeacherCacheConfig | None = None
@@ -163,10 +174,16 @@ class PruneDistillConfig(ConfigBase):
                     f"roles.{name}: a role name is letters, digits and _ (starting with a letter), other than student, "
                     "teacher and peer<i>; rename it"
                 )
-        check_term_roles(self.loss, roles=[STUDENT, TEACHER, *self.roles], trainable=[STUDENT])
-        targets = {s.target for s in self.loss.terms.values() if s.weight > 0}
-        for name in self.roles:
-            if name not in targets:
+        trained = [name for name, role in self.roles.items() if role.trainable]
+        check_term_roles(self.loss, roles=[STUDENT, TEACHER, *self.roles], trainable=[STUDENT, *trained])
+        enabled = [s for s in self.loss.terms.values() if s.weight > 0]
+        for name, role in self.roles.items():
+            if role.trainable and name not in {s.source for s in enabled}:
+                raise ConfigError(
+                    f"roles.{name}.trainable=true but no loss term trains it (names it as source); add a term such as "
+                    f"loss.terms.{name}_kd: {{term: logits, source: {name}}}, or set roles.{name}.trainable=false"
+                )
+            if not role.trainable and name not in {s.target for s in enabled}:
                 raise ConfigError(
                     f"roles.{name} is the target of no loss term, so it would be loaded for nothing; add a term such as "
                     f"loss.terms.{name}_kd: {{term: logits, target: {name}}}, or remove roles.{name}"

@@ -3,7 +3,8 @@
 ``metrics.json`` schema (every number in ``report.md`` is read from it):
 
 - ``run_name``, ``created`` (ISO time), ``device`` (words), ``config_file``.
-- ``models``: ``{"teacher" | "pruned" | "distilled" | "peer<i>" (the other students of a mutual run): {"shape": {...}, "params": int,
+- ``models``: ``{"teacher" | "pruned" | "distilled" | "peer<i>" | <trained role> (the other students of a mutual run, the trained
+  roles): {"shape": {...}, "params": int,
   "non_embedding_params": int, "heldout": {"loss", "perplexity", "tokens"}, "agreement": float | None,
   "generations": [{"prompt", "completion"}]}}``; missing stages are left out.
 - ``models.<name>.speed`` (optional): :func:`measure_speed` of that model (tokens/s of a forward at a

@@ -9,6 +9,7 @@ losses, and on resume the checkpoint's config against the current one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -229,6 +230,16 @@ def peer_dir(run_dir: Path, index: int) -> Path:
     return run_dir / f"{MODEL_DIR}_{peer_name(index)}"
 
 
+def role_dir(run_dir: Path, name: str) -> Path:
+    """Where the trained role ``name`` is exported."""
+    return run_dir / f"{MODEL_DIR}_{name}"
+
+
+def trained_role_names(cfg: PruneDistillConfig) -> list[str]:
+    """The roles of ``cfg.roles`` that train with the student, in config order."""
+    return [name for name, role in cfg.roles.items() if role.trainable]
+
+
 def check_peer_sources(cfg: PruneDistillConfig, teacher_rows: int, tokenizer) -> None:
     """ModelError naming ``mutual.sources[i]`` when a peer folder is missing or does not share the teacher's vocabulary."""
     for i, source in enumerate(cfg.mutual.sources if cfg.mutual is not None else []):
@@ -366,7 +377,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     timer = StageTimer()
     accelerator = build_accelerator(cfg.train, cfg.run_dir)
     teacher, tokenizer = load_teacher(cfg, accelerator, timer)
-    roles = load_roles(cfg, teacher, tokenizer, accelerator, timer)
+    roles = load_roles(cfg, teacher, tokenizer, accelerator, timer)  # loaded once; the trained ones train from here
     check_student_inputs(cfg, teacher, tokenizer)
     generated = write_samples(cfg, teacher, tokenizer, accelerator, timer)
     with timer.stage("data"):
@@ -450,12 +461,13 @@ def load_teacher(cfg: PruneDistillConfig, accelerator, timer):
 
 
 def load_roles(cfg: PruneDistillConfig, teacher, tokenizer, accelerator, timer) -> dict[str, Any]:
-    """The further frozen models of ``cfg.roles`` by name, full weights on every process; ModelError when one does
-    not share the teacher's tokenizer."""
+    """The further models of ``cfg.roles`` by name (frozen and trained), full weights on every process; ModelError when
+    one does not share the teacher's tokenizer."""
     roles = {}
     for name, role in cfg.roles.items():
         with timer.stage(f"load {name}"), parallel.full_weights_init(accelerator):
-            model, role_tok = load_model_and_tokenizer(role)
+            model, role_tok = load_model_and_tokenizer(ModelConfig(**{f.name: getattr(role, f.name)
+                                                                      for f in dataclasses.fields(ModelConfig)}))
         vocab, role_vocab = tokenizer.get_vocab(), role_tok.get_vocab()
         if role_vocab != vocab:
             differing = sum(1 for tok, i in vocab.items() if role_vocab.get(tok) != i)
@@ -597,14 +609,16 @@ def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | Non
         peer_prune_maps=peer_maps,
         exits=cfg.exits,
         netaug=cfg.netaug,
-        roles=roles,
+        roles={name: m for name, m in (roles or {}).items() if not cfg.roles[name].trainable},
+        trained_roles={name: m for name, m in (roles or {}).items() if cfg.roles[name].trainable},
     )
     stage = "distill" if generation is None else f"distill gen{generation}"
     with timer.stage(stage):
         result = distiller.run(resume=resume)
     metadata = {
         "teacher": cfg.teacher.source,
-        **({"roles": {name: role.source for name, role in cfg.roles.items()}} if cfg.roles else {}),
+        **({"roles": {name: {"source": role.source, "trainable": role.trainable} for name, role in cfg.roles.items()}}
+           if cfg.roles else {}),
         "steps": result.steps,
         "tokens": result.tokens,
         "seconds": result.seconds,
@@ -624,6 +638,9 @@ def _fit(cfg: PruneDistillConfig, *, student, teacher, prune_map: PruneMap | Non
         for i, peer_map in enumerate(peer_maps, start=1):
             export_student(accelerator, result.module, peer_dir(run_dir, i), tokenizer=tokenizer, prune_map=peer_map,
                            metadata={**metadata, "peer": peer_name(i)}, role=f"peers.{i - 1}")
+        for i, name in enumerate(trained_role_names(cfg)):  # the module's peers, in this order
+            export_student(accelerator, result.module, role_dir(run_dir, name), tokenizer=tokenizer, prune_map=None,
+                           metadata={**metadata, "role": name}, role=f"peers.{i}")
     return result, metadata
 
 
@@ -787,9 +804,10 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
         models[name]["heldout_sets"] = heldout_sets(model)
         if name != "pruned":
             models[name]["speed"] = measure_speed(model, **REPORT_SPEED)
-    for i in range(1, (cfg.mutual.num_peers if cfg.mutual is not None else 1)):  # the other students of a mutual run
-        name = peer_name(i)
-        peer = load_model(ModelConfig(source=str(peer_dir(cfg.run_dir, i)))).to(device)
+    trained = [(peer_name(i), peer_dir(cfg.run_dir, i)) for i in range(1, cfg.mutual.num_peers if cfg.mutual is not None else 1)]
+    trained += [(name, role_dir(cfg.run_dir, name)) for name in trained_role_names(cfg)]
+    for name, folder in trained:  # the other students of a mutual run, the trained roles
+        peer = load_model(ModelConfig(source=str(folder))).to(device)
         models[name] = model_entry(peer, heldout=heldout_of(last, f"{name}/heldout"), agreement=last.get(f"{name}/top1_agreement"),
                                    generations=greedy_generations(peer, tokenizer, max_new_tokens=cfg.report_new_tokens))
         models[name]["heldout_sets"] = heldout_sets(peer)

@@ -15,6 +15,7 @@ from minidistill.config import ConfigError
 from minidistill.distill.losses.hidden import ChannelProjection, HiddenStateLoss
 from minidistill.distill.objective import (
     LOSS_TERMS,
+    TERM_SETTINGS,
     DistillationModule,
     DistillLossConfig,
     DistillObjective,
@@ -154,6 +155,7 @@ def test_registered_extra_term_is_built_and_weighted():
             DistillObjective(DistillLossConfig.from_dict({"extra": {"nope": 1.0}}), teacher=teacher, student=student)
     finally:
         LOSS_TERMS.pop("final_hidden_l2", None)
+        TERM_SETTINGS.pop("final_hidden_l2", None)
 
 
 # ---------------------------------------------------------------------------------------------- loss.terms

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from train_scripts.tiny_setup import make_student_dir, make_teacher_dir, tiny_overrides
 
 from minidistill.corpora import bundled_documents
@@ -39,11 +40,18 @@ def _train_records(log: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("streaming", [False, True], ids=["in_memory", "streaming"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, streaming):
+@pytest.mark.parametrize("streaming, trained_role", [(False, False), (True, False), (False, True)],
+                         ids=["in_memory", "streaming", "trained_role"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, streaming, trained_role):
+    """``trained_role``: a second trained model (``roles.buddy.trainable``) with mutual-learning terms; its curve,
+    held-out figures and exported weights resume exactly too."""
+    from test_roles import TRAINED_TERMS
+
     teacher = make_teacher_dir(tmp_path / "teacher")
     student = make_student_dir(teacher, tmp_path / "student")
     data = {}
+    if trained_role:
+        data = {"roles.buddy.source": make_teacher_dir(tmp_path / "buddy", seed=2), **TRAINED_TERMS}
     if streaming:  # a local text file read lazily; the resume continues from the checkpoint's stream cursor
         corpus = tmp_path / "news.txt"
         corpus.write_text("\n".join(" ".join(d.split()) for d in bundled_documents("news")[:80]) + "\n")
@@ -83,8 +91,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, streaming):
 
     def curve(name):
         records = _train_records(tmp_path / "runs" / name / "log.jsonl")
-        train = [(r["step"], r["loss"], r["loss/logits"], r["loss/hidden"], r["weight/hidden"], r["lr"]) for r in records if r["kind"] == "train"]
-        evals = [(r["step"], r["heldout_loss"], r["top1_agreement"]) for r in records if r["kind"] == "eval"]
+        train = [(r["step"], r["loss"], r["loss/logits"], r["loss/hidden"], r["weight/hidden"], r["lr"],
+                  r.get("loss/from_buddy")) for r in records if r["kind"] == "train"]
+        evals = [(r["step"], r["heldout_loss"], r["top1_agreement"], r.get("buddy/heldout_loss")) for r in records if r["kind"] == "eval"]
         return train, evals
 
     full_train, full_eval = curve("full")
@@ -92,3 +101,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, streaming):
     assert [s for s, *_ in cut_train] == list(range(1, 13))
     assert cut_train == full_train  # exact: fp32 on CPU, single process
     assert cut_eval == full_eval
+    assert all(e[-1] is not None for e in full_eval) == trained_role
+    if trained_role:
+        from safetensors.torch import load_file
+
+        full_buddy, cut_buddy = (load_file(tmp_path / "runs" / name / "model_buddy" / "model.safetensors") for name in ("full", "cut"))
+        assert full_buddy.keys() == cut_buddy.keys() and all(torch.equal(full_buddy[k], cut_buddy[k]) for k in full_buddy)

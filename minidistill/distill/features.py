@@ -62,6 +62,18 @@ class ModelFeatures:
     """How each layer with captured queries / keys / values turned them into attention weights in this forward
     (scaling, sliding window, causality), as its attention function was called."""
 
+    def detached(self) -> "ModelFeatures":
+        """The same features cut from the autograd graph (a trained role read as a target)."""
+        def cut(tensors: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {k: v.detach() for k, v in tensors.items()}
+
+        return ModelFeatures(
+            final_hidden=self.final_hidden.detach(), head_weight=self.head_weight.detach(),
+            head_bias=None if self.head_bias is None else self.head_bias.detach(), hidden=cut(self.hidden),
+            queries=cut(self.queries), keys=cut(self.keys), values=cut(self.values), gates=cut(self.gates),
+            attention=dict(self.attention),
+        )
+
 
 @dataclass
 class EnsembleFeatures:

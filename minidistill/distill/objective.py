@@ -75,15 +75,19 @@ class DistillObjective(nn.Module):
     """
 
     def __init__(self, cfg: DistillLossConfig, *, teacher: nn.Module, student: nn.Module, prune_map: PruneMap | None = None,
-                 vocab_size: int | None = None, roles: dict[str, nn.Module] | None = None):
-        """``roles``: further frozen models by role name, for terms to name as their target."""
+                 vocab_size: int | None = None, roles: dict[str, nn.Module] | None = None,
+                 trained_roles: dict[str, nn.Module] | None = None):
+        """``roles``: further frozen models by role name; ``trained_roles``: further trained ones (their features are
+        detached where a term targets them)."""
         super().__init__()
         from .balance import LossBalancer
 
         self.config = cfg
         self.vocab_size = vocab_size
-        models = {STUDENT: student, TEACHER: teacher, **(roles or {})}
-        check_term_roles(cfg, roles=list(models), trainable=[STUDENT])
+        models = {STUDENT: student, TEACHER: teacher, **(roles or {}), **(trained_roles or {})}
+        self.trained_roles = [STUDENT, *(trained_roles or {})]
+        """The roles whose models train (a term targeting one of them reads its features detached)."""
+        check_term_roles(cfg, roles=list(models), trainable=self.trained_roles)
         terms = {}
         for name, settings in cfg.terms.items():
             if settings.weight <= 0:
@@ -112,7 +116,7 @@ class DistillObjective(nn.Module):
         """``target_mask`` [batch, seq] (bool): the logit term counts only positions predicting a True token
         (then the logit term must be the only term)."""
         if target_mask is None:
-            components = {name: term(features, input_ids) for name, term in self.terms.items()}
+            components = {name: term(self._term_features(term, features), input_ids) for name, term in self.terms.items()}
         else:
             if list(self.terms) != ["logits"]:
                 raise ValueError(f"target_mask masks the logit term only, but the objective also has {sorted(set(self.terms) - {'logits'})}")
@@ -125,6 +129,13 @@ class DistillObjective(nn.Module):
         return total, out
 
 
+    def _term_features(self, term: LossTerm, features: dict[str, ModelFeatures]) -> dict[str, ModelFeatures]:
+        """``features`` with the term's target detached when that role trains (no gradient flows into a target)."""
+        if term.target not in self.trained_roles:
+            return features
+        return {**features, term.target: features[term.target].detached()}
+
+
 class DistillationModule(nn.Module):
     """The trainable bundle handed to accelerate: the student, its objective's learnable parts, and any peers.
 
@@ -132,12 +143,15 @@ class DistillationModule(nn.Module):
     ``loss`` (the sum of the models' balanced totals, differentiable) and ``components`` (detached per-term
     values). Peers (deep mutual learning, :mod:`minidistill.distill.mutual`) each have their own objective
     against the teacher, scaled by ``teacher_weight``, plus ``mutual_weight`` x ``mutual`` to the other peers;
-    the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``. Early-exit
+    the student is peer 0 and logs its terms under their usual names, peer ``i`` under ``peer<i>/``. With
+    ``peer_names`` the peers are instead trained roles of the student's one objective (``roles.<name>.trainable``):
+    each model runs once and the objective's terms, by role, give the loss. Early-exit
     heads (``exits``, :mod:`minidistill.distill.exits`) add their loss against the student's own final layer; with
     ``netaug`` (:mod:`minidistill.distill.netaug`) the student also runs inside the wider model (``netaug_ratio``).
     """
 
     def __init__(self, student: nn.Module, objective: DistillObjective, *, peers: list[nn.Module] | None = None,
+                 peer_names: list[str] | None = None,
                  peer_objectives: list[DistillObjective] | None = None, mutual: nn.Module | None = None,
                  mutual_weight: float = 1.0, teacher_weight: float = 1.0, exits: nn.Module | None = None,
                  netaug: nn.Module | None = None):
@@ -145,7 +159,13 @@ class DistillationModule(nn.Module):
         self.student = student
         self.objective = objective
         peers, peer_objectives = list(peers or []), list(peer_objectives or [])
-        if len(peers) != len(peer_objectives) or (peers and mutual is None):
+        self.peer_names = list(peer_names or [])
+        """Role names of the peers when they are trained roles of the one objective (``roles.<name>.trainable``);
+        empty for mutual learning's peers, which each have their own objective plus the mutual loss."""
+        if self.peer_names:
+            if len(self.peer_names) != len(peers) or peer_objectives or mutual is not None:
+                raise ValueError("named trained roles share the student's objective: one name per peer, no mutual loss")
+        elif len(peers) != len(peer_objectives) or (peers and mutual is None):
             raise ValueError("each peer needs its own objective, and peers need a mutual loss")
         self.peers = nn.ModuleList(peers)
         self.peer_objectives = nn.ModuleList(peer_objectives)
@@ -203,6 +223,11 @@ class DistillationModule(nn.Module):
                     for layer in self.exits.layers
                 }
             return out
+        if self.peer_names:
+            features = {name: model_features(model, input_ids, self.objective.request_for(name))
+                        for name, model in zip([STUDENT, *self.peer_names], self.trainable_models())}
+            total, components = self.objective({**features, TEACHER: teacher_features, **(role_features or {})}, input_ids)
+            return {"loss": total, "components": components}
         if not self.peers:
             student_features = model_features(self.student, input_ids, self.objective.request_for(STUDENT).merge(exit_request))
             features = {STUDENT: student_features, TEACHER: teacher_features, **(role_features or {})}

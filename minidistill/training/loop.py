@@ -38,7 +38,7 @@ from ..distill.objective import (
     teacher_features,
 )
 from ..distill.exits import ExitConfig, ExitHeads, check_exits
-from ..distill.mutual import MutualConfig, MutualLoss, check_mutual
+from ..distill.mutual import MutualConfig, MutualLoss, check_mutual, peer_name
 from ..distill.netaug import AugmentedWidth, NetAugConfig, check_netaug, check_netaug_combination
 from ..distill.on_policy import (
     OnPolicyConfig,
@@ -174,18 +174,23 @@ class Distiller:
         exits: ExitConfig | None = None,
         netaug: NetAugConfig | None = None,
         roles: dict[str, nn.Module] | None = None,
+        trained_roles: dict[str, nn.Module] | None = None,
     ):
         self.train_cfg, self.eval_cfg, self.loss_cfg = train, eval, loss
-        roles = dict(roles or {})
-        if roles and (mutual is not None or exits is not None or netaug is not None or on_policy is not None
-                      or teacher_cache is not None or train.lora is not None):
-            raise ValueError("further frozen roles train the student alone: no mutual, exits, netaug, on_policy, "
-                             "teacher_cache or LoRA")
+        roles, trained_roles = dict(roles or {}), dict(trained_roles or {})
+        if (roles or trained_roles) and (mutual is not None or exits is not None or netaug is not None or on_policy is not None
+                                         or teacher_cache is not None or train.lora is not None or peers):
+            raise ValueError("further roles are trained by the objective's terms alone: no mutual, exits, netaug, "
+                             "on_policy, teacher_cache or LoRA")
+        self.peer_names = list(trained_roles)
+        """Names of the further trained roles (they are the module's peers; empty for mutual learning's peers)."""
+        if trained_roles:
+            peers = list(trained_roles.values())
         self.mutual = mutual
         """Deep mutual learning settings (None: the student alone); ``peers`` are then the other students."""
         peers = list(peers or [])
         peer_prune_maps = list(peer_prune_maps or [None] * len(peers))
-        if (mutual is None) != (not peers) or len(peer_prune_maps) != len(peers):
+        if (mutual is None and not trained_roles) != (not peers) or len(peer_prune_maps) != len(peers):
             raise ValueError("mutual and peers go together (one prune map or None per peer)")
         if mutual is not None:
             check_mutual(lora=train.lora is not None, on_policy=on_policy is not None, teacher_cache=teacher_cache is not None)
@@ -250,9 +255,11 @@ class Distiller:
         for frozen in (teacher, *roles.values()):
             freeze(frozen)
         objective = DistillObjective(loss, teacher=teacher, student=student, prune_map=prune_map, vocab_size=vocab_size,
-                                     roles=roles)
+                                     roles=roles, trained_roles=trained_roles)
         self.student = student
-        if mutual is None:
+        if trained_roles:
+            module = DistillationModule(student, objective, peers=peers, peer_names=self.peer_names)
+        elif mutual is None:
             module = DistillationModule(
                 student, objective, exits=ExitHeads(student, exits, vocab_size) if exits is not None else None,
                 netaug=AugmentedWidth(student, teacher, prune_map, netaug) if netaug is not None else None,
@@ -344,6 +351,11 @@ class Distiller:
                                                                   vocab_size=self._objective().vocab_size)
         return seqs, generated_mask(seqs.shape[0], seqs.shape[1], prefix_len, device=acc.device)
 
+    @property
+    def peer_labels(self) -> list[str]:
+        """What each peer's held-out figures are logged under: its role name, or ``peer<i>`` in mutual learning."""
+        return self.peer_names or [peer_name(i) for i in range(1, len(self.peers) + 1)]
+
     def _objective(self) -> DistillObjective:
         return self.accelerator.unwrap_model(self.module).objective
 
@@ -388,8 +400,8 @@ class Distiller:
                 if student:
                     out = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)
                     stats = {"": out["stats"], **{f"exit{k}": v for k, v in out.get("exit_stats", {}).items()}}
-                    for i in range(1, len(self.peers) + 1):
-                        stats[f"peer{i}"] = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=i)["stats"]
+                    for i, name in enumerate(self.peer_labels, start=1):
+                        stats[name] = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=i)["stats"]
                 else:
                     stats = {"": heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)}
             for name, value in stats.items():
