@@ -319,7 +319,7 @@ The token comes from HF_TOKEN or the login cache (`hf auth login`)."""
 
 def push_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Options of ``minidistill push`` / ``recipes/push.py`` (help from HubConfig's field docstrings)."""
-    from .hub import HubConfig
+    from .publish.hub import HubConfig
 
     parser = argparse.ArgumentParser(prog=prog, description=PUSH_DESCRIPTION, formatter_class=_FORMATTER)
     parser.add_argument("folder", help="the run's saved model folder (config.json + *.safetensors)")
@@ -337,8 +337,8 @@ def _push_main(argv: list[str], prog: str | None = None) -> int:
     from huggingface_hub import constants
 
     from .errors import MinidistillError
-    from .hub import HubConfig, HubError, push_to_hub, resolve_token, run_folder_files
-    from .model_card import build_model_card, run_info_from_folder
+    from .publish.hub import HubConfig, HubError, push_to_hub, resolve_token, run_folder_files
+    from .publish.model_card import build_model_card, run_info_from_folder
 
     args = push_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -379,7 +379,7 @@ tokenizer and teacher / prune-map metadata included. Written under a temporary n
 
 def export_gguf_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """Options of ``minidistill export-gguf`` / ``recipes/export_gguf.py``."""
-    from .export_gguf import OUTTYPES
+    from .publish.export_gguf import OUTTYPES
 
     p = argparse.ArgumentParser(prog=prog, description=EXPORT_GGUF_DESCRIPTION, formatter_class=_FORMATTER)
     p.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a run folder (runs/<name>) or a saved model folder")
@@ -393,7 +393,7 @@ def export_gguf_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def _export_gguf_main(argv: list[str], prog: str | None = None) -> int:
-    from .export_gguf import export_gguf
+    from .publish.export_gguf import export_gguf
 
     args = export_gguf_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -22,8 +22,8 @@ from .distill.on_policy import OnPolicyConfig, check_on_policy
 from .distill.roles import PEER_ROLE, ROLE_NAME
 from .distill.teacher_cache import TeacherCacheConfig
 from .distill.teacher_samples import CORPUS, TeacherSamplesConfig
-from .export_gguf import GGUFExportConfig
-from .hub import HubConfig
+from .publish.export_gguf import GGUFExportConfig
+from .publish.hub import HubConfig
 from .models import ModelConfig
 from .teacher_correction import TeacherCorrectionConfig
 from .training.config import EvalConfig, LoraSettings, TrainConfig

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from . import parallel
+from .training import placement
 from .config import ConfigError
 from .adapters import get_adapter
 from .data import TEACHER_SAMPLES, build_text_data
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 STUDENT_INIT = "student_init"
 MODEL_DIR = "model"
 REPORT_SPEED = {"batch_size": 1, "seq_len": 64, "new_tokens": 8, "repeats": 2}
-""":func:`~minidistill.report.measure_speed` settings of the run report (teacher and distilled model):
+""":func:`~minidistill.publish.report.measure_speed` settings of the run report (teacher and distilled model):
 8 s for the bundled 135M teacher on 2 CPU cores (up to ~20 s while other work shares them), less for its
 pruned student."""
 
@@ -121,7 +121,7 @@ def check_pairing_possible(loss: DistillLossConfig, prune_map: PruneMap | None) 
 def check_gguf_exportable(model_cfg: ModelConfig) -> None:
     """UnsupportedArchitectureError naming ``export.gguf`` when llama.cpp cannot run the model (config only)."""
     from .adapters import UnsupportedArchitectureError
-    from .export_gguf import check_exportable
+    from .publish.export_gguf import check_exportable
 
     config = AutoConfig.from_pretrained(
         resolve_source(model_cfg.source), revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
@@ -342,7 +342,7 @@ def check_outputs_and_inputs(cfg: PruneDistillConfig, continuing: bool) -> None:
     if cfg.push_to_hub:
         from huggingface_hub import constants
 
-        from .hub import HubError, resolve_token
+        from .publish.hub import HubError, resolve_token
 
         resolve_token()
         if constants.is_offline_mode():
@@ -371,7 +371,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
     ``resume``: None (fresh run), ``"latest"`` / True, a checkpoint path, or ``"auto"``
     (:func:`resolve_auto_resume`).
     """
-    from .report import StageTimer
+    from .publish.report import StageTimer
 
     cfg, resume_path, continuing = check_run(cfg, resume)
     timer = StageTimer()
@@ -391,7 +391,7 @@ def run_prune_distill(cfg: PruneDistillConfig, *, resume: str | bool | None = No
                                                           teacher_cache=cache)
     if cache is None:
         cache = build_cache(cfg, teacher, tokenizer, data, accelerator, alignment.mask_from, timer)
-    with parallel.full_weights_init(accelerator):
+    with placement.full_weights_init(accelerator):
         peers, peer_maps = load_peers(cfg, student, teacher)
     for peer_map in peer_maps:
         check_pairing_possible(cfg.loss, peer_map)
@@ -448,10 +448,10 @@ def check_run(cfg: PruneDistillConfig, resume: str | bool | None) -> tuple[Prune
 
 def load_teacher(cfg: PruneDistillConfig, accelerator, timer):
     """(teacher, tokenizer), with full weights on every process; the tokenizer checked for GGUF export if asked."""
-    with timer.stage("load teacher"), parallel.full_weights_init(accelerator):  # ZeRO-3 would partition at load
+    with timer.stage("load teacher"), placement.full_weights_init(accelerator):  # ZeRO-3 would partition at load
         teacher, tokenizer = load_model_and_tokenizer(cfg.teacher)
     if cfg.export.gguf is not None:  # before pruning and training, not after them
-        from .export_gguf import check_tokenizer_exportable
+        from .publish.export_gguf import check_tokenizer_exportable
 
         try:
             check_tokenizer_exportable(tokenizer)
@@ -465,7 +465,7 @@ def load_roles(cfg: PruneDistillConfig, teacher, tokenizer, accelerator, timer) 
     one does not share the teacher's tokenizer."""
     roles = {}
     for name, role in cfg.roles.items():
-        with timer.stage(f"load {name}"), parallel.full_weights_init(accelerator):
+        with timer.stage(f"load {name}"), placement.full_weights_init(accelerator):
             model, role_tok = load_model_and_tokenizer(ModelConfig(**{f.name: getattr(role, f.name)
                                                                       for f in dataclasses.fields(ModelConfig)}))
         vocab, role_vocab = tokenizer.get_vocab(), role_tok.get_vocab()
@@ -560,7 +560,7 @@ def prune_or_load_student(cfg: PruneDistillConfig, teacher, tokenizer, data, acc
 
     ``teacher_cache``: read by the budget search's short-distillation ranking when given."""
     with timer.stage("prune" if cfg.student is None and not continuing else "load student"):
-        with parallel.full_weights_init(accelerator):
+        with placement.full_weights_init(accelerator):
             student, prune_map = _load_student(cfg, teacher, tokenizer, data, accelerator, continuing, teacher_cache)
     alignment = check_same_vocabulary(teacher, tokenizer, student, tokenizer)
     if cfg.exits is not None:
@@ -680,7 +680,7 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
     from .config import ConfigError
     from .distill.objective import EnsembleTeacher
 
-    if cfg.born_again.ensemble and parallel.teacher_is_sharded(accelerator):
+    if cfg.born_again.ensemble and placement.teacher_is_sharded(accelerator):
         raise ConfigError("born_again.ensemble=true runs the generations as replicas; launch with launch/ddp.yaml or "
                           "launch/zero2.yaml (or set born_again.ensemble=false)")
     init_source = cfg.student.source if cfg.student is not None else str(student_init_dir(cfg))
@@ -692,7 +692,7 @@ def _fit_generations(cfg: PruneDistillConfig, fit, *, student, teacher, prune_ma
             gen_student, gen_teacher, objective_map = student, teacher, prune_map
         else:
             previous = str(generation_dir(cfg.run_dir, g - 1) / MODEL_DIR)
-            with parallel.full_weights_init(accelerator):
+            with placement.full_weights_init(accelerator):
                 if cfg.born_again.ensemble:
                     gen_teacher = EnsembleTeacher([load_model(ModelConfig(source=str(generation_dir(cfg.run_dir, j) / MODEL_DIR),
                                                                           dtype=cfg.teacher.dtype)) for j in range(g)])
@@ -722,7 +722,7 @@ def publish(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, 
                     result: TrainResult, timer) -> None:
     """Main process: resolved config, GGUF export, lm-eval tasks and report (when configured), the Hub push."""
     from .config import save_config
-    from .export_gguf import export_run
+    from .publish.export_gguf import export_run
 
     save_config(cfg, cfg.run_dir / "config.yaml")
     if cfg.export.gguf is not None:
@@ -742,8 +742,8 @@ def publish(cfg: PruneDistillConfig, model_dir: Path, teacher, tokenizer, data, 
             distilled = distilled or load_model(ModelConfig(source=str(model_dir)))
             _write_run_report(cfg, model_dir, teacher, distilled, tokenizer, data, result, timer)
     if cfg.push_to_hub:
-        from .hub import push_to_hub
-        from .model_card import build_model_card, run_info_from_folder
+        from .publish.hub import push_to_hub
+        from .publish.model_card import build_model_card, run_info_from_folder
 
         card = build_model_card(run_info_from_folder(model_dir, teacher_source=cfg.teacher.source))
         url = push_to_hub(model_dir, cfg.hub, card=card)
@@ -766,7 +766,7 @@ def _write_run_report(cfg: PruneDistillConfig, model_dir: Path, teacher, distill
 
     from .evaluation.generation import greedy_generations
     from .evaluation.perplexity import heldout_loss
-    from .report import eval_records, heldout_of, measure_speed, model_entry, read_log, write_report
+    from .publish.report import eval_records, heldout_of, measure_speed, model_entry, read_log, write_report
 
     log_file = "log.jsonl"
     if cfg.born_again is None:
@@ -871,7 +871,7 @@ def _exit_entries(cfg: PruneDistillConfig, model_dir: Path, last: dict[str, Any]
     """Each early exit of the distilled model: held-out numbers (training's last evaluation, and each extra held-out
     set measured on the model that stops there) and that model's speed."""
     from .distill.exits import exit_layers, load_exit_model
-    from .report import heldout_of, measure_speed
+    from .publish.report import heldout_of, measure_speed
 
     out = []
     for layer in exit_layers(model_dir) if cfg.exits is not None else []:

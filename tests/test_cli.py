@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from minidistill.cli import COMMANDS, _config_class
 from minidistill.config import field_docs
-from minidistill.hub import HubConfig
+from minidistill.publish.hub import HubConfig
 from minidistill.models import BUNDLED, load_tokenizer
 from minidistill.prune.pipeline import SearchConfig
 from minidistill.prune.targets import TargetConfig
@@ -218,7 +218,7 @@ def test_push_command_uploads_the_folder(teacher_dir, tmp_path, monkeypatch):
 def test_export_gguf_command_writes_what_the_library_writes(tmp_path):
     import gguf
 
-    from minidistill.export_gguf import export_gguf
+    from minidistill.publish.export_gguf import export_gguf
 
     tok = load_tokenizer(BUNDLED)
     folder = tmp_path / "m"

@@ -10,7 +10,7 @@ one process's (``dist_scripts/prune_calibration.py``); the recipe prunes under D
 Why the CPU patch: accelerate runs CPU multi-process jobs as MULTI_CPU and then enables neither FSDP
 nor DeepSpeed (DeepSpeed even starts every process as rank 0 of 1). The FSDP2 / DeepSpeed runs
 therefore launch ``dist_scripts/run_recipe.py`` with ``MINIDISTILL_TEST_CPU_SHARDING=1``, which calls
-:func:`minidistill.parallel.enable_cpu_sharding_for_tests` (MULTI_GPU over gloo on the CPU device)
+:func:`minidistill.training.placement.enable_cpu_sharding_for_tests` (MULTI_GPU over gloo on the CPU device)
 before the recipe starts. DDP and the two-machine run need no patch.
 
 Tolerances, all float32 (loss components relative, weights absolute):
@@ -246,7 +246,7 @@ TINY = ROOT / "tests" / "dist_scripts" / "tiny_distill.py"
 
 @pytest.fixture(scope="module")
 def tiny_reference(folders):
-    """tiny_distill.py in one process: per-step losses and final weights of minidistill.parallel alone."""
+    """tiny_distill.py in one process: per-step losses and final weights of minidistill.training.placement alone."""
     root = folders[0]
     out = root / "tiny-single"
     _launch([sys.executable, str(TINY), str(out)], _env(root, sharded=False), "tiny single run")

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from minidistill.adapters import UnsupportedArchitectureError, get_adapter
 from minidistill.config import ConfigError
 from minidistill.errors import OutputError
-from minidistill.export_gguf import EXPORTABLE, _pretokenizer, export_gguf, prune_map_summary
+from minidistill.publish.export_gguf import EXPORTABLE, _pretokenizer, export_gguf, prune_map_summary
 from minidistill.models import BUNDLED, ModelError, load_tokenizer, state_dict_sha256
 from minidistill.prune.apply import apply_prune_map
 from minidistill.prune.importance import random_importance
@@ -162,7 +162,7 @@ def test_existing_output_is_refused_unless_overwrite_and_a_failed_write_leaves_n
         export_gguf(run, out)
     assert out.read_bytes() == b"old"
 
-    import minidistill.export_gguf as mod
+    import minidistill.publish.export_gguf as mod
 
     def broken(*args, **kwargs):
         yield from ()
@@ -223,7 +223,7 @@ def test_llama_cpp_loads_the_file_and_generates(pruned_run, tokenizer):
 
 
 def test_recipe_option_export_gguf(pruned_run, tmp_path):
-    from minidistill.export_gguf import export_run
+    from minidistill.publish.export_gguf import export_run
     from minidistill.recipe_config import incompatible_fields, load_recipe_config
 
     cfg = load_recipe_config(None, ["export.gguf=q8_0"])

@@ -13,9 +13,9 @@ import pytest
 from huggingface_hub import ModelCard, constants
 from hub_stub import HubStub
 
-from minidistill import hub as hub_module
+from minidistill.publish import hub as hub_module
 from minidistill.config import ConfigError
-from minidistill.hub import HubConfig, HubError, push_to_hub, run_folder_files
+from minidistill.publish.hub import HubConfig, HubError, push_to_hub, run_folder_files
 
 TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"
 REPO = "someone/tiny-distilled"

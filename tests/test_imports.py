@@ -50,7 +50,7 @@ def _normalise(name: str) -> str:
 
 def test_every_module_imports_in_a_fresh_interpreter():
     modules = package_modules()
-    assert len(modules) > 30 and "minidistill.hub" in modules and "minidistill.prune.pipeline" in modules
+    assert len(modules) > 30 and "minidistill.publish.hub" in modules and "minidistill.prune.pipeline" in modules
     script = (
         "import importlib, json, sys, traceback\n"
         "failed = {}\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 
-from minidistill.model_card import UNKNOWN_LICENSE_NOTE, build_model_card, run_info_from_folder, teacher_metadata
+from minidistill.publish.model_card import UNKNOWN_LICENSE_NOTE, build_model_card, run_info_from_folder, teacher_metadata
 
 EVAL = {
     "tasks": ["minidistill_heldout_ppl", "minidistill_lastword"],

@@ -8,7 +8,7 @@ from conftest import tiny_model
 
 from minidistill.evaluation.generation import greedy_generations
 from minidistill.models import load_tokenizer
-from minidistill.report import render_report, write_report
+from minidistill.publish.report import render_report, write_report
 
 
 def _metrics():
@@ -126,7 +126,7 @@ def _search_metrics(score: str = "loss", sensitivity: bool = True):
 
 
 def test_search_view_points_picked_and_teacher_come_from_the_candidate_rows():
-    from minidistill.report import search_view
+    from minidistill.publish.report import search_view
 
     view = search_view(_search_metrics())
     assert [(p["params"], p["y"], p["eligible"]) for p in view["points"]] == [
@@ -149,7 +149,7 @@ def test_report_plots_the_budget_search(tmp_path):
 
 def test_measure_speed_counts_tokens_over_the_timed_runs(monkeypatch):
     """With a clock that advances 0.25 s per reading, every timed run lasts 0.25 s."""
-    import minidistill.report as report
+    import minidistill.publish.report as report
 
     class Clock:
         now = 0.0
@@ -167,7 +167,7 @@ def test_measure_speed_counts_tokens_over_the_timed_runs(monkeypatch):
 
 
 def test_measure_speed_on_a_real_clock_and_the_speed_table():
-    from minidistill.report import measure_speed
+    from minidistill.publish.report import measure_speed
 
     small, big = tiny_model("llama", num_layers=1), tiny_model("llama", num_layers=8, hidden_size=256, intermediate_size=1024,
                                                                num_heads=8, num_kv_heads=4, head_dim=32)

@@ -64,7 +64,7 @@ def run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_report_and_model_card_show_the_measured_speed(run):
-    from minidistill.model_card import build_model_card, run_info_from_folder
+    from minidistill.publish.model_card import build_model_card, run_info_from_folder
 
     run_dir, _ = run
     models = json.loads((run_dir / "metrics.json").read_text())["models"]
@@ -90,7 +90,7 @@ def test_report_and_model_card_show_the_measured_speed(run):
 def test_export_gguf_in_the_recipe_writes_the_model(run, tmp_path):
     import gguf
 
-    from minidistill.export_gguf import export_gguf
+    from minidistill.publish.export_gguf import export_gguf
 
     run_dir, teacher = run
     path = run_dir / "model.f32.gguf"
@@ -109,7 +109,7 @@ def test_export_gguf_in_the_recipe_writes_the_model(run, tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_task_versions_reach_the_model_card(run):
-    from minidistill.model_card import build_model_card, run_info_from_folder
+    from minidistill.publish.model_card import build_model_card, run_info_from_folder
 
     run_dir, _ = run
     saved = json.loads((run_dir / "lm_eval" / "lm_eval.json").read_text())

@@ -66,11 +66,11 @@ def export_student(
 ) -> Path | None:
     """Write the trained student to ``out_dir`` (a collective; returns the path on the main process).
 
-    The full state dict comes from :func:`minidistill.parallel.unwrap_full_state_dict`; only the
+    The full state dict comes from :func:`minidistill.training.placement.unwrap_full_state_dict`; only the
     entries of ``role`` are kept (the objective's projections stay in the checkpoints). ``role`` is the
     trainable model's path in the module: ``student``, or ``peers.<i>`` for peer ``i + 1`` of a mutual run.
     """
-    from ..parallel import unwrap_full_state_dict
+    from .placement import unwrap_full_state_dict
 
     full = unwrap_full_state_dict(accelerator, module)
     accelerator.wait_for_everyone()

@@ -3,7 +3,7 @@
 The frozen teacher runs under ``torch.no_grad()``; the student and the objective's learnable parts run
 inside :class:`DistillationModule`, the one module accelerate prepares (single process, DDP, FSDP2,
 DeepSpeed). Data order comes from :class:`ResumableBlockSampler`; every process builds the same global
-micro-batch and keeps its own rows (:func:`minidistill.parallel.local_rows`). With ``data.streaming``,
+micro-batch and keeps its own rows (:func:`minidistill.training.placement.local_rows`). With ``data.streaming``,
 :class:`StreamingBlockSampler` gives each process its own blocks of the stream, and their position ids reach
 both models' forwards (:func:`minidistill.streaming.packed_positions`). With ``on_policy``, a share of the
 micro-batches are the student's continuations of the blocks' prefixes (:mod:`minidistill.distill.on_policy`).
@@ -50,7 +50,7 @@ from ..distill.on_policy import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
-from ..parallel import distributed_kind, freeze
+from .placement import distributed_kind, freeze
 from ..streaming import packed_positions
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
@@ -301,21 +301,21 @@ class Distiller:
 
     # ------------------------------------------------------------------ placement
     def _prepare(self, module, optimizer, scheduler):
-        from .. import parallel
+        from . import placement
 
         acc = self.accelerator
-        return parallel.prepare_student(
+        return placement.prepare_student(
             acc, module, optimizer, scheduler, micro_batch_size=self.micro_batch, max_grad_norm=self.train_cfg.max_grad_norm
         )
 
     def _prepare_teacher(self, teacher):
-        from .. import parallel
+        from . import placement
 
-        return parallel.prepare_teacher(self.accelerator, teacher)
+        return placement.prepare_teacher(self.accelerator, teacher)
 
     # ------------------------------------------------------------------ pieces of a step
     def _global_rows(self, indices: torch.Tensor) -> torch.Tensor:
-        from ..parallel import local_rows
+        from .placement import local_rows
 
         return local_rows(self.accelerator, self.data.train.input_ids[indices]).to(self.accelerator.device)
 
@@ -330,7 +330,7 @@ class Distiller:
                     for name, model in self.roles.items()}
 
     def _cached_teacher(self, indices: torch.Tensor) -> CachedTeacher:
-        from ..parallel import local_rows
+        from .placement import local_rows
 
         rows = (local_rows(self.accelerator, t).to(self.accelerator.device) for t in self.teacher_cache.rows(indices))
         return CachedTeacher(*rows)
@@ -338,7 +338,7 @@ class Distiller:
     def _on_policy_rows(self, indices: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's rows of the global micro-batch ``indices`` with their last ``max_new_tokens`` tokens
         sampled by the student, and the mask of the generated positions."""
-        from ..parallel import local_rows
+        from .placement import local_rows
 
         acc, cfg = self.accelerator, self.on_policy
         blocks = self.data.train.input_ids[indices]
@@ -668,7 +668,7 @@ def freeze_groups(model: nn.Module, groups: list[str]) -> int:
 
 
 def _teacher_sharded(accelerator) -> bool:
-    from ..parallel import teacher_is_sharded
+    from .placement import teacher_is_sharded
 
     return teacher_is_sharded(accelerator)
 

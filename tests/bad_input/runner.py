@@ -56,8 +56,8 @@ def main() -> None:
     import transformers  # noqa: F401
 
     import minidistill.evaluation.lm_eval_runner  # noqa: F401
-    import minidistill.hub  # noqa: F401
-    import minidistill.model_card  # noqa: F401
+    import minidistill.publish.hub  # noqa: F401
+    import minidistill.publish.model_card  # noqa: F401
     import minidistill.prune.pipeline  # noqa: F401
     import minidistill.train  # noqa: F401
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from minidistill.distill.objective import DistillationModule, DistillLossConfig, DistillObjective, teacher_features
-from minidistill.parallel import (
+from minidistill.training.placement import (
     CPU_SHARDING_ENV,
     distributed_kind,
     enable_cpu_sharding_for_tests,

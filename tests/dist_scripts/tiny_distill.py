@@ -2,7 +2,7 @@
 
 Usage: ``accelerate launch ... tiny_distill.py OUT_DIR [STEPS]``. A tiny tied-embedding llama teacher
 (4 layers) teaches a 2-layer student on seeded random tokens; every rank draws the same global batch and
-keeps its own rows. It uses minidistill.parallel directly (no trainer), with the models built inside
+keeps its own rows. It uses minidistill.training.placement directly (no trainer), with the models built inside
 ``full_weights_init`` after the Accelerator exists, as a trainer must under ZeRO-3. The main process writes ``OUT_DIR/result.json`` (per-step global losses, placement
 facts) and the final student to ``OUT_DIR/model``. With ``MINIDISTILL_TEST_CPU_SHARDING=1`` the CPU
 sharding patch is applied first (FSDP2 / DeepSpeed on CPU processes).
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from minidistill.parallel import (
+from minidistill.training.placement import (
     CPU_SHARDING_ENV,
     distributed_kind,
     enable_cpu_sharding_for_tests,

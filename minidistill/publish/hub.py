@@ -21,8 +21,8 @@ import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from .config import ConfigBase, ConfigError
-from .errors import MinidistillError
+from ..config import ConfigBase, ConfigError
+from ..errors import MinidistillError
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def push_to_hub(folder: str | Path, cfg: HubConfig, *, card: ModelCard | None = 
     """Upload ``folder`` to ``cfg.repo_id`` in one commit with a model card as README.md; returns the commit URL.
 
     Without ``card`` one is generated from the run's ``run_info.json`` / ``prune_map.json`` /
-    ``lm_eval.json`` (see :func:`minidistill.model_card.run_info_from_folder`). Creates the repo (and
+    ``lm_eval.json`` (see :func:`minidistill.publish.model_card.run_info_from_folder`). Creates the repo (and
     the branch ``cfg.revision``) when missing. On failure nothing local is changed and the same call
     can be repeated; files the server already holds are not sent again.
     """

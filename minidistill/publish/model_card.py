@@ -19,7 +19,7 @@
   row that becomes the card's ``model-index`` (default ``"distilled"``, else the last row). Only the
   metrics that were run are listed; each result's ``dataset.args`` holds the lm-eval task version
   (``settings["versions"][task]`` when recorded), ``num_fewshot`` and ``limit``.
-- ``speed`` (dict): model name -> :func:`minidistill.report.measure_speed` result (teacher and
+- ``speed`` (dict): model name -> :func:`minidistill.publish.report.measure_speed` result (teacher and
   student measured on the same machine in the same run); read from the run's ``metrics.json`` by
   :func:`run_info_from_folder`.
 - ``reproduce`` (str): the command that reproduces the run.
@@ -201,7 +201,7 @@ def build_model_card(run_info: dict[str, Any]) -> ModelCard:
     if run_info.get("speed"):
         parts += ["## Speed", "", _speed_table(run_info["speed"]), ""]
     if (run_info.get("eval_results") or {}).get("rows"):
-        from .evaluation.lm_eval_runner import EvalTable
+        from ..evaluation.lm_eval_runner import EvalTable
 
         parts += ["## lm-eval results", "", EvalTable.from_json(run_info["eval_results"]).to_markdown().strip(), ""]
         parts += [f"The `model-index` metadata holds the `{eval_row}` row.", ""]

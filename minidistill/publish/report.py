@@ -504,7 +504,7 @@ class StageTimer:
 def model_entry(model, *, heldout: dict[str, Any] | None, agreement: float | None,
                 generations: list[dict[str, str]] | None) -> dict[str, Any]:
     """One ``models`` entry of metrics.json: shape, parameter counts, held-out numbers, generations."""
-    from .adapters import count_parameters, get_adapter
+    from ..adapters import count_parameters, get_adapter
 
     return {
         "shape": get_adapter(model).shape(model.config),

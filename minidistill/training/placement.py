@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from ..adapters import get_adapter
 
 logger = logging.getLogger(__name__)
 

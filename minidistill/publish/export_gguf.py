@@ -23,10 +23,10 @@ import gguf
 import numpy as np
 import torch
 
-from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, get_adapter
-from .config import ConfigBase, ConfigError
-from .errors import OutputError
-from .models import BUNDLED, ModelConfig, ModelError, bundled_gguf_path, load_model, load_tokenizer
+from ..adapters import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError, get_adapter
+from ..config import ConfigBase, ConfigError
+from ..errors import OutputError
+from ..models import BUNDLED, ModelConfig, ModelError, bundled_gguf_path, load_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
