@@ -4,6 +4,7 @@ as the teacher, the recipe run (one process, 2-process DDP, FSDP2, ZeRO-3), and 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import pytest
@@ -99,7 +100,9 @@ def _runs(tiny_folders, tmp_path, launchers: dict, *, trained: bool) -> dict:
             "train.max_steps": 4, "train.save_every": 0, "eval.max_blocks": 2, **extra})
         _launch([*launcher, str(WRAPPER), *overrides], _env(tmp_path, sharded=sharded), f"{name} run")
         run_dir = tmp_path / "runs" / name
-        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), _state(run_dir / "model_buddy") if trained else None)
+        evals = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+        runs[name] = (_train_records(run_dir), _state(run_dir / "model"), _state(run_dir / "model_buddy") if trained else None,
+                      evals)
     return runs
 
 
@@ -154,16 +157,21 @@ def test_a_run_with_a_further_role_under_ddp_fsdp2_and_zero3_equals_one_process(
     zero3 = _accelerate("--config_file", str(LAUNCH / "zero3.yaml"), "--num_processes", "2", "--main_process_port", str(_free_port()))
     runs = _runs(tiny_folders, tmp_path, {"single": ([sys.executable], False), "ddp": (ddp, False), "fsdp2": (fsdp2, True),
                                           "zero3": (zero3, True)}, trained=trained)
-    ref, ref_state, ref_buddy = runs["single"]
+    ref, ref_state, ref_buddy, ref_evals = runs["single"]
+    eval_keys = ("heldout_loss", "top1_agreement", *(("buddy/heldout_loss", "buddy/top1_agreement") if trained else ()))
+    assert len(ref_evals) >= 2 and all(key in ref_evals[-1] for key in eval_keys)
     keys = ("loss", "loss/logits", *(f"loss/{n}" for n in MUTUAL_AS_TERMS if n != "logits")) if trained else ("loss", "loss/logits", "loss/kd2")
     assert ref[0]["loss"] != ref[-1]["loss"]
     # Weights: Adam's normalised step (lr 3e-3) on embedding rows with near-zero gradients amplifies the reduction
     # order's rounding, so they agree to 1e-4 while the losses agree to 5e-5 relative.
     for name, (loss_rtol, weight_atol) in {"ddp": (5e-5, 1e-4), "fsdp2": (5e-5, 1e-4), "zero3": (2e-4, 2e-4)}.items():
-        got, state, buddy = runs[name]
+        got, state, buddy, evals = runs[name]
         for a, b in zip(ref, got, strict=True):
             for key in keys:
                 assert b[key] == pytest.approx(a[key], rel=loss_rtol, abs=1e-8), (name, a["step"], key)
+        for a, b in zip(ref_evals, evals, strict=True):  # the held-out figures, sharded models gathered for them
+            for key in eval_keys:
+                assert b[key] == pytest.approx(a[key], rel=loss_rtol, abs=1e-6), (name, a["step"], key)
         for reference, saved in ((ref_state, state), (ref_buddy, buddy)) if trained else ((ref_state, state),):
             for k, v in reference.items():
                 assert (saved[k] - v).abs().max().item() <= weight_atol, (name, k)
@@ -223,3 +231,24 @@ def _records(run_dir):
 def test_bad_trained_roles_are_refused_when_the_config_loads(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_recipe_config(None, overrides)
+
+
+
+def test_a_trained_target_gets_no_gradient_from_the_terms_that_target_it():
+    """``from_buddy`` pulls the student towards the trained role ``buddy``; no gradient reaches ``buddy`` through it,
+    while the term that trains ``buddy`` (as its source) does give it one."""
+    teacher, _, student = _models()
+    buddy = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in buddy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for name, terms in {"target": {"from_buddy": {"term": "logits", "target": "buddy"}},
+                        "source": {"buddy_kd": {"term": "logits", "source": "buddy"}}}.items():
+        s, b = copy.deepcopy(student), copy.deepcopy(buddy)
+        cfg = DistillLossConfig.from_dict({"terms": {"logits": {}, **terms}})
+        objective = DistillObjective(cfg, teacher=teacher, student=s, trained_roles={"buddy": b})
+        DistillationModule(s, objective, peers=[b], peer_names=["buddy"])(ids, teacher_features(teacher, ids, objective))["loss"].backward()
+        grads[name] = b.lm_head.weight.grad
+    assert grads["target"] is None and grads["source"].abs().max().item() > 0

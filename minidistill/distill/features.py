@@ -144,13 +144,13 @@ def model_features(model: nn.Module, input_ids: torch.Tensor, request: CaptureRe
     def norm_hook(_m, _args, out):
         grabbed["final_hidden"] = out[0] if isinstance(out, tuple) else out
 
-    def head_hook(module, _args, _out):
+    def head_hook(module, _args):  # before the head runs: a ZeRO-3 module's weight is gathered then, not after
         w, b = module.weight, getattr(module, "bias", None)
         grabbed["head"] = (w.detach().clone(), None if b is None else b.detach().clone()) if copy_head else (w, b)
 
     handles = [
         inner.get_submodule(adapter.final_norm).register_forward_hook(norm_hook),
-        inner.get_submodule(adapter.lm_head).register_forward_hook(head_hook),
+        inner.get_submodule(adapter.lm_head).register_forward_pre_hook(head_hook),
     ]
     capture = None
     if request.layers:

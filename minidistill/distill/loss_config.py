@@ -36,7 +36,7 @@ class TermSettings(ConfigBase):
     source: str = STUDENT
     """The trainable role whose features the term trains."""
     target: str = TEACHER
-    """The role whose features it is pulled towards (no gradient flows into it)."""
+    """The role whose features it is pulled towards (read without gradient, also when that role trains)."""
 
     def __post_init__(self) -> None:
         parsing = _PARSING_KEY.get()

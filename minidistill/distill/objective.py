@@ -201,28 +201,36 @@ class DistillationModule(nn.Module):
 
         return generate_continuations(self.student, prefix, uniforms, temperature=temperature, vocab_size=vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *, eval_chunk_tokens: int | None = None,
-                target_mask: torch.Tensor | None = None, peer: int = 0, netaug_ratio: float | None = None,
-                role_features: dict[str, ModelFeatures] | None = None) -> dict:
-        """Training: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`;
-        ``role_features``: the features of the further frozen roles, by name). With
-        ``eval_chunk_tokens``: ``{"stats"}``, the held-out sums ``[nll, tokens, top-1 agreements with the teacher]``
-        of :func:`minidistill.training.evaluation.heldout_stats` for trainable model ``peer`` (0: the student)."""
-        exit_request = CaptureRequest(hidden=set(self.exits.layers)) if self.exits is not None and peer == 0 else CaptureRequest()
-        if eval_chunk_tokens is not None:
-            from ..training.evaluation import heldout_stats
+    @torch.no_grad()
+    def heldout(self, input_ids: torch.Tensor, teacher_features: ModelFeatures, *, chunk_tokens: int, peer: int = 0,
+                copy_head: bool = False) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
+        """Held-out sums ``[nll, tokens, top-1 agreements with the teacher]`` of trainable model ``peer`` (0: the
+        student; :func:`minidistill.training.evaluation.heldout_stats`) under ``stats``, and with early exits each exit's
+        under ``exit_stats``. One forward of that model; ``copy_head``: clone its head weight during the forward (a
+        sharded model frees its gathered weights after each module). A method of the prepared module: FSDP2 gathers
+        the root's weights around it (``register_fsdp_forward_method``), ZeRO-3 each module's as it runs."""
+        from ..training.evaluation import heldout_stats
 
-            features = model_features(self.trainable_models()[peer], input_ids, exit_request)
-            out = {"stats": heldout_stats(features, input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
-                                          vocab_size=self.objective.vocab_size)}
-            if exit_request.hidden:
-                out["exit_stats"] = {
-                    layer: heldout_stats(dataclasses.replace(features, final_hidden=self.exits.exit_hidden(layer, features.hidden[layer])),
-                                         input_ids, chunk_tokens=eval_chunk_tokens, reference=teacher_features,
-                                         vocab_size=self.objective.vocab_size)
-                    for layer in self.exits.layers
-                }
-            return out
+        exits = self.exits if peer == 0 else None
+        request = CaptureRequest(hidden=set(exits.layers)) if exits is not None else CaptureRequest()
+        features = model_features(self.trainable_models()[peer], input_ids, request, copy_head=copy_head)
+        vocab_size = self.objective.vocab_size
+        out: dict[str, torch.Tensor | dict[int, torch.Tensor]] = {
+            "stats": heldout_stats(features, input_ids, chunk_tokens=chunk_tokens, reference=teacher_features, vocab_size=vocab_size)}
+        if exits is not None:
+            out["exit_stats"] = {
+                layer: heldout_stats(dataclasses.replace(features, final_hidden=exits.exit_hidden(layer, features.hidden[layer])),
+                                     input_ids, chunk_tokens=chunk_tokens, reference=teacher_features, vocab_size=vocab_size)
+                for layer in exits.layers
+            }
+        return out
+
+    def forward(self, input_ids: torch.Tensor, teacher_features: ModelFeatures | None, *,
+                target_mask: torch.Tensor | None = None, netaug_ratio: float | None = None,
+                role_features: dict[str, ModelFeatures] | None = None) -> dict:
+        """One training micro-batch: ``{"loss", "components"}`` (``target_mask``: see :meth:`DistillObjective.forward`;
+        ``role_features``: the features of the further frozen roles, by name; held-out figures: :meth:`heldout`)."""
+        exit_request = CaptureRequest(hidden=set(self.exits.layers)) if self.exits is not None else CaptureRequest()
         if self.peer_names:
             features = {name: model_features(model, input_ids, self.objective.request_for(name))
                         for name, model in zip([STUDENT, *self.peer_names], self.trainable_models())}

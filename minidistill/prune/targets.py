@@ -365,7 +365,7 @@ def family_of(teacher_shape: dict[str, int], shape: dict[str, int]) -> str:
 
 def balance_cost(teacher_shape: dict[str, int], shape: dict[str, int], params: int, budget: int) -> float:
     """Spread of the per-axis log keep ratios (balanced pruning) plus the relative gap to the budget."""
-    logs = [math.log(shape[k] / teacher_shape[k]) for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")]
+    logs = [math.log(shape[k] / teacher_shape[k]) for k in PRUNABLE_SHAPE_KEYS if k != "num_kv_heads"]  # KV: the tie-break
     mean = sum(logs) / len(logs)
     spread = math.sqrt(sum((x - mean) ** 2 for x in logs) / len(logs))
     kv_keep = shape["num_kv_heads"] / teacher_shape["num_kv_heads"]

@@ -11,6 +11,7 @@ micro-batches are the student's continuations of the blocks' prefixes (:mod:`min
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -288,8 +289,10 @@ class Distiller:
             decay_fraction=train.decay_fraction,
         )
         self.module, self.optimizer, self.scheduler = self._prepare(module, optimizer, scheduler)
-        if on_policy is not None and distributed_kind(acc) == "fsdp2":
-            register_fsdp_forward_method(acc.unwrap_model(self.module), "generate_student")  # gathers the root's shards
+        if distributed_kind(acc) == "fsdp2":  # methods besides forward that run the trained models: the root's shards gathered
+            register_fsdp_forward_method(acc.unwrap_model(self.module), "heldout")
+            if on_policy is not None:
+                register_fsdp_forward_method(acc.unwrap_model(self.module), "generate_student")
         self.teacher = self._prepare_teacher(teacher)
         self.roles = {name: self._prepare_teacher(model) for name, model in roles.items()}
         """Further frozen models by role name (placed like the teacher), for the objective's terms that target them."""
@@ -398,10 +401,12 @@ class Distiller:
             with acc.autocast():
                 t_feats = teacher_features(self.teacher, batch, objective, copy_head=self.teacher_sharded)
                 if student:
-                    out = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens)
+                    heldout = functools.partial(acc.unwrap_model(self.module).heldout, batch, t_feats,
+                                                chunk_tokens=ev.chunk_tokens, copy_head=self.teacher_sharded)
+                    out = heldout()
                     stats = {"": out["stats"], **{f"exit{k}": v for k, v in out.get("exit_stats", {}).items()}}
                     for i, name in enumerate(self.peer_labels, start=1):
-                        stats[name] = self.module(batch, t_feats, eval_chunk_tokens=ev.chunk_tokens, peer=i)["stats"]
+                        stats[name] = heldout(peer=i)["stats"]
                 else:
                     stats = {"": heldout_stats(t_feats, batch, chunk_tokens=ev.chunk_tokens, vocab_size=objective.vocab_size)}
             for name, value in stats.items():
