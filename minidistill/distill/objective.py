@@ -4,9 +4,9 @@ A :class:`DistillObjective` owns named loss terms (:mod:`.terms`, a registry: lo
 weights, mmd, nst, token_attention, activation_boundary, fsp, rkd, and any term added with
 :func:`register_loss_term`), their learnable parts (hidden-state channel projections, weight maps) and the loss
 balancer; its config is :mod:`.loss_config` (``loss.terms``). Each term compares a trained ``source`` role with a
-``target`` role (:mod:`.roles`: ``student``, ``teacher``) and says which features it needs from each; the features are captured during the single forward
-of each model (:func:`model_features`), and the logit term works from final hidden states and the output-head
-weight so that no tokens x vocabulary logits exist.
+``target`` role (:mod:`.roles`) and says which features it needs from each; the features are captured during the
+single forward of each model (:func:`model_features`), and the logit term works from final hidden states and the
+output-head weight so that no tokens x vocabulary logits exist.
 
 :class:`DistillationModule` bundles the trainable models (the student, and the peers of a mutual run), the
 objectives' learnable parts and any training-mode parts (early exits, network augmentation) into the one module the
@@ -128,7 +128,6 @@ class DistillObjective(nn.Module):
                 out[f"weight/{k[: -len('/weight')]}"] = torch.as_tensor(v, dtype=torch.float32)
         return total, out
 
-
     def _term_features(self, term: LossTerm, features: dict[str, ModelFeatures]) -> dict[str, ModelFeatures]:
         """``features`` with the term's target detached when that role trains (no gradient flows into a target)."""
         if term.target not in self.trained_roles:
@@ -206,7 +205,7 @@ class DistillationModule(nn.Module):
                 copy_head: bool = False) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
         """Held-out sums ``[nll, tokens, top-1 agreements with the teacher]`` of trainable model ``peer`` (0: the
         student; :func:`minidistill.training.evaluation.heldout_stats`) under ``stats``, and with early exits each exit's
-        under ``exit_stats``. One forward of that model; ``copy_head``: clone its head weight during the forward (a
+        under ``exit_stats``. One forward of that model; ``copy_head``: clone its head weight before the head runs (a
         sharded model frees its gathered weights after each module). A method of the prepared module: FSDP2 gathers
         the root's weights around it (``register_fsdp_forward_method``), ZeRO-3 each module's as it runs."""
         from ..training.evaluation import heldout_stats
