@@ -245,3 +245,24 @@ def test_ensemble_teacher_target_is_the_mean_of_the_members_distributions(vocab_
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
     for a, b in zip(torch.autograd.grad(got, [h_s, w_s]), want_g):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("extra", [{}, {"top_k": 7, "ce_weight": 0.3}], ids=["full", "top_k_ce"])
+def test_a_trained_teacher_side_gets_the_plain_losses_gradient(divergence, extra):
+    """``detach_teacher=False`` with teacher inputs that require a gradient: the loss and the gradients of both
+    sides (hidden, head weight, bias) equal autograd through the plain loss on full float64 logits."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels = (t.double() if t.is_floating_point() else t for t in _inputs(seed=3))
+    teacher = [t.detach().requires_grad_(True) for t in (h_t, w_t, b_t)]
+    inputs = [h_s, w_s, b_s, *teacher]
+    lab = labels if extra else None
+    fused = FusedLogitKDLoss(divergence, chunk_tokens=8, detach_teacher=False, **extra)(
+        h_s, w_s, teacher[0], teacher[1], lab, student_head_bias=b_s, teacher_head_bias=teacher[2])
+    got = torch.autograd.grad(fused, inputs)
+    plain = LogitKDLoss(divergence, detach_teacher=False, **extra)(
+        F.linear(h_s, w_s, b_s), F.linear(teacher[0], teacher[1], teacher[2]), lab)
+    want = torch.autograd.grad(plain, inputs)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-10)
+    for name, a, b in zip(("h_s", "w_s", "b_s", "h_t", "w_t", "b_t"), got, want):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12), name
+    assert all(g.abs().max() > 0 for g in got[3:])  # the teacher side really learns

@@ -234,21 +234,37 @@ def test_bad_trained_roles_are_refused_when_the_config_loads(overrides, match):
 
 
 
-def test_a_trained_target_gets_no_gradient_from_the_terms_that_target_it():
-    """``from_buddy`` pulls the student towards the trained role ``buddy``; no gradient reaches ``buddy`` through it,
-    while the term that trains ``buddy`` (as its source) does give it one."""
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_a_trained_target_learns_from_a_term_only_when_asked(detach):
+    """``from_buddy`` pulls the student towards the trained role ``buddy``: by default no gradient reaches ``buddy``
+    through it; with ``detach_target: false`` buddy's head gets the float64 gradient of the same KL."""
+    import torch.nn.functional as F
+
     teacher, _, student = _models()
     buddy = copy.deepcopy(student)
     with torch.no_grad():
         for p in buddy.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    cfg = DistillLossConfig.from_dict({"terms": {"logits": {"weight": 1e-9}, "from_buddy": {"term": "logits", "target": "buddy",
+                                                                                          "detach_target": detach}}})
+    objective = DistillObjective(cfg, teacher=teacher, student=student, trained_roles={"buddy": buddy})
+    module = DistillationModule(student, objective, peers=[buddy], peer_names=["buddy"])
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
-    grads = {}
-    for name, terms in {"target": {"from_buddy": {"term": "logits", "target": "buddy"}},
-                        "source": {"buddy_kd": {"term": "logits", "source": "buddy"}}}.items():
-        s, b = copy.deepcopy(student), copy.deepcopy(buddy)
-        cfg = DistillLossConfig.from_dict({"terms": {"logits": {}, **terms}})
-        objective = DistillObjective(cfg, teacher=teacher, student=s, trained_roles={"buddy": b})
-        DistillationModule(s, objective, peers=[b], peer_names=["buddy"])(ids, teacher_features(teacher, ids, objective))["loss"].backward()
-        grads[name] = b.lm_head.weight.grad
-    assert grads["target"] is None and grads["source"].abs().max().item() > 0
+    module(ids, teacher_features(teacher, ids, objective))["loss"].backward()
+    head = buddy.lm_head.weight.grad
+    if detach:
+        assert head is None
+        return
+    ref_buddy = copy.deepcopy(buddy).double()
+    with torch.no_grad():
+        s = copy.deepcopy(student).double()(ids).logits[:, :-1].reshape(-1, 128)
+    b = ref_buddy(ids).logits[:, :-1].reshape(-1, 128)
+    (F.softmax(b, -1) * (F.log_softmax(b, -1) - F.log_softmax(s, -1))).sum(-1).mean().backward()
+    assert torch.allclose(head.double(), ref_buddy.lm_head.weight.grad, rtol=1e-4, atol=1e-7)
+    assert head.abs().max().item() > 0
+
+
+def test_detach_target_false_is_refused_where_the_loss_sends_no_gradient():
+    with pytest.raises(ConfigError, match=r"loss\.terms\.mmd\.detach_target=false: the mmd loss sends no gradient to its target"):
+        DistillLossConfig.from_dict({"terms": {"mmd": {"detach_target": False}}})

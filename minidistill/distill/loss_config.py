@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..config import ConfigBase, ConfigError
 from .losses.hidden import HiddenLossKind
@@ -36,7 +36,13 @@ class TermSettings(ConfigBase):
     source: str = STUDENT
     """The trainable role whose features the term trains."""
     target: str = TEACHER
-    """The role whose features it is pulled towards (read without gradient, also when that role trains)."""
+    """The role whose features it is pulled towards."""
+    detach_target: bool = True
+    """Read the target's features without gradient; false: a trained target learns from this term too (terms whose
+    loss can send it a gradient: logits, hidden, attention, relations; a frozen target never learns)."""
+
+    TARGET_GRADIENT: ClassVar[bool] = False
+    """Whether the term's loss can send a gradient to its target (``detach_target: false``)."""
 
     def __post_init__(self) -> None:
         parsing = _PARSING_KEY.get()
@@ -53,6 +59,11 @@ class TermSettings(ConfigBase):
             raise ConfigError(f"{self.key}.weight={self.weight}: must be >= 0")
         if self.source == self.target:
             raise ConfigError(f"{self.key}: source and target are both {self.source!r}; a term compares two roles")
+        if not self.detach_target and not self.TARGET_GRADIENT:
+            raise ConfigError(
+                f"{self.key}.detach_target=false: the {self.term} loss sends no gradient to its target (logits, hidden, "
+                f"attention and relations do); set {self.key}.detach_target=true"
+            )
 
 
 TERM_SETTINGS: dict[str, type[TermSettings]] = {}
@@ -62,6 +73,8 @@ TERM_SETTINGS: dict[str, type[TermSettings]] = {}
 @dataclass
 class LogitLossSettings(TermSettings):
     """Logit distillation from final hidden states and the output heads (the ``logits`` term anchors the balance)."""
+
+    TARGET_GRADIENT: ClassVar[bool] = True
 
     divergence: Divergence = "forward_kl"
     """Divergence between the target's and the source's token distributions (see LogitKDLoss)."""
@@ -114,6 +127,8 @@ class LayerPairing(ConfigBase):
 class HiddenLossSettings(TermSettings):
     """Hidden-state distillation through a learnable source-to-target channel projection."""
 
+    TARGET_GRADIENT: ClassVar[bool] = True
+
     kind: HiddenLossKind = "nmse"
     """Distance between projected source and target hidden states (see HiddenStateLoss)."""
     pairing: LayerPairing = field(default_factory=LayerPairing)
@@ -124,6 +139,8 @@ class HiddenLossSettings(TermSettings):
 class AttentionLossSettings(TermSettings):
     """Attention-map transfer from post-RoPE queries and keys (source heads paired with target heads)."""
 
+    TARGET_GRADIENT: ClassVar[bool] = True
+
     pairing: LayerPairing = field(default_factory=LayerPairing)
     """Layer pairs compared (default: each student layer with its teacher layer, heads paired by the prune map)."""
     chunk_queries: int = 256
@@ -133,6 +150,8 @@ class AttentionLossSettings(TermSettings):
 @dataclass
 class RelationLossSettings(TermSettings):
     """Self-relation (q-q, k-k, v-v) transfer, MiniLM-style, with a fixed number of relation heads."""
+
+    TARGET_GRADIENT: ClassVar[bool] = True
 
     num_relation_heads: int = 4
     """Relation heads the q/k/v features are split into (must divide both models' widths)."""

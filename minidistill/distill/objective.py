@@ -129,8 +129,8 @@ class DistillObjective(nn.Module):
         return total, out
 
     def _term_features(self, term: LossTerm, features: dict[str, ModelFeatures]) -> dict[str, ModelFeatures]:
-        """``features`` with the term's target detached when that role trains (no gradient flows into a target)."""
-        if term.target not in self.trained_roles:
+        """``features`` with the term's target detached when that role trains, unless the term asks otherwise."""
+        if term.target not in self.trained_roles or not term.detach_target:
             return features
         return {**features, term.target: features[term.target].detached()}
 

@@ -81,6 +81,8 @@ class LossTerm(nn.Module):
     def __init__(self, ctx: ObjectiveContext | None = None):
         super().__init__()
         self.source, self.target = (ctx.settings.source, ctx.settings.target) if ctx is not None else (STUDENT, TEACHER)
+        self.detach_target = ctx.settings.detach_target if ctx is not None else True
+        """Whether the objective hands this term its target's features detached (when the target trains)."""
 
     def requests(self) -> dict[str, CaptureRequest]:
         return {}
@@ -159,6 +161,7 @@ class LogitTerm(LossTerm):
             token_weighting=cfg.token_weighting,
             vocab_size=vocab_size,
             head_precision=cfg.head_precision,
+            detach_teacher=cfg.detach_target,
         )
         self.ce = self.loss.loss_fn.needs_labels
         from .losses.cached import CachedLogitKDLoss
@@ -214,7 +217,7 @@ class HiddenTerm(LossTerm):
         # Without a prune map, student channel i starts mapped onto teacher channel i.
         kept = list(ctx.prune_map.kept_hidden) if ctx.prune_map is not None else list(range(min(s_dim, t_dim)))
         self.projection = ChannelProjection(s_dim, t_dim, kept_channels=kept)
-        self.loss = HiddenStateLoss(kind=cfg.kind)
+        self.loss = HiddenStateLoss(kind=cfg.kind, detach_teacher=cfg.detach_target)
 
     def requests(self):
         return self.request(CaptureRequest(hidden={s for s, _ in self.pairs}), CaptureRequest(hidden={t for _, t in self.pairs}))

@@ -9,7 +9,9 @@ w.r.t. the student hidden chunk and the student head weight/bias (accumulated). 
 (N x D_s and V x D_s) are kept for the backward pass, which scales them by the incoming gradient.
 Neither model's full N x V logits ever exist: peak extra memory is a few ``chunk_tokens x V`` buffers.
 
-The teacher side receives no gradient. Double backward is not supported.
+The teacher side receives no gradient unless the loss is built with ``detach_teacher=False`` and the teacher's
+inputs require one (a trained target): its chunk gradients are then turned into gradients w.r.t. the teacher
+hidden chunk and head the same way. Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -56,13 +58,19 @@ def _accumulate_chunk(
     grads: tuple[Tensor | None, Tensor | None, Tensor | None],
     total: Tensor,
     extra_teachers: list[tuple[Tensor, Tensor, Tensor | None]] = (),
+    teacher_grads: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
 ) -> None:
-    """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (in place).
+    """Add rows ``start:stop``'s loss to ``total`` and their gradients into ``grads`` (and the teacher's into
+    ``teacher_grads``; in place).
 
     The head matmuls run in the heads' dtype; logits, loss and gradients are in ``total``'s dtype."""
     w_s, b_s, w_t, b_t = heads
     grad_h, grad_w, grad_b = grads
     dtype = total.dtype
+    if any(g is not None for g in teacher_grads):
+        _accumulate_both(start, stop, student_hidden, teacher_hidden, labels, loss_fn, denominator, heads, grads, total,
+                         teacher_grads)
+        return
     h_s = student_hidden[start:stop].detach().to(w_s.dtype)
     chunk_labels = None if labels is None else labels[start:stop]
     with torch.no_grad():
@@ -101,6 +109,40 @@ def _accumulate_chunk(
         grad_b += grad_logits.sum(0)
 
 
+def _head_grads(grad_logits: Tensor, hidden: Tensor, weight: Tensor, start: int, stop: int,
+                grads: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
+    """Chunk logits' gradient -> gradients of the chunk's hidden rows, the head weight and bias (accumulated)."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h[start:stop] = torch.mm(grad_logits.to(weight.dtype), weight).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w += torch.mm(grad_logits.t().to(weight.dtype), hidden).to(grad_w.dtype)
+    if grad_b is not None:
+        grad_b += grad_logits.sum(0).to(grad_b.dtype)
+
+
+def _accumulate_both(start, stop, student_hidden, teacher_hidden, labels, loss_fn, denominator, heads, grads, total,
+                     teacher_grads) -> None:
+    """:func:`_accumulate_chunk` when the teacher side takes gradients too (autograd on the chunk's logits)."""
+    w_s, b_s, w_t, b_t = heads
+    dtype = total.dtype
+    h_s = student_hidden[start:stop].detach().to(w_s.dtype)
+    h_t = teacher_hidden[start:stop].detach().to(w_t.dtype)
+    chunk_labels = None if labels is None else labels[start:stop]
+    with torch.no_grad():
+        logits_s, logits_t = _project(h_s, w_s, b_s, dtype), _project(h_t, w_t, b_t, dtype)
+    logits_s.requires_grad_(True)
+    logits_t.requires_grad_(True)
+    with torch.enable_grad():
+        chunk_loss = loss_fn.summed_loss(logits_s, logits_t, chunk_labels) / denominator
+        grad_s, grad_t = torch.autograd.grad(chunk_loss, (logits_s, logits_t), allow_unused=True)
+    total += chunk_loss.detach()
+    for grad_logits, hidden, weight, out in ((grad_s, h_s, w_s, grads), (grad_t, h_t, w_t, teacher_grads)):
+        if grad_logits is None:
+            grad_logits = torch.zeros_like(logits_s if out is grads else logits_t)
+        _head_grads(grad_logits, hidden, weight, start, stop, out)
+
+
 def precomputed_grads(ctx: Any, grad_output: Tensor) -> list[Tensor | None]:
     """Backward of a loss whose forward saved the gradients of its inputs (``ctx.has_grads``,
     ``ctx.input_dtypes``): each scaled by ``grad_output`` and cast to its input's dtype."""
@@ -127,6 +169,9 @@ class _FusedLinearKD(torch.autograd.Function):
         head_autocast: bool = False,
     ) -> Tensor:
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        teacher_needs = [False] * 3 if loss_fn.detach_teacher else list(ctx.needs_input_grad[3:6])
+        if any(teacher_needs) and extra_teachers:
+            raise ValueError("an ensemble teacher is frozen: build the loss with detach_teacher=True")
         num_tokens = student_hidden.shape[0]
         denominator = loss_fn.denominator(labels, num_tokens)
 
@@ -138,6 +183,11 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h = torch.empty(student_hidden.shape, dtype=compute_dtype, device=device) if need_h else None
         grad_w = torch.zeros(student_weight.shape, dtype=compute_dtype, device=device) if need_w else None
         grad_b = torch.zeros(student_bias.shape, dtype=compute_dtype, device=device) if need_b else None
+        teacher_grads = (
+            torch.empty(teacher_hidden.shape, dtype=compute_dtype, device=device) if teacher_needs[0] else None,
+            torch.zeros(teacher_weight.shape, dtype=compute_dtype, device=device) if teacher_needs[1] else None,
+            torch.zeros(teacher_bias.shape, dtype=compute_dtype, device=device) if teacher_needs[2] else None,
+        )
         total = torch.zeros((), dtype=compute_dtype, device=device)
 
         # Loss and gradients in float32 even under autocast (e.g. bf16 mixed precision); logits too, unless
@@ -146,17 +196,18 @@ class _FusedLinearKD(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_tokens):
                 _accumulate_chunk(
                     start, min(start + chunk_tokens, num_tokens), student_hidden, teacher_hidden, labels, loss_fn,
-                    denominator, tuple(heads), (grad_h, grad_w, grad_b), total, extra_teachers,
+                    denominator, tuple(heads), (grad_h, grad_w, grad_b), total, extra_teachers, teacher_grads,
                 )
 
-        ctx.has_grads = (need_h, need_w, need_b)
-        ctx.input_dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.has_grads = (need_h, need_w, need_b, *(g is not None for g in teacher_grads))
+        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias,
+                                                                          teacher_hidden, teacher_weight, teacher_bias))
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b, *teacher_grads) if g is not None))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor):
-        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None, None, None, None)
+        return (*precomputed_grads(ctx, grad_output), None, None, None, None, None)
 
 
 class FusedLogitKDLoss(nn.Module):
@@ -170,7 +221,8 @@ class FusedLogitKDLoss(nn.Module):
     relative of float32 arithmetic on the same rounded inputs, gradients within bfloat16 rounding (1e-2).
     ``head_precision="autocast"``: under autocast the head matmuls (logits and the two gradient products) run in
     autocast's dtype, as every other linear layer does there; softmax, divergence and the accumulated gradients
-    stay float32. Without autocast it changes nothing.
+    stay float32. Without autocast it changes nothing. ``detach_teacher=False``: teacher inputs that require a
+    gradient get the loss's gradient too (a trained target).
     """
 
     def __init__(
@@ -189,6 +241,7 @@ class FusedLogitKDLoss(nn.Module):
         token_weighting: TokenWeighting = "none",
         vocab_size: int | None = None,
         head_precision: Literal["float32", "autocast"] = "float32",
+        detach_teacher: bool = True,
     ):
         super().__init__()
         if chunk_tokens < 1:
@@ -200,7 +253,7 @@ class FusedLogitKDLoss(nn.Module):
         self.loss_fn = LogitKDLoss(
             divergence, temperature=temperature, beta=beta, top_k=top_k, top_p=top_p, ce_weight=ce_weight,
             ignore_index=ignore_index, reduction=reduction, bound_margin=bound_margin, token_weighting=token_weighting,
-            vocab_size=vocab_size,
+            vocab_size=vocab_size, detach_teacher=detach_teacher,
         )
 
     def extra_repr(self) -> str:

@@ -155,8 +155,12 @@ class LogitKDLoss(nn.Module):
         bound_margin: float | None = None,
         token_weighting: TokenWeighting = "none",
         vocab_size: int | None = None,
+        detach_teacher: bool = True,
     ):
+        """``detach_teacher=False``: the teacher logits receive the divergence's gradient too (a trained target);
+        the per-token weights and the top-k / top-p selection stay constants."""
         super().__init__()
+        self.detach_teacher = bool(detach_teacher)
         if vocab_size is not None and vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size!r} must be >= 1 (or None: heads of equal size, nothing masked)")
         self.vocab_size = vocab_size
@@ -236,7 +240,9 @@ class LogitKDLoss(nn.Module):
         """Temperature-scaled divergence per position ([..., V] -> [...]), T^2 included (logits already aligned)."""
         compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
         t = self.temperature
-        student_logits, teacher_logits = student_logits.to(compute_dtype), teacher_logits.detach().to(compute_dtype)
+        if self.detach_teacher:
+            teacher_logits = teacher_logits.detach()
+        student_logits, teacher_logits = student_logits.to(compute_dtype), teacher_logits.to(compute_dtype)
         if t != 1.0:
             student_logits, teacher_logits = student_logits / t, teacher_logits / t
         lp_s = F.log_softmax(student_logits, dim=-1)
