@@ -94,7 +94,7 @@ def test_resume_refuses_an_incompatible_config_and_a_missing_checkpoint(tiny_dir
     base = tiny_overrides(tmp_path, teacher, student, **{"train.max_steps": 2, "eval.max_blocks": 2})
     run_prune_distill(load_recipe_config(None, base))
     changed = load_recipe_config(None, base + ["loss.logits.temperature=2.0", "train.max_steps=4"])
-    with pytest.raises(CheckpointError, match=r"config differs in loss\.logits\.temperature \(e\.g\. loss\.logits\.temperature: checkpoint 1\.0, now 2\.0\)"):
+    with pytest.raises(CheckpointError, match=r"config differs in loss\.terms\.logits\.temperature \(e\.g\. loss\.terms\.logits\.temperature: checkpoint 1\.0, now 2\.0\)"):
         run_prune_distill(changed, resume=True)
     with pytest.raises(CheckpointError, match=r"already holds checkpoints; pass --resume"):
         run_prune_distill(load_recipe_config(None, base))
