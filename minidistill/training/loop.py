@@ -51,8 +51,9 @@ from ..distill.on_policy import (
 from ..distill.teacher_cache import TeacherCacheError
 from ..errors import MinidistillError
 from ..prune.prune_map import PruneMap
-from .placement import distributed_kind, freeze
 from ..streaming import packed_positions
+from . import placement
+from .placement import distributed_kind, freeze, local_rows
 from .checkpoint import clean_partial_checkpoints, load_checkpoint, save_checkpoint
 from .config import EvalConfig, TrainConfig
 from .evaluation import heldout_stats, summarize
@@ -304,22 +305,16 @@ class Distiller:
 
     # ------------------------------------------------------------------ placement
     def _prepare(self, module, optimizer, scheduler):
-        from . import placement
-
         acc = self.accelerator
         return placement.prepare_student(
             acc, module, optimizer, scheduler, micro_batch_size=self.micro_batch, max_grad_norm=self.train_cfg.max_grad_norm
         )
 
     def _prepare_teacher(self, teacher):
-        from . import placement
-
         return placement.prepare_teacher(self.accelerator, teacher)
 
     # ------------------------------------------------------------------ pieces of a step
     def _global_rows(self, indices: torch.Tensor) -> torch.Tensor:
-        from .placement import local_rows
-
         return local_rows(self.accelerator, self.data.train.input_ids[indices]).to(self.accelerator.device)
 
     def _teacher_features(self, input_ids: torch.Tensor):
@@ -333,16 +328,12 @@ class Distiller:
                     for name, model in self.roles.items()}
 
     def _cached_teacher(self, indices: torch.Tensor) -> CachedTeacher:
-        from .placement import local_rows
-
         rows = (local_rows(self.accelerator, t).to(self.accelerator.device) for t in self.teacher_cache.rows(indices))
         return CachedTeacher(*rows)
 
     def _on_policy_rows(self, indices: torch.Tensor, micro_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's rows of the global micro-batch ``indices`` with their last ``max_new_tokens`` tokens
         sampled by the student, and the mask of the generated positions."""
-        from .placement import local_rows
-
         acc, cfg = self.accelerator, self.on_policy
         blocks = self.data.train.input_ids[indices]
         prefix_len = blocks.shape[1] - cfg.max_new_tokens
@@ -673,9 +664,7 @@ def freeze_groups(model: nn.Module, groups: list[str]) -> int:
 
 
 def _teacher_sharded(accelerator) -> bool:
-    from .placement import teacher_is_sharded
-
-    return teacher_is_sharded(accelerator)
+    return placement.teacher_is_sharded(accelerator)
 
 
 def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
